@@ -1,0 +1,57 @@
+"""The ``loupe`` command: one verb per job, each a ``main(argv)`` in its own folder.
+
+Verbs are mapped to ``module:function`` strings and imported only when called, so ``loupe ask``
+does not pay for gradio and the assistant package does not import ``demo`` or ``finetune``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+VERBS: dict[str, tuple[str, str]] = {
+    "ask": ("assistant.ask:main", "answer one question about one or two images"),
+    "caption": ("assistant.caption:main", "describe, rate or check many images to JSONL/CSV (+ mask PNGs)"),
+    "demo": ("demo.app:main", "the chat web demo (127.0.0.1 by default)"),
+    "serve": ("demo.serve:main", "an OpenAI-compatible API with the demo mounted at /ui"),
+    "build-data": ("data_builders.cli:main", "build instruction datasets (quality, forgery, imports)"),
+    "train": ("finetune.train:main", "LoRA / from-scratch training from a YAML recipe"),
+    "export": ("finetune.export:main", "export a checkpoint, optionally with LoRA merged"),
+    "eval": ("finetune.eval:main", "evaluate a checkpoint on a dataset and write a report"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: loupe VERB [options]   (loupe VERB --help for a verb's options)", "", "verbs:"]
+    lines += [f"  {verb:<11} {help_}" for verb, (_, help_) in VERBS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        print(f"loupe: unknown verb {verb!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    target = VERBS[verb][0]
+    module_name, func_name = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (exc.name == module_name or module_name.startswith(exc.name + ".")):
+            print(f"loupe {verb}: this verb is not built yet in this version of Loupe.", file=sys.stderr)
+            return 2
+        if exc.name in ("gradio", "fastapi", "uvicorn"):
+            print(f"loupe {verb}: needs the demo extras; install them with  pip install -e '.[demo]'",
+                  file=sys.stderr)
+            return 2
+        raise
+    result = getattr(module, func_name)(rest)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

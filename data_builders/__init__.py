@@ -1,0 +1,1 @@
+"""Loupe data_builders package."""

@@ -1,0 +1,1 @@
+"""Loupe demo package."""

@@ -1,0 +1,1 @@
+"""Loupe finetune package."""

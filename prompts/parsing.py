@@ -1,0 +1,114 @@
+"""Read taxonomy terms back out of answer text.
+
+These parsers serve *checks* (evaluation of explanation consistency, filtering of labeller
+replies) and the text fields of results. They never produce numbers: scores and probabilities come
+from the model's token probabilities (see ``assistant.inference``).
+
+Matching is on whole words, case-insensitive, longest phrasing first, so "motion blur" is read as
+the distortion ``blur_motion`` and not also as the bare category ``blur``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .taxonomy import CATEGORIES, DISTORTIONS, LOCATIONS, MANIPULATIONS, RATINGS, SEVERITIES, VERDICTS, Vocabulary
+from .tokens import MASK_TOKEN
+
+
+@dataclass
+class Mention:
+    """A taxonomy term found in text, with its character span."""
+
+    vocabulary: str
+    id: str
+    start: int
+    end: int
+
+
+def _pattern(phrase: str) -> str:
+    return r"(?<![\w-])" + re.escape(phrase.lower()) + r"(?![\w-])"
+
+
+def find_terms(text: str, vocab: Vocabulary, taken: list[tuple[int, int]] | None = None) -> list[Mention]:
+    """All non-overlapping mentions of a vocabulary's phrasings, longest phrasing first, in text order."""
+    low = text.lower()
+    taken = list(taken or [])
+    found: list[Mention] = []
+    phrases = sorted(((p, t.id) for t in vocab for p in t.phrasings), key=lambda x: -len(x[0]))
+    for phrase, term_id in phrases:
+        for m in re.finditer(_pattern(phrase), low):
+            span = (m.start(), m.end())
+            if any(span[0] < e and s < span[1] for s, e in taken):
+                continue
+            taken.append(span)
+            found.append(Mention(vocab.name, term_id, *span))
+    return sorted(found, key=lambda m: m.start)
+
+
+def parse_distortions(text: str) -> list[dict]:
+    """Distortions named in text: ``[{"name", "category", "severity"}]`` in order of mention.
+
+    ``name`` is the function id when the text names one, else None. ``severity`` is the severity
+    word within the three words before the mention, else None. A category is reported once.
+    """
+    funcs = find_terms(text, DISTORTIONS)
+    cats = find_terms(text, CATEGORIES, taken=[(m.start, m.end) for m in funcs])
+    severities = find_terms(text, SEVERITIES)
+    out: list[dict] = []
+    seen: set[str] = set()
+    for m in sorted(funcs + cats, key=lambda m: m.start):
+        if m.vocabulary == "distortion":
+            name, category = m.id, DISTORTIONS[m.id].category
+        else:
+            name, category = None, m.id
+        if category in seen:
+            continue
+        seen.add(category)
+        sev = None
+        for s in severities:
+            gap = text[s.end:m.start]
+            if s.end <= m.start and len(gap.split()) <= 3 and not re.search(r"[.;,]", gap):
+                sev = s.id
+        out.append({"name": name, "category": category, "severity": sev})
+    return out
+
+
+def parse_rating(text: str) -> str | None:
+    """The overall rating: the last rating word in the text (the assess convention)."""
+    mentions = find_terms(text, RATINGS)
+    return mentions[-1].id if mentions else None
+
+
+def parse_verdict(text: str) -> str | None:
+    """The forgery verdict: the first verdict word in the text."""
+    mentions = find_terms(text, VERDICTS)
+    return mentions[0].id if mentions else None
+
+
+def parse_better(text: str) -> str | None:
+    """The better image of a comparison: the first standalone 'A' or 'B'."""
+    m = re.search(r"(?<![\w-])(A|B)(?![\w-])", text)
+    return m.group(1) if m else None
+
+
+def parse_manipulation(text: str) -> str | None:
+    mentions = find_terms(text, MANIPULATIONS)
+    return mentions[0].id if mentions else None
+
+
+def parse_locations(text: str) -> list[str]:
+    """Grid locations named in the text, in order (duplicates kept: one per region mention)."""
+    return [m.id for m in find_terms(text, LOCATIONS)]
+
+
+def count_mask_tokens(text: str) -> int:
+    return text.count(MASK_TOKEN)
+
+
+def strip_mask_tokens(text: str) -> str:
+    """Text for display: mask tokens removed and the spacing they leave tidied."""
+    text = text.replace(MASK_TOKEN, "")
+    text = re.sub(r"[ \t]+([.,;:])", r"\1", text)
+    return re.sub(r"[ \t]{2,}", " ", text).strip()
