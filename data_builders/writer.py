@@ -1,0 +1,218 @@
+"""``DatasetWriter``: writes a Loupe dataset folder that survives a kill and resumes.
+
+Layout (DESIGN.md's data contract): ``images/``, ``masks/``, ``train.jsonl``, ``val.jsonl``,
+``test.jsonl``, ``card.md``. The order of each ``write`` makes it crash-safe:
+
+1. every image and mask PNG is written to a temporary file and renamed into place (atomic);
+2. only then is the JSONL line appended, flushed and fsynced.
+
+So a line never names a missing file. On restart the writer reads the existing lines (a truncated
+last line, left by a kill mid-write, is cut off), and ``done_ids()`` tells the builder which ids to
+skip. A small ``.build.json`` records builder, seed and labeller; resuming with different ones is
+refused, since the remaining samples would not match the finished ones.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from prompts import TAXONOMY_VERSION, TEMPLATE_VERSION, Sample, SampleError
+
+from .sources import encode_png
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+BUILD_FILE = ".build.json"
+
+
+class DatasetWriter:
+    """Append-only, resumable writer of a dataset folder.
+
+    ``builder`` names the builder (``"quality"``, ``"forgery"``), ``seed`` and ``labeller`` go into
+    the card and guard resumption. With ``overwrite`` an existing dataset in ``out_dir`` is removed.
+    Thread-safe: several workers may call ``write``.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, *, builder: str, seed: int, labeller: str,
+                 overwrite: bool = False, fsync: bool = True):
+        self.out_dir = Path(out_dir)
+        self.builder, self.seed, self.labeller = builder, seed, labeller
+        self.fsync = fsync
+        self._lock = threading.Lock()
+        self._done: set[str] = set()
+        self._counts = {s: 0 for s in SPLITS}
+        identity = {"builder": builder, "seed": seed, "labeller": labeller}
+        build_file = self.out_dir / BUILD_FILE
+        if overwrite and self.out_dir.exists():
+            for name in [f"{s}.jsonl" for s in SPLITS] + ["card.md", BUILD_FILE]:
+                (self.out_dir / name).unlink(missing_ok=True)
+            for sub in ("images", "masks"):
+                shutil.rmtree(self.out_dir / sub, ignore_errors=True)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if build_file.is_file():
+            previous = json.loads(build_file.read_text(encoding="utf-8"))
+            if previous != identity:
+                raise ValueError(
+                    f"{self.out_dir}: holds a dataset built with {previous}, not {identity}; resume with the "
+                    f"same settings, choose another --out, or pass --overwrite")
+        else:
+            build_file.write_text(json.dumps(identity) + "\n", encoding="utf-8")
+        (self.out_dir / "images").mkdir(exist_ok=True)
+        for split in SPLITS:
+            self._recover(split)
+        self._handles = {s: (self.out_dir / f"{s}.jsonl").open("a", encoding="utf-8") for s in SPLITS}
+        if self._done:
+            log.info("%s: resuming, %d samples already written", self.out_dir, len(self._done))
+
+    # ---- resume ----------------------------------------------------------------------------------
+    def _recover(self, split: str) -> None:
+        path = self.out_dir / f"{split}.jsonl"
+        if not path.is_file():
+            return
+        raw = path.read_bytes()
+        good_end = 0
+        pos = 0
+        while pos < len(raw):
+            nl = raw.find(b"\n", pos)
+            if nl < 0:  # a kill mid-line: no newline, so the line was never completed
+                break
+            line = raw[pos:nl]
+            if line.strip():
+                try:
+                    rec = json.loads(line)
+                    sample_id = rec["id"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    log.warning("%s: dropping a malformed line at byte %d and everything after it", path, pos)
+                    break
+                self._done.add(sample_id)
+                self._counts[split] += 1
+            good_end = nl + 1
+            pos = nl + 1
+        if good_end < len(raw):
+            log.warning("%s: cutting %d bytes of an incomplete last line", path, len(raw) - good_end)
+            with path.open("r+b") as fh:
+                fh.truncate(good_end)
+
+    def done_ids(self) -> set[str]:
+        """Ids already in the dataset (from earlier runs and this one)."""
+        with self._lock:
+            return set(self._done)
+
+    def counts(self) -> dict[str, int]:
+        """Samples per split so far."""
+        with self._lock:
+            return dict(self._counts)
+
+    # ---- writing ---------------------------------------------------------------------------------
+    def _write_file(self, rel: str, arr: np.ndarray) -> None:
+        path = self.out_dir / rel
+        if self.out_dir.resolve() not in path.resolve().parents:
+            raise ValueError(f"{rel!r}: file paths must stay inside the dataset folder {self.out_dir}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_bytes(encode_png(arr))
+        os.replace(tmp, path)
+
+    def write(self, split: str, sample: Sample, images: Mapping[str, np.ndarray],
+              masks: Mapping[str, np.ndarray] | None = None) -> None:
+        """Write a sample's PNGs (atomically), then append its line to ``{split}.jsonl``.
+
+        ``images``/``masks`` map relative paths (e.g. ``images/q-000001-A.png``) to uint8 arrays.
+        The sample is validated against the files; a duplicate id raises.
+        """
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+        with self._lock:
+            if sample.id in self._done:
+                raise ValueError(f"{self.out_dir}: sample id {sample.id!r} is already written")
+        for rel, arr in images.items():
+            self._write_file(rel, arr)
+        for rel, arr in (masks or {}).items():
+            self._write_file(rel, arr)
+        try:
+            sample.validate(self.out_dir)
+        except SampleError as exc:
+            raise SampleError(f"sample {sample.id!r}: {exc}") from None
+        line = sample.to_json() + "\n"
+        with self._lock:
+            if sample.id in self._done:
+                raise ValueError(f"{self.out_dir}: sample id {sample.id!r} is already written")
+            fh = self._handles[split]
+            fh.write(line)
+            fh.flush()
+            if self.fsync:
+                os.fsync(fh.fileno())
+            self._done.add(sample.id)
+            self._counts[split] += 1
+
+    def samples(self, split: str) -> list[Sample]:
+        """Every sample written to ``split`` so far (this run and earlier ones)."""
+        from prompts import load_jsonl
+        path = self.out_dir / f"{split}.jsonl"
+        with self._lock:
+            self._handles[split].flush()
+        return load_jsonl(path) if path.is_file() else []
+
+    def close(self) -> None:
+        for fh in self._handles.values():
+            if not fh.closed:
+                fh.close()
+
+    def __enter__(self) -> "DatasetWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---- card ------------------------------------------------------------------------------------
+    def finish(self, card_sections: Mapping[str, Any] | None = None, title: str | None = None) -> Path:
+        """Write ``card.md``: identity, versions, counts per split, then the caller's sections.
+
+        A section's value may be markdown text, a mapping (rendered as a two-column table, or a
+        multi-column table when its values are mappings) or a list (rendered as bullets).
+        """
+        for fh in self._handles.values():
+            if not fh.closed:
+                fh.flush()
+        lines = [f"# {title or f'Loupe {self.builder} dataset'}", "",
+                 f"- builder: `{self.builder}`", f"- seed: `{self.seed}`", f"- labeller: `{self.labeller}`",
+                 f"- template version: `{TEMPLATE_VERSION}`", f"- taxonomy version: `{TAXONOMY_VERSION}`",
+                 "", "## Samples per split", "", "| split | samples |", "|---|---|"]
+        counts = self.counts()
+        lines += [f"| {s} | {counts[s]} |" for s in SPLITS]
+        lines.append(f"| total | {sum(counts.values())} |")
+        for name, body in (card_sections or {}).items():
+            lines += ["", f"## {name}", "", _render(body)]
+        path = self.out_dir / "card.md"
+        tmp = path.with_suffix(".md.tmp")
+        tmp.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+        self.close()
+        return path
+
+
+def _render(body: Any) -> str:
+    if isinstance(body, str):
+        return body
+    if isinstance(body, Mapping):
+        rows = list(body.items())
+        if rows and all(isinstance(v, Mapping) for _, v in rows):
+            cols: list[str] = []
+            for _, v in rows:
+                cols += [c for c in v if c not in cols]
+            out = ["| | " + " | ".join(map(str, cols)) + " |", "|---" * (len(cols) + 1) + "|"]
+            out += [f"| {k} | " + " | ".join(str(v.get(c, "")) for c in cols) + " |" for k, v in rows]
+            return "\n".join(out)
+        return "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
+    if isinstance(body, (list, tuple)):
+        return "\n".join(f"- {x}" for x in body)
+    return str(body)
