@@ -26,6 +26,7 @@ from .templates import (
     TASK_IMAGES,
     TASKS,
     TEMPLATE_VERSION,
+    all_vocabulary_text,
     canonical_question,
     image_roles_for,
     training_question,
@@ -38,7 +39,7 @@ __all__ = [
     "CATEGORIES", "CUES", "DISTORTIONS", "DOMAINS", "LOCATIONS", "MANIPULATION_DOMAIN", "MANIPULATIONS",
     "RATINGS", "SEVERITIES", "TAXONOMY_VERSION", "VERDICTS", "category_of", "distortions_in",
     "rating_value", "severity_name",
-    "TASK_IMAGES", "TASKS", "TEMPLATE_VERSION", "canonical_question", "image_roles_for",
+    "TASK_IMAGES", "TASKS", "TEMPLATE_VERSION", "all_vocabulary_text", "canonical_question", "image_roles_for",
     "training_question", "user_content",
     "LOWLEVEL_TOKEN", "LOWLEVEL_TOKENS_PER_IMAGE", "MASK_TOKEN", "SPECIAL_TOKENS",
 ]

@@ -178,3 +178,15 @@ def user_content(image_roles: list[str], question: str) -> list[dict[str, Any]]:
 def all_questions() -> list[tuple[str, tuple[str, bool], str]]:
     """Every (task, variant, question) triple, for tests and tokenizer corpora."""
     return [(task, key, q) for task, variants in QUESTIONS.items() for key, qs in variants.items() for q in qs]
+
+
+def all_vocabulary_text() -> str:
+    """Every question, role label and taxonomy phrasing, as one text (for tokenizer corpora)."""
+    from .taxonomy import ALL_VOCABULARIES
+
+    lines = [q for _, _, q in all_questions()] + list(_ROLE_LABEL.values())
+    for vocab in ALL_VOCABULARIES:
+        for term in vocab:
+            lines += [p for p in term.phrasings] + [" ".join(term.phrasings)]
+    lines += ["Image A is better. Image B is better. A B", "The quality is excellent good fair poor bad."]
+    return "\n".join(lines)

@@ -1,0 +1,512 @@
+"""``ExplainableVLM``: a transformers VLM + optional LoRA + LowLevelEncoder + MaskDecoder.
+
+It composes, it does not subclass:
+
+* ``vlm``: any transformers image-text-to-text model (Qwen2.5-VL / Qwen3-VL first-class), maybe
+  wrapped by peft LoRA;
+* ``LowLevelEncoder``: fixed high-pass (SRM-style) filters and a few strided convs at full
+  resolution. It gives the language model K low-level tokens per image (written into the rows of
+  the placeholder tokens by a forward hook on the input embeddings) and the mask decoder a dense
+  1/4-resolution map;
+* ``MaskDecoder``: the final hidden state at each mask token becomes a query that attends over the
+  VLM's image-token features and the low-level map, giving mask logits at 1/4 resolution.
+
+Hidden states are read with a forward hook on the language model's final norm: the same mechanism
+in training (one teacher-forced pass) and in generation (prefill + one step per token), so the
+mask token's state is taken by one convention everywhere: the state *at* the mask token.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from prompts import LOWLEVEL_TOKEN, LOWLEVEL_TOKENS_PER_IMAGE, MASK_TOKEN, TAXONOMY_VERSION, TEMPLATE_VERSION
+
+from .processing import image_spans
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1  # bump when the checkpoint layout changes incompatibly
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder that cannot be read by this version of Loupe."""
+
+
+@dataclass
+class LoupeConfig:
+    """Everything needed to rebuild an ``ExplainableVLM`` around its base (saved as loupe_config.json)."""
+
+    base: str = "bundled"
+    """Base model: "bundled" (full weights in ``base/``), a hub id or a local folder (then ``adapter/``)."""
+    family: str = "qwen2_5_vl"
+    """transformers model_type of the base."""
+    mask_token_id: int = -1
+    lowlevel_token_id: int = -1
+    image_token_id: int = -1
+    merge_size: int = 2
+    """Spatial merge of the vision tower: image tokens form a (grid_h/merge, grid_w/merge) raster."""
+    n_lowlevel_tokens: int = LOWLEVEL_TOKENS_PER_IMAGE
+    lowlevel_width: int = 32
+    lowlevel_max_side: int = 448
+    """Long side (px) at which the LowLevelEncoder sees an image."""
+    decoder_width: int = 64
+    ce_weight: float = 1.0
+    bce_weight: float = 2.0
+    dice_weight: float = 0.5
+    lora: dict[str, Any] | None = None
+    min_pixels: int = 56 * 56
+    max_pixels: int = 448 * 448
+    template_version: str = TEMPLATE_VERSION
+    taxonomy_version: str = TAXONOMY_VERSION
+    format_version: int = FORMAT_VERSION
+    name: str = "loupe"
+    training: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "LoupeConfig":
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise CheckpointError(f"{path.parent}: not a Loupe checkpoint (no loupe_config.json)") from None
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{path}: corrupt JSON ({exc})") from None
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise CheckpointError(
+                f"{path.parent}: checkpoint format {version} was written by a different Loupe version; this "
+                f"Loupe reads format {FORMAT_VERSION}. Use the Loupe version that made it, or re-export it.")
+        if data.get("taxonomy_version") != TAXONOMY_VERSION:
+            raise CheckpointError(
+                f"{path.parent}: trained on taxonomy version {data.get('taxonomy_version')}, but this Loupe has "
+                f"taxonomy version {TAXONOMY_VERSION}; its answers would be read with the wrong vocabulary.")
+        if data.get("template_version") != TEMPLATE_VERSION:
+            logger.warning("%s: trained with prompt templates v%s, this Loupe has v%s; answers may drift",
+                           path.parent, data.get("template_version"), TEMPLATE_VERSION)
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            logger.warning("%s: ignoring unknown config keys %s", path, sorted(unknown))
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# --------------------------------------------------------------------------------------------------
+# LowLevelEncoder
+# --------------------------------------------------------------------------------------------------
+
+def _highpass_kernels() -> torch.Tensor:
+    """Fixed 5x5 high-pass kernels: SRM-style residuals that expose noise, blur and edges. (4, 1, 5, 5)"""
+    k1 = torch.tensor([[0, 0, 0, 0, 0], [0, 0, 0, 0, 0], [0, 1, -2, 1, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 0]],
+                      dtype=torch.float32) / 2  # second-order horizontal
+    k2 = k1.t().contiguous()  # second-order vertical
+    k3 = torch.tensor([[0, 0, 0, 0, 0], [0, -1, 2, -1, 0], [0, 2, -4, 2, 0], [0, -1, 2, -1, 0], [0, 0, 0, 0, 0]],
+                      dtype=torch.float32) / 4  # 3x3 "square" SRM
+    k4 = torch.tensor([[-1, 2, -2, 2, -1], [2, -6, 8, -6, 2], [-2, 8, -12, 8, -2], [2, -6, 8, -6, 2],
+                       [-1, 2, -2, 2, -1]], dtype=torch.float32) / 12  # 5x5 "KV" SRM
+    return torch.stack([k1, k2, k3, k4]).unsqueeze(1)
+
+
+def _conv(cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(min(8, cout), cout), nn.GELU())
+
+
+class LowLevelEncoder(nn.Module):
+    """Full-resolution forensic branch: fixed high-pass residuals + strided convs.
+
+    ``forward(image)`` with image (3, H, W) in [0, 1] (H, W multiples of 16) returns
+    ``dense`` (C, H/4, W/4) for the mask decoder and ``tokens`` (K, lm_hidden) for the LM.
+    """
+
+    def __init__(self, lm_hidden: int, width: int = 32, n_tokens: int = 4):
+        super().__init__()
+        side = int(round(n_tokens ** 0.5))
+        if side * side != n_tokens:
+            raise ValueError(f"n_lowlevel_tokens must be a square (1, 4, 9, ...), got {n_tokens}")
+        self.grid = side
+        self.register_buffer("highpass", _highpass_kernels(), persistent=False)
+        n_res = 3 * self.highpass.shape[0]
+        self.stem = nn.Sequential(_conv(3 + n_res, width, 2), _conv(width, width, 2), _conv(width, width, 1))
+        self.dense_dim = width
+        self.deep = nn.Sequential(_conv(width, 2 * width, 2), _conv(2 * width, 2 * width, 2))
+        # tokens: per grid cell, mean and std of the deep features, plus global residual energies
+        self.to_tokens = nn.Sequential(nn.Linear(4 * width + n_res, lm_hidden), nn.GELU(),
+                                       nn.Linear(lm_hidden, lm_hidden))
+
+    def residuals(self, image: torch.Tensor) -> torch.Tensor:
+        """(3, H, W) -> (3*4, H, W) high-pass residuals of each colour channel, scaled to ~unit range."""
+        x = image.unsqueeze(1) * 255.0  # (3, 1, H, W)
+        r = F.conv2d(F.pad(x, (2, 2, 2, 2), mode="reflect"), self.highpass)  # (3, 4, H, W)
+        return (r / 8.0).clamp(-4, 4).reshape(1, -1, *image.shape[-2:])[0]
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        res = self.residuals(image)  # (12, H, W)
+        x = torch.cat([image * 2 - 1, res]).unsqueeze(0)  # (1, 15, H, W)
+        dense = self.stem(x)  # (1, C, H/4, W/4)
+        deep = self.deep(dense)  # (1, 2C, H/16, W/16)
+        mean = F.adaptive_avg_pool2d(deep, self.grid)  # (1, 2C, g, g)
+        sq = F.adaptive_avg_pool2d(deep * deep, self.grid)
+        std = (sq - mean * mean).clamp_min(1e-6).sqrt()
+        energy = res.abs().mean(dim=(1, 2))  # (12,) global residual energy: noise / blur level
+        cells = torch.cat([mean, std], dim=1).flatten(2).transpose(1, 2)[0]  # (K, 4C)
+        tokens = self.to_tokens(torch.cat([cells, energy.expand(cells.shape[0], -1)], dim=1))  # (K, D)
+        return dense[0], tokens
+
+
+# --------------------------------------------------------------------------------------------------
+# MaskDecoder
+# --------------------------------------------------------------------------------------------------
+
+class MaskDecoder(nn.Module):
+    """Mask-token hidden state -> query over dense features -> mask logits at 1/4 resolution."""
+
+    def __init__(self, lm_hidden: int, lowlevel_dim: int, width: int = 64, heads: int = 4):
+        super().__init__()
+        self.width = width
+        self.query = nn.Sequential(nn.Linear(lm_hidden, width), nn.GELU(), nn.Linear(width, width))
+        self.patch_proj = nn.Linear(lm_hidden, width)
+        self.low_proj = nn.Conv2d(lowlevel_dim, width, 1)
+        self.fuse = _conv(width, width, 1)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.film = nn.Linear(width, 2 * width)
+        self.head = nn.Sequential(nn.Conv2d(width, width // 2, 3, 1, 1), nn.GELU(), nn.Conv2d(width // 2, 1, 1))
+
+    def forward(self, hidden: torch.Tensor, patch: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """hidden (D,) at the mask token; patch (gh, gw, D) image-token states; dense (C, h, w).
+
+        Returns mask logits (h, w) at the LowLevelEncoder's 1/4 resolution.
+        """
+        h, w = dense.shape[-2:]
+        p = self.patch_proj(patch).permute(2, 0, 1).unsqueeze(0)  # (1, W, gh, gw)
+        p = F.interpolate(p, size=(h, w), mode="bilinear", align_corners=False)
+        feats = self.fuse(p + self.low_proj(dense.unsqueeze(0)))  # (1, W, h, w)
+        flat = feats.flatten(2).transpose(1, 2)  # (1, h*w, W)
+        q = self.query(hidden).view(1, 1, -1)  # (1, 1, W)
+        q = q + self.attn(q, flat, flat, need_weights=False)[0]
+        gamma, beta = self.film(q[0, 0]).chunk(2)
+        modulated = feats * (1 + gamma.view(1, -1, 1, 1)) + beta.view(1, -1, 1, 1)
+        logits = self.head(modulated)[0, 0] + (flat[0] @ q[0, 0]).view(h, w) / self.width ** 0.5
+        return logits
+
+
+def mask_losses(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """BCE and Dice between logits (h, w) and a target mask (H, W) in [0, 1], at the logits' size."""
+    if target.shape != logits.shape:
+        target = F.adaptive_avg_pool2d(target[None, None], logits.shape)[0, 0]  # soft target by area
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    prob = logits.sigmoid()
+    dice = 1 - (2 * (prob * target).sum() + 1) / (prob.sum() + target.sum() + 1)
+    return bce, dice
+
+
+# --------------------------------------------------------------------------------------------------
+# ExplainableVLM
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class LoupeOutput:
+    loss: torch.Tensor | None
+    ce_loss: torch.Tensor | None
+    bce_loss: torch.Tensor | None
+    dice_loss: torch.Tensor | None
+    logits: torch.Tensor
+    mask_logits: list[torch.Tensor]  # one (h, w) per mask token, in batch order
+
+
+def _language_model(vlm: nn.Module) -> nn.Module:
+    """The decoder stack (with ``.norm``) of a VLM, looking through a peft wrapper."""
+    base = vlm.get_base_model() if hasattr(vlm, "get_base_model") else vlm
+    inner = getattr(base, "model", base)
+    lm = getattr(inner, "language_model", None)
+    if lm is None or not hasattr(lm, "norm"):
+        raise TypeError(f"{type(base).__name__}: cannot find the language model's final norm; "
+                        "this base family is not supported yet")
+    return lm
+
+
+class ExplainableVLM(nn.Module):
+    """The Loupe model. ``forward`` returns weighted CE + BCE + Dice; masks come from mask tokens."""
+
+    def __init__(self, vlm: nn.Module, lowlevel: LowLevelEncoder, mask_decoder: MaskDecoder, config: LoupeConfig):
+        super().__init__()
+        self.vlm = vlm
+        self.lowlevel = lowlevel
+        self.mask_decoder = mask_decoder
+        self.config = config
+        self._pending_tokens: torch.Tensor | None = None
+        self._recorded: list[torch.Tensor] = []
+        self._recording = False
+        self._hooks: list[Any] = []
+        self.install_hooks()
+
+    @classmethod
+    def from_parts(cls, vlm: nn.Module, config: LoupeConfig) -> "ExplainableVLM":
+        """Wrap a base VLM with freshly initialised LowLevelEncoder and MaskDecoder."""
+        hidden = vlm.config.get_text_config().hidden_size
+        low = LowLevelEncoder(hidden, config.lowlevel_width, config.n_lowlevel_tokens)
+        dec = MaskDecoder(hidden, low.dense_dim, config.decoder_width)
+        return cls(vlm, low, dec, config)
+
+    # ---- hooks ---------------------------------------------------------------------------------
+    def install_hooks(self) -> None:
+        """(Re)attach the embedding and final-norm hooks; call again after wrapping ``vlm`` with peft."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = [
+            self.vlm.get_input_embeddings().register_forward_hook(self._fill_lowlevel),
+            _language_model(self.vlm).norm.register_forward_hook(self._record_hidden),
+        ]
+
+    def _fill_lowlevel(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        input_ids = args[0] if args else None
+        if input_ids is None or self._pending_tokens is None:
+            return output
+        where = input_ids == self.config.lowlevel_token_id
+        n = int(where.sum())
+        if n == 0:
+            return output
+        feats = self._pending_tokens
+        if n != feats.shape[0]:
+            raise ValueError(f"{n} low-level placeholder tokens in the input but features for {feats.shape[0]}; "
+                             f"each image needs exactly {self.config.n_lowlevel_tokens}")
+        return output.masked_scatter(where.unsqueeze(-1), feats.to(output.dtype))
+
+    def _record_hidden(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if self._recording:
+            self._recorded.append(output)
+
+    # ---- pieces --------------------------------------------------------------------------------
+    def encode_lowlevel(self, images: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Run the LowLevelEncoder on each image: dense maps and the concatenated tokens (N*K, D)."""
+        if not images:
+            return [], None
+        outs = [self.lowlevel(img.to(self.device)) for img in images]
+        return [o[0] for o in outs], torch.cat([o[1] for o in outs])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.lowlevel.parameters()).device
+
+    def vlm_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The subset of a collated batch the transformers model takes."""
+        skip = {"lowlevel_pixels", "masks", "mask_image", "labels"}
+        return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items() if k not in skip}
+
+    def decode_masks(self, hidden: torch.Tensor, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None,
+                     dense: list[torch.Tensor], mask_image: list[int], positions: list[torch.Tensor],
+                     prompt_hidden: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Mask logits for each mask token. ``positions[row]`` holds that row's mask-token positions;
+        ``hidden`` (B, L, D) the final states; image-token states come from ``prompt_hidden`` or ``hidden``."""
+        if image_grid_thw is None:
+            raise ValueError("mask tokens need an image, but the batch has none")
+        src = hidden if prompt_hidden is None else prompt_hidden
+        spans = image_spans(input_ids, image_grid_thw, self.config.image_token_id, self.config.merge_size)
+        out = []
+        for row, pos in enumerate(positions):
+            if pos.numel() == 0:
+                continue
+            r, img_pos, (gh, gw) = spans[mask_image[row]]
+            if r != row:
+                raise ValueError(f"row {row}: its mask image belongs to row {r}")
+            patch = src[row, img_pos].reshape(gh, gw, -1)
+            for p in pos.tolist():
+                out.append(self.mask_decoder(hidden[row, p], patch, dense[mask_image[row]]))
+        return out
+
+    # ---- training forward ----------------------------------------------------------------------
+    def forward(self, batch: dict[str, Any]) -> LoupeOutput:
+        """Teacher-forced pass over a collated batch (see ``LoupeProcessor.collate``)."""
+        dense, tokens = self.encode_lowlevel(batch.get("lowlevel_pixels", []))
+        inputs = self.vlm_inputs(batch)
+        labels = batch.get("labels")
+        self._pending_tokens, self._recorded, self._recording = tokens, [], True
+        try:
+            out = self.vlm(**inputs, labels=labels.to(self.device) if labels is not None else None)
+        finally:
+            self._pending_tokens, self._recording = None, False
+        hidden = self._recorded[-1]
+        self._recorded = []
+
+        input_ids = inputs["input_ids"]
+        targets = batch.get("masks") or [None] * input_ids.shape[0]
+        positions = []
+        for row in range(input_ids.shape[0]):
+            pos = (input_ids[row] == self.config.mask_token_id).nonzero().flatten()
+            n_masks = 0 if targets[row] is None else targets[row].shape[0]
+            if pos.numel() != n_masks:
+                raise ValueError(f"batch row {row}: {pos.numel()} mask token(s) in the text but {n_masks} "
+                                 "target mask(s); they must match one to one")
+            positions.append(pos)
+        mask_logits = []
+        bce = dice = None
+        if any(p.numel() for p in positions):
+            mask_logits = self.decode_masks(hidden, input_ids, inputs.get("image_grid_thw"), dense,
+                                            batch["mask_image"], positions)
+            flat_targets = [t.to(self.device) for t in targets if t is not None for t in t]
+            pairs = [mask_losses(lg, tg) for lg, tg in zip(mask_logits, flat_targets)]
+            bce = torch.stack([p[0] for p in pairs]).mean()
+            dice = torch.stack([p[1] for p in pairs]).mean()
+
+        ce = out.loss
+        loss = None
+        if ce is not None:
+            loss = self.config.ce_weight * ce
+            if bce is not None:
+                loss = loss + self.config.bce_weight * bce + self.config.dice_weight * dice
+            else:
+                # keep the heads in the graph so DDP sees every parameter used each step
+                loss = loss + 0.0 * sum(p.sum() for p in self.mask_decoder.parameters())
+        return LoupeOutput(loss, ce, bce, dice, out.logits, mask_logits)
+
+    # ---- generation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, batch: dict[str, Any], max_new_tokens: int = 128, **kwargs: Any) -> dict[str, Any]:
+        """Greedy generation for a left-padded batch. Returns the new token ids (B, T), the raw
+        logits per step (B, T, V), the final hidden states of prompt+answer (B, L+T, D) and dense maps."""
+        dense, tokens = self.encode_lowlevel(batch.get("lowlevel_pixels", []))
+        inputs = self.vlm_inputs(batch)
+        tok = self.vlm.generation_config
+        self._pending_tokens, self._recorded, self._recording = tokens, [], True
+        try:
+            out = self.vlm.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                    output_logits=True, return_dict_in_generate=True,
+                                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kwargs)
+        finally:
+            self._pending_tokens, self._recording = None, False
+        hidden = torch.cat(self._recorded, dim=1)  # (B, L + T - 1, D): the last new token is never fed back
+        self._recorded = []
+        prompt_len = inputs["input_ids"].shape[1]
+        new = out.sequences[:, prompt_len:]
+        return {"sequences": out.sequences, "new_tokens": new, "logits": torch.stack(out.logits, dim=1),
+                "hidden": hidden, "dense": dense, "prompt_len": prompt_len}
+
+    # ---- LoRA ----------------------------------------------------------------------------------
+    def apply_lora(self, r: int = 16, alpha: int = 32, dropout: float = 0.05,
+                   target: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+                   trainable_token_ids: list[int] | None = None) -> None:
+        """Wrap the base with peft LoRA on the language model; new token rows stay trainable."""
+        from peft import LoraConfig, get_peft_model
+
+        kwargs: dict[str, Any] = {}
+        if trainable_token_ids:
+            tied = bool(getattr(self.vlm.config.get_text_config(), "tie_word_embeddings", False) or
+                        getattr(self.vlm.config, "tie_word_embeddings", False))
+            kwargs["trainable_token_indices"] = (trainable_token_ids if tied else
+                                                 {"embed_tokens": trainable_token_ids, "lm_head": trainable_token_ids})
+        lcfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target, **kwargs)
+        self.vlm = get_peft_model(self.vlm, lcfg)
+        self.config.lora = {"r": r, "alpha": alpha, "dropout": dropout, "target": target,
+                            "trainable_token_ids": trainable_token_ids or []}
+        self.install_hooks()
+
+    # ---- save / load ---------------------------------------------------------------------------
+    def save_pretrained(self, path: str | Path, processor: Any = None) -> None:
+        """Write a self-describing checkpoint folder (safetensors only)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        is_peft = hasattr(self.vlm, "peft_config")
+        if is_peft and self.config.base == "bundled":
+            raise CheckpointError("a LoRA model needs its base's hub id or folder in config.base to be saved")
+        if is_peft:
+            self.vlm.save_pretrained(path / "adapter", safe_serialization=True)
+        else:
+            self.vlm.save_pretrained(path / "base", safe_serialization=True)
+        heads = {f"lowlevel.{k}": v for k, v in self.lowlevel.state_dict().items()}
+        heads.update({f"mask_decoder.{k}": v for k, v in self.mask_decoder.state_dict().items()})
+        save_file({k: v.detach().contiguous().cpu() for k, v in heads.items()}, str(path / "heads.safetensors"))
+        if processor is not None:
+            processor.save_pretrained(path)
+        self.config.save(path / "loupe_config.json")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | None = None,
+                        trust_remote_code: bool = False, quantization_config: Any = None,
+                        device_map: Any = None) -> tuple["ExplainableVLM", Any]:
+        """Load ``(model, processor)`` from a folder written by ``save_pretrained``."""
+        from safetensors.torch import load_file
+        from transformers import AutoModelForImageTextToText
+
+        from .bases import load_base, load_processor
+
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: no such checkpoint folder")
+        config = LoupeConfig.load(path / "loupe_config.json")
+        processor = load_processor(path, config.family, trust_remote_code=trust_remote_code)
+        if (path / "base").is_dir():
+            vlm = AutoModelForImageTextToText.from_pretrained(
+                path / "base", dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
+                quantization_config=quantization_config, device_map=device_map)
+        elif (path / "adapter").is_dir():
+            from peft import PeftModel
+
+            vlm, _ = load_base(config.base, dtype=dtype, quantization_config=quantization_config,
+                               trust_remote_code=trust_remote_code, device_map=device_map)
+            if vlm.get_input_embeddings().weight.shape[0] < len(processor.tokenizer):
+                vlm.resize_token_embeddings(len(processor.tokenizer))
+            vlm = PeftModel.from_pretrained(vlm, path / "adapter")
+        else:
+            raise CheckpointError(f"{path}: has neither base/ nor adapter/; the checkpoint is incomplete")
+        model = cls.from_parts(vlm, config)
+        heads_file = path / "heads.safetensors"
+        if not heads_file.is_file():
+            raise CheckpointError(f"{path}: heads.safetensors is missing; the checkpoint is incomplete")
+        state = load_file(str(heads_file))
+        for prefix, module in (("lowlevel.", model.lowlevel), ("mask_decoder.", model.mask_decoder)):
+            sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            try:
+                module.load_state_dict(sub)
+            except RuntimeError as exc:
+                raise CheckpointError(f"{heads_file}: does not match the config's head sizes ({exc})") from None
+        model.eval()
+        return model, processor
+
+
+def new_model(base: str, *, corpus: Any = (), seed: int = 0, **config_fields: Any) -> tuple[ExplainableVLM, Any]:
+    """A fresh ``(ExplainableVLM, processor)`` around ``base``: ``scratch:<size>[:<family>]``, a hub id
+    or a local folder. Loupe's tokens are added (new embedding rows start at the mean row)."""
+    from .bases import add_loupe_tokens, build_scratch_base, family_of, is_scratch, load_base
+
+    min_pixels = config_fields.get("min_pixels", LoupeConfig.min_pixels)
+    max_pixels = config_fields.get("max_pixels", LoupeConfig.max_pixels)
+    if is_scratch(base):
+        vlm, processor = build_scratch_base(base, corpus, min_pixels=min_pixels, max_pixels=max_pixels, seed=seed)
+        stored_base = "bundled"
+    else:
+        vlm, processor = load_base(base, trust_remote_code=config_fields.pop("trust_remote_code", False))
+        stored_base = base
+        processor.image_processor.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    tok = processor.tokenizer
+    new_ids = add_loupe_tokens(tok)
+    emb = vlm.get_input_embeddings()
+    if len(tok) > emb.weight.shape[0]:
+        vlm.resize_token_embeddings(len(tok), mean_resizing=True)
+    elif new_ids:
+        with torch.no_grad():  # spare rows exist: start the new ones at the mean embedding
+            emb.weight[new_ids] = emb.weight[: min(new_ids)].mean(0)
+    gen = vlm.generation_config
+    gen.eos_token_id = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else tok.eos_token_id
+    gen.pad_token_id = tok.pad_token_id
+    gen.do_sample = False
+    for key in ("temperature", "top_p", "top_k"):
+        setattr(gen, key, None)
+    image_processor = processor.image_processor
+    cfg = LoupeConfig(
+        base=stored_base, family=family_of(vlm.config),
+        mask_token_id=tok.convert_tokens_to_ids(MASK_TOKEN), lowlevel_token_id=tok.convert_tokens_to_ids(LOWLEVEL_TOKEN),
+        image_token_id=vlm.config.image_token_id, merge_size=getattr(image_processor, "merge_size", 2),
+        **config_fields)
+    torch.manual_seed(seed)
+    return ExplainableVLM.from_parts(vlm, cfg), processor
