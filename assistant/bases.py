@@ -195,11 +195,16 @@ def make_processor(family: str, tokenizer: Any, min_pixels: int, max_pixels: int
 def load_processor(path: str | os.PathLike, family: str, trust_remote_code: bool = False) -> Any:
     """Load a processor: ``AutoProcessor`` first, then the image-only fallback for the family."""
     try:
-        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if hasattr(processor, "image_processor") and hasattr(processor, "tokenizer"):
+            return processor
+        # AutoProcessor falls back to the bare tokenizer when it cannot build the processor class
+        reason: Exception = TypeError(f"AutoProcessor gave a {type(processor).__name__}")
     except Exception as exc:  # noqa: BLE001 - any failure here means "try the image-only route"
-        if family not in _IMAGE_ONLY:
-            raise
-        logger.debug("AutoProcessor failed for %s (%s); using the image-only %s processor", path, exc, family)
+        reason = exc
+    if family not in _IMAGE_ONLY:
+        raise ValueError(f"{path}: cannot load a processor for family {family!r} ({reason})")
+    logger.debug("AutoProcessor failed for %s (%s); using the image-only %s processor", path, reason, family)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
     return _IMAGE_ONLY[family](image_processor=image_processor, tokenizer=tokenizer,

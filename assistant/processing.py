@@ -186,7 +186,7 @@ class LoupeProcessor:
         pil = [load_image(im, self.max_image_pixels) for im in images]
         msgs = with_lowlevel_placeholders(messages, self.n_lowlevel_tokens)
         out = self.processor.apply_chat_template(
-            msgs, images=pil or None, tokenize=True, return_dict=True, return_tensors="pt",
+            msgs, processor_kwargs={"images": pil or None}, tokenize=True, return_dict=True, return_tensors="pt",
             add_generation_prompt=not train, return_assistant_tokens_mask=train)
         input_ids = out.pop("input_ids")[0]
         attention_mask = out.pop("attention_mask")[0]

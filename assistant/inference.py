@@ -1,0 +1,411 @@
+"""The ``Assistant``: one-call analysis of images, with numbers read from token probabilities.
+
+``Assistant.from_pretrained(path).assess(image)`` returns a typed ``Result`` carrying the fields of
+DESIGN.md's result schema. Numbers are never parsed from digits and never invented:
+
+* rating score: the expectation of 5..1 under the softmax over the five rating words, at the
+  position where the answer writes its rating word (Q-Align's idea);
+* P(tampered): softmax over {tampered, authentic} at the verdict position;
+* P(A better): softmax over {A, B} at the verdict position, averaged over both orders of the pair;
+* confidence: the mean probability of the answer's key tokens (verdict, rating, A/B, taxonomy words).
+
+When the answer has no such position (e.g. no rating word), the number is ``None``.
+Decoding is greedy. ``run`` is the batched core that ``loupe caption`` uses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from prompts import (
+    MANIPULATIONS,
+    RATINGS,
+    SEVERITIES,
+    VERDICTS,
+    DISTORTIONS,
+    CATEGORIES,
+    canonical_question,
+    image_roles_for,
+    rating_value,
+    user_content,
+)
+from prompts.parsing import find_terms, parse_distortions, parse_manipulation, strip_mask_tokens
+
+from .modeling import ExplainableVLM
+from .processing import ImageError, LoupeProcessor, load_image, resize_logits
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "weights" / "loupe-tiny"
+
+# Result schema "task" names for each template task.
+SCHEMA_TASK = {"quality.assess": "quality", "quality.identify": "quality", "quality.rate": "compare",
+               "quality.compare": "compare", "forgery.detect": "forgery", "chat": "chat"}
+
+
+def default_model_path() -> Path:
+    """The embedded ``loupe-tiny`` checkpoint; a clear error if it has not been built."""
+    if not (DEFAULT_MODEL_DIR / "loupe_config.json").is_file():
+        raise FileNotFoundError(
+            f"the default model loupe-tiny is not in this checkout ({DEFAULT_MODEL_DIR}). Pass --model "
+            "PATH to a Loupe checkpoint, or build it with `make loupe-tiny`.")
+    return DEFAULT_MODEL_DIR
+
+
+@dataclass
+class Request:
+    """One analysis to run: a template task (or "chat") over images in role order."""
+
+    task: str
+    images: list[Any]
+    roles: list[str]
+    question: str | None = None
+    detail: bool = False
+    id: str | None = None
+    messages: list[dict] | None = None  # for "chat": prior turns (content parts, images as {"type": "image"})
+    names: list[str] | None = None  # how images are named in the result (paths)
+
+
+@dataclass
+class Quality:
+    rating: str | None
+    score: float | None  # 1 (bad) .. 5 (excellent); expectation over the rating words
+    distortions: list[dict]
+    rating_probabilities: dict[str, float] | None = None
+
+
+@dataclass
+class Comparison:
+    better: str | None  # "A" or "B"
+    probability: float | None  # P(better is better), both orders averaged
+    p_a: float | None = None  # P(A better) as asked
+    p_a_swapped: float | None = None  # P(A better) from the swapped pair
+    consistent: bool | None = None  # both orders agree
+
+
+@dataclass
+class Forgery:
+    tampered: bool | None
+    probability: float | None  # P(tampered)
+    manipulation: str | None
+    area: float | None  # fraction of the image in the mask
+    mask: np.ndarray | None = field(default=None, repr=False)  # bool HxW at the image's size
+    regions: int = 0
+
+
+@dataclass
+class Result:
+    """One answer. ``to_record()`` gives DESIGN.md's result schema."""
+
+    task: str
+    images: list[str]
+    text: str = ""
+    raw_text: str = ""
+    reference: str | None = None
+    confidence: float | None = None
+    quality: Quality | None = None
+    comparison: Comparison | None = None
+    forgery: Forgery | None = None
+    error: dict[str, str] | None = None
+    model: str | None = None
+    seconds: float | None = None
+    id: str | None = None
+
+    def to_record(self, mask_path: str | None = None) -> dict[str, Any]:
+        """The JSON-serialisable record; ``mask_path`` is where the caller saved the forgery mask."""
+        rec: dict[str, Any] = {"id": self.id, "task": SCHEMA_TASK.get(self.task, self.task), "images": self.images,
+                               "reference": self.reference, "text": None, "confidence": None, "quality": None,
+                               "comparison": None, "forgery": None, "error": self.error, "model": self.model,
+                               "seconds": None if self.seconds is None else round(self.seconds, 4)}
+        if self.error is not None:
+            return rec
+        rec["text"] = self.text
+        rec["confidence"] = _r(self.confidence)
+        if self.quality is not None:
+            q = self.quality
+            rec["quality"] = {"rating": q.rating, "score": _r(q.score), "distortions": q.distortions}
+        if self.comparison is not None:
+            c = self.comparison
+            rec["comparison"] = {"better": c.better, "probability": _r(c.probability), "p_a": _r(c.p_a),
+                                 "p_a_swapped": _r(c.p_a_swapped), "consistent": c.consistent}
+        if self.forgery is not None:
+            f = self.forgery
+            rec["forgery"] = {"tampered": f.tampered, "probability": _r(f.probability), "mask": mask_path,
+                              "manipulation": f.manipulation, "area": _r(f.area), "regions": f.regions}
+        return rec
+
+
+def _r(x: float | None) -> float | None:
+    return None if x is None else round(float(x), 4)
+
+
+def error_result(task: str, images: list[str], exc: BaseException, id: str | None = None,
+                 model: str | None = None) -> Result:
+    """A failed item: only ``error`` (type and message) is filled."""
+    kind = getattr(exc, "kind", None) or type(exc).__name__
+    return Result(task=task, images=images, error={"type": kind, "message": str(exc)}, id=id, model=model)
+
+
+class _KeyWords:
+    """Token ids of words whose probabilities we read, checked to be distinct first tokens."""
+
+    def __init__(self, tokenizer: Any, words: dict[str, str]):
+        self.ids: dict[str, int] = {}
+        for key, word in words.items():
+            ids = tokenizer.encode(" " + word, add_special_tokens=False)
+            if not ids:
+                raise ValueError(f"the tokenizer cannot encode {word!r}")
+            self.ids[key] = ids[0]
+        if len(set(self.ids.values())) != len(self.ids):
+            raise ValueError(f"words {list(words.values())} share first tokens in this tokenizer; "
+                             "their probabilities cannot be told apart")
+        self.keys = list(self.ids)
+        self.id_tensor = torch.tensor(list(self.ids.values()))
+
+    def first_position(self, tokens: list[int], last: bool = False) -> int | None:
+        hits = [i for i, t in enumerate(tokens) if t in self.id_tensor.tolist()]
+        return (hits[-1] if last else hits[0]) if hits else None
+
+    def probabilities(self, logits: torch.Tensor) -> dict[str, float]:
+        """Softmax over just these words' ids at one position's raw logits (V,)."""
+        p = torch.softmax(logits[self.id_tensor.to(logits.device)].float(), dim=0)
+        return {k: float(v) for k, v in zip(self.keys, p)}
+
+
+class Assistant:
+    """Explainable image analysis with one model. Build it with ``Assistant.from_pretrained``."""
+
+    def __init__(self, model: ExplainableVLM, processor: Any, name: str = "loupe", max_new_tokens: int = 160):
+        self.model = model.eval()
+        self.processor = LoupeProcessor(processor, model.config.n_lowlevel_tokens, model.config.lowlevel_max_side)
+        self.tokenizer = self.processor.tokenizer
+        self.name = name
+        self.max_new_tokens = max_new_tokens
+        self.ratings = _KeyWords(self.tokenizer, {r.id: r.text for r in RATINGS})
+        self.verdicts = _KeyWords(self.tokenizer, {v.id: v.text for v in VERDICTS})
+        self.ab = _KeyWords(self.tokenizer, {"A": "A", "B": "B"})
+        self.eos_ids = {i for i in (model.vlm.generation_config.eos_token_id, self.tokenizer.pad_token_id)
+                        if isinstance(i, int)}
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None = None, *, device: str = "cpu", dtype: torch.dtype | None = None,
+                        trust_remote_code: bool = False, max_new_tokens: int = 160) -> "Assistant":
+        """Load a Loupe checkpoint folder (``None``: the embedded loupe-tiny)."""
+        path = Path(path) if path is not None else default_model_path()
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(f"device {device!r} was asked for but no CUDA GPU is available; use --device cpu")
+        model, processor = ExplainableVLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        model.to(device)
+        digest = hashlib.sha256()
+        for f in ("loupe_config.json", "heads.safetensors"):
+            digest.update((path / f).read_bytes())
+        name = f"{model.config.name}@{digest.hexdigest()[:10]}"
+        return cls(model, processor, name=name, max_new_tokens=max_new_tokens)
+
+    # ---- one-call API --------------------------------------------------------------------------
+    def assess(self, image: Any, reference: Any = None, detail: bool = False) -> Result:
+        """Quality of one image (optionally against a pristine reference): rating, score, distortions."""
+        roles = image_roles_for("quality.assess", reference is not None)
+        images = ([reference] if reference is not None else []) + [image]
+        return self._one(Request("quality.assess", images, roles, detail=detail))
+
+    def identify(self, image: Any, reference: Any = None) -> Result:
+        """Name the distortions of one image."""
+        roles = image_roles_for("quality.identify", reference is not None)
+        images = ([reference] if reference is not None else []) + [image]
+        return self._one(Request("quality.identify", images, roles))
+
+    def compare(self, a: Any, b: Any, reference: Any = None, detail: bool = False) -> Result:
+        """Which of A and B is better. Both orders are run; the probability averages them."""
+        task = "quality.compare" if detail else "quality.rate"
+        roles = image_roles_for(task, reference is not None)
+        images = ([reference] if reference is not None else []) + [a, b]
+        return self._one(Request(task, images, roles, detail=detail))
+
+    def detect_forgery(self, image: Any, detail: bool = True) -> Result:
+        """Tampered or not (with P(tampered)), where (a mask at the image's size) and why."""
+        return self._one(Request("forgery.detect", [image], ["A"], detail=detail))
+
+    def chat(self, messages: list[dict], images: Sequence[Any] = ()) -> Result:
+        """Free-form chat: ``messages`` in the transformers shape with ``{"type": "image"}`` parts."""
+        return self._one(Request("chat", list(images), ["A"] * len(images), messages=messages))
+
+    def _one(self, request: Request) -> Result:
+        errors: dict[int, BaseException] = {}
+        result = self.run([request], errors=errors)[0]
+        if errors:
+            raise errors[0]
+        return result
+
+    # ---- batched core --------------------------------------------------------------------------
+    def run(self, requests: list[Request], batch_size: int = 8,
+            errors: dict[int, BaseException] | None = None) -> list[Result]:
+        """Run many requests, ``batch_size`` generations at a time. A request whose images fail to
+        load becomes an error ``Result`` (its exception also goes to ``errors`` by index); the others
+        go on. ``seconds`` is the item's load time plus its share of its batches' time."""
+        results: list[Result] = []
+        jobs: list[tuple[int, int, Any]] = []  # (request index, order, encoded)
+        for i, req in enumerate(requests):
+            names = req.names or [str(x) if isinstance(x, (str, Path)) else "<image>" for x in req.images]
+            t0 = time.perf_counter()
+            try:
+                pil = [load_image(x, self.processor.max_image_pixels) for x in req.images]
+                orders = [pil]
+                if req.task in ("quality.rate", "quality.compare"):
+                    swapped = list(pil)
+                    ia, ib = req.roles.index("A"), req.roles.index("B")
+                    swapped[ia], swapped[ib] = pil[ib], pil[ia]
+                    orders.append(swapped)
+                encoded = [self._encode(req, imgs) for imgs in orders]
+            except (ImageError, ValueError, OSError) as exc:
+                if errors is not None:
+                    errors[i] = exc
+                results.append(error_result(req.task, names, exc, req.id, self.name))
+                continue
+            jobs += [(i, k, e) for k, e in enumerate(encoded)]
+            results.append(Result(task=req.task, images=names, id=req.id, model=self.name,
+                                  seconds=time.perf_counter() - t0))
+        outputs: dict[tuple[int, int], dict] = {}
+        for start in range(0, len(jobs), batch_size):
+            chunk = jobs[start:start + batch_size]
+            t0 = time.perf_counter()
+            for (i, k, _), out in zip(chunk, self._generate([e for _, _, e in chunk])):
+                outputs[(i, k)] = out
+            share = (time.perf_counter() - t0) / len(chunk)
+            for i, _, _ in chunk:
+                results[i].seconds = (results[i].seconds or 0.0) + share
+        for i, req in enumerate(requests):
+            if results[i].error is None:
+                t0 = time.perf_counter()
+                self._fill(results[i], req, outputs[(i, 0)], outputs.get((i, 1)))
+                results[i].seconds = (results[i].seconds or 0.0) + time.perf_counter() - t0
+        return results
+
+    def _encode(self, req: Request, images: list[Any]):
+        if req.task == "chat":
+            messages = req.messages or []
+        else:
+            question = req.question or canonical_question(req.task, req.detail, "reference" in req.roles)
+            messages = [{"role": "user", "content": user_content(req.roles, question)}]
+        non_ref = [j for j, r in enumerate(req.roles) if r != "reference"]
+        enc = self.processor.encode(messages, images, train=False, mask_image=non_ref[0] if non_ref else 0)
+        enc.sizes = [im.size for im in images]  # (W, H) of each image, for masks at the image's size
+        return enc
+
+    @torch.no_grad()
+    def _generate(self, encoded: list[Any]) -> list[dict]:
+        """Greedy-generate for a batch; per row: tokens, per-step logits, mask probability maps."""
+        batch = self.processor.collate(encoded, padding_side="left")
+        gen = self.model.generate(batch, max_new_tokens=self.max_new_tokens)
+        rows = []
+        positions = []
+        for b in range(len(encoded)):
+            toks = gen["new_tokens"][b].tolist()
+            end = next((t for t, x in enumerate(toks) if x in self.eos_ids), len(toks))
+            toks = toks[:end]
+            pos = [gen["prompt_len"] + t for t, x in enumerate(toks) if x == self.model.config.mask_token_id
+                   and gen["prompt_len"] + t < gen["hidden"].shape[1]]
+            positions.append(torch.tensor(pos, dtype=torch.long))
+            rows.append({"tokens": toks, "logits": gen["logits"][b, :end], "masks": []})
+        if any(p.numel() for p in positions):
+            logits = self.model.decode_masks(gen["hidden"], batch["input_ids"].to(self.model.device),
+                                             batch.get("image_grid_thw"), gen["dense"], batch["mask_image"], positions)
+            it = iter(logits)
+            for b, pos in enumerate(positions):
+                w, h = encoded[b].sizes[encoded[b].mask_image]
+                for _ in range(pos.numel()):
+                    rows[b]["masks"].append(torch.sigmoid(resize_logits(next(it), (h, w))).cpu().numpy())
+        return rows
+
+    # ---- reading the answer --------------------------------------------------------------------
+    def _fill(self, res: Result, req: Request, out: dict, swapped: dict | None) -> None:
+        toks, logits = out["tokens"], out["logits"]
+        raw = self.tokenizer.decode(toks, skip_special_tokens=False)
+        res.raw_text = raw
+        res.text = strip_mask_tokens(raw)
+        if "reference" in req.roles:
+            res.reference = res.images[req.roles.index("reference")]
+            res.images = [n for n, r in zip(res.images, req.roles) if r != "reference"]
+        key_probs: list[float] = []
+        probs = torch.softmax(logits.float(), dim=-1) if len(toks) else None
+
+        def chosen(t: int) -> float:
+            return float(probs[t, toks[t]])
+
+        task = req.task
+        if task in ("quality.assess", "quality.identify", "chat"):
+            pos = self.ratings.first_position(toks, last=True)
+            rating = score = rp = None
+            if pos is not None:
+                rp = self.ratings.probabilities(logits[pos])
+                rating = max(rp, key=rp.get)
+                score = sum(p * rating_value(k) for k, p in rp.items())
+                key_probs.append(chosen(pos))
+            if task != "chat" or pos is not None:
+                res.quality = Quality(rating, score, parse_distortions(res.text), rp)
+        if task in ("quality.rate", "quality.compare"):
+            p1 = self._p_a(toks, logits, key_probs, chosen)
+            p2 = None
+            if swapped is not None:
+                p2s = self._p_a(swapped["tokens"], swapped["logits"], None, None)
+                p2 = None if p2s is None else 1.0 - p2s  # swapped "A" is the original B
+            ps = [p for p in (p1, p2) if p is not None]
+            if ps:
+                pa = sum(ps) / len(ps)
+                better = "A" if pa >= 0.5 else "B"
+                res.comparison = Comparison(better, pa if better == "A" else 1 - pa, p1, p2,
+                                            None if p1 is None or p2 is None else (p1 >= 0.5) == (p2 >= 0.5))
+            else:
+                res.comparison = Comparison(None, None)
+        if task in ("forgery.detect", "chat"):
+            pos = self.verdicts.first_position(toks)
+            tampered = p_t = None
+            if pos is not None:
+                vp = self.verdicts.probabilities(logits[pos])
+                p_t = vp["tampered"]
+                tampered = p_t >= 0.5
+                key_probs.append(chosen(pos))
+            mask = None
+            if out["masks"]:
+                mask = np.max(np.stack(out["masks"]), axis=0) > 0.5
+            if task != "chat" or pos is not None:
+                res.forgery = Forgery(tampered, p_t, parse_manipulation(res.text),
+                                      None if mask is None else float(mask.mean()), mask, len(out["masks"]))
+        key_probs += self._taxonomy_token_probs(toks, chosen)
+        res.confidence = float(np.mean(key_probs)) if key_probs else None
+
+    def _p_a(self, toks: list[int], logits: torch.Tensor, key_probs: list[float] | None, chosen: Any) -> float | None:
+        pos = self.ab.first_position(toks)
+        if pos is None:
+            return None
+        if key_probs is not None:
+            key_probs.append(chosen(pos))
+        return self.ab.probabilities(logits[pos])["A"]
+
+    def _taxonomy_token_probs(self, toks: list[int], chosen: Any) -> list[float]:
+        """Probabilities of the first token of each taxonomy word (distortion, severity, manipulation)."""
+        if not toks:
+            return []
+        # character offset at which each token starts, by decoding growing prefixes
+        starts, text = [], ""
+        for t in range(len(toks)):
+            starts.append(len(text))
+            text = self.tokenizer.decode(toks[: t + 1], skip_special_tokens=False)
+        out = []
+        taken: list[tuple[int, int]] = []
+        for vocab in (DISTORTIONS, CATEGORIES, SEVERITIES, MANIPULATIONS):
+            for m in find_terms(text, vocab, taken=taken):
+                taken.append((m.start, m.end))
+                t = max(i for i, s in enumerate(starts) if s <= m.start)
+                out.append(chosen(t))
+        return out

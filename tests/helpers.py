@@ -1,0 +1,75 @@
+"""Test helpers: tiny Loupe models of the real architectures, built from configs in seconds.
+
+``tiny_model(family)`` builds a fresh scratch Qwen2.5-VL or Qwen3-VL twin with an offline
+tokenizer. ``build_tiny_checkpoint(path)`` overfits one on three examples (a quality assessment, a
+tampered image with its mask, an authentic image) so that generation produces real rating and
+verdict words and a mask token, then saves a checkpoint folder other tests (and other issues'
+tests) load with ``Assistant.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from assistant.modeling import ExplainableVLM, new_model
+from assistant.processing import LoupeProcessor
+from prompts import canonical_question, user_content
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+QUALITY_ANSWER = "The image suffers from serious Gaussian noise. Overall, the quality is poor."
+TAMPERED_ANSWER = "This image has been tampered with: a spliced region in the top-left <|mask|>."
+AUTHENTIC_ANSWER = "This image appears authentic, with consistent noise, lighting and edges throughout."
+CORPUS = [QUALITY_ANSWER, TAMPERED_ANSWER, AUTHENTIC_ANSWER]
+
+
+def tiny_model(family: str = "qwen2_5_vl", seed: int = 0) -> tuple[ExplainableVLM, LoupeProcessor]:
+    """A fresh tiny model and its Loupe processor (low-level branch at 64 px)."""
+    model, processor = new_model(f"scratch:test:{family}", corpus=CORPUS, seed=seed, lowlevel_max_side=64,
+                                 lowlevel_width=8, decoder_width=16, min_pixels=28 * 28, max_pixels=64 * 64)
+    return model, LoupeProcessor(processor, model.config.n_lowlevel_tokens, model.config.lowlevel_max_side)
+
+
+def chat(task: str, answer: str, n_images: int = 1) -> list[dict]:
+    roles = ["A", "B"][:n_images]
+    return [{"role": "user", "content": user_content(roles, canonical_question(task))},
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+
+
+def training_batch(lp: LoupeProcessor) -> dict:
+    """Three examples: noisy -> poor; tampered -> mask; clean -> authentic."""
+    items = [
+        lp.encode(chat("quality.assess", QUALITY_ANSWER), [ASSETS / "noisy.png"], train=True),
+        lp.encode(chat("forgery.detect", TAMPERED_ANSWER), [ASSETS / "tampered.png"], train=True,
+                  masks=[ASSETS / "tampered_mask.png"]),
+        lp.encode(chat("forgery.detect", AUTHENTIC_ANSWER), [ASSETS / "clean.png"], train=True),
+    ]
+    return lp.collate(items)
+
+
+def overfit(model: ExplainableVLM, batch: dict, steps: int, lr: float = 3e-3) -> list[dict]:
+    """Plain AdamW steps on one batch; returns the loss parts per step."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    history = []
+    for _ in range(steps):
+        out = model(batch)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        history.append({"loss": out.loss.item(), "ce": out.ce_loss.item(),
+                        "mask": (2 * out.bce_loss + 0.5 * out.dice_loss).item()})
+    model.eval()
+    return history
+
+
+def build_tiny_checkpoint(path: Path, family: str = "qwen2_5_vl", steps: int = 120) -> Path:
+    """Overfit a tiny model on the three examples and save it as a Loupe checkpoint at ``path``."""
+    torch.manual_seed(0)
+    model, lp = tiny_model(family)
+    overfit(model, training_batch(lp), steps)
+    model.config.name = "tiny-test"
+    model.save_pretrained(path, processor=lp.processor)
+    return path
