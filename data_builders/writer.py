@@ -113,20 +113,22 @@ class DatasetWriter:
             return dict(self._counts)
 
     # ---- writing ---------------------------------------------------------------------------------
-    def _write_file(self, rel: str, arr: np.ndarray) -> None:
+    def _write_file(self, rel: str, arr: np.ndarray | bytes) -> None:
         path = self.out_dir / rel
         if self.out_dir.resolve() not in path.resolve().parents:
             raise ValueError(f"{rel!r}: file paths must stay inside the dataset folder {self.out_dir}")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_bytes(encode_png(arr))
+        tmp.write_bytes(arr if isinstance(arr, bytes) else encode_png(arr))
         os.replace(tmp, path)
 
-    def write(self, split: str, sample: Sample, images: Mapping[str, np.ndarray],
-              masks: Mapping[str, np.ndarray] | None = None) -> None:
+    def write(self, split: str, sample: Sample, images: Mapping[str, np.ndarray | bytes],
+              masks: Mapping[str, np.ndarray | bytes] | None = None) -> None:
         """Write a sample's PNGs (atomically), then append its line to ``{split}.jsonl``.
 
-        ``images``/``masks`` map relative paths (e.g. ``images/q-000001-A.png``) to uint8 arrays.
+        ``images``/``masks`` map relative paths (e.g. ``images/q-000001-A.png``) to uint8 arrays or
+        to already-encoded PNG bytes (so worker processes can encode in parallel). Files shared by
+        several samples may be passed again (rewritten atomically) or left out once written.
         The sample is validated against the files; a duplicate id raises.
         """
         if split not in SPLITS:
