@@ -99,6 +99,9 @@ class Forgery:
     area: float | None  # fraction of the image in the mask
     mask: np.ndarray | None = field(default=None, repr=False)  # bool HxW at the image's size
     regions: int = 0
+    # float HxW in [0, 1]: max over regions of P(pixel manipulated); ``mask`` is this > 0.5.
+    # Kept so evaluation can report threshold-free / best-threshold localisation figures.
+    mask_probability: np.ndarray | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -375,12 +378,14 @@ class Assistant:
                 p_t = vp["tampered"]
                 tampered = p_t >= 0.5
                 key_probs.append(chosen(pos))
-            mask = None
+            mask = mask_prob = None
             if out["masks"]:
-                mask = np.max(np.stack(out["masks"]), axis=0) > 0.5
+                mask_prob = np.max(np.stack(out["masks"]), axis=0)
+                mask = mask_prob > 0.5
             if task != "chat" or pos is not None:
                 res.forgery = Forgery(tampered, p_t, parse_manipulation(res.text),
-                                      None if mask is None else float(mask.mean()), mask, len(out["masks"]))
+                                      None if mask is None else float(mask.mean()), mask, len(out["masks"]),
+                                      mask_prob)
         key_probs += self._taxonomy_token_probs(toks, chosen)
         res.confidence = float(np.mean(key_probs)) if key_probs else None
 
