@@ -1,0 +1,183 @@
+"""Template wording of forgery answers from ground truth (the offline ``template`` labeller).
+
+``region_facts`` turns a binary mask into the facts an answer states (3x3 grid location, relative
+area, bounding box); ``answer`` words a sample's ``meta`` as a ``forgery.detect`` answer that follows
+the convention of ``prompts.templates``:
+
+* the first verdict word is the verdict (the other verdict word never appears before it);
+* then the manipulation, then each region (location, area, box) followed by its own ``MASK_TOKEN``,
+  in the order of ``Sample.masks``;
+* then the evidence: the cue ids the synthesis really produced, in ``prompts.CUES`` wording;
+* authentic answers hold no mask token and give reasons for authenticity.
+
+Every variant is read back by ``prompts.parsing`` (``parse_verdict``, ``parse_locations``,
+``parse_manipulation``, ``count_mask_tokens``) to the ground truth; the tests check that.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+
+from prompts import CUES, DOMAINS, LOCATIONS, MANIPULATIONS, MASK_TOKEN
+
+# Bump when any wording below changes; recorded as meta["labeller"] = "template@<version>".
+FORGERY_TEXT_VERSION = "1"
+LABELLER_ID = f"template@{FORGERY_TEXT_VERSION}"
+
+_GRID_IDS = [t.id for t in LOCATIONS]  # row-major 3x3
+_NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five"}
+
+_TAMPERED_OPENERS = (
+    "This image has been tampered with.",
+    "This image has been manipulated.",
+    "The image is tampered.",
+    "Yes, this picture has been edited.",
+)
+_AUTHENTIC_OPENERS = (
+    "This image appears authentic.",
+    "This image looks authentic.",
+    "No, this picture appears unedited.",
+    "This image appears to be original.",
+)
+# Manipulation sentence; {m} is a MANIPULATIONS phrasing, {d} a DOMAINS phrasing.
+_MANIP_SENTENCES = (
+    "The change is {m}, typical of {d}.",
+    "It shows {m}, the kind of change made with {d}.",
+    "The manipulation is {m} ({d}).",
+)
+_UNKNOWN_MANIP = "The kind of change is not certain, but the altered area is clear."
+_EVIDENCE_SENTENCES = (
+    "The evidence: {c}.",
+    "It gives itself away through {c}.",
+    "Signs of this: {c}.",
+)
+_AUTHENTIC_REASONS = (
+    "It shows {c}; shadows and perspective agree across the scene, and no seam, repeated patch or "
+    "smeared fill stands out.",
+    "There is {c}, and nothing looks pasted, moved or filled in.",
+    "Everything points to a single, untouched capture: {c}.",
+)
+_POST_WORDS = {
+    "jpeg": lambda r: f"re-saved as JPEG at quality {r.get('quality')}",
+    "resize": lambda r: "resized",
+    "blur": lambda r: "slightly blurred",
+    "noise": lambda r: "given fine noise",
+}
+
+
+def location_of(mask: np.ndarray) -> str:
+    """The 3x3 grid location id (``prompts.LOCATIONS``) of a mask's centroid."""
+    ys, xs = np.nonzero(mask)
+    if ys.size == 0:
+        raise ValueError("an empty mask has no location")
+    h, w = mask.shape[:2]
+    col = min(2, int(3 * (xs.mean() + 0.5) / w))
+    row = min(2, int(3 * (ys.mean() + 0.5) / h))
+    return _GRID_IDS[row * 3 + col]
+
+
+def region_facts(mask: np.ndarray) -> dict[str, Any]:
+    """``{"location", "area", "bbox"}`` of a binary mask: grid cell, fraction of the image, [x0, y0, x1, y1).
+
+    ``bbox`` is in pixels with x1, y1 exclusive (Python slice convention).
+    """
+    m = mask > 127 if mask.dtype == np.uint8 else mask.astype(bool)
+    ys, xs = np.nonzero(m)
+    if ys.size == 0:
+        raise ValueError("an empty mask has no facts")
+    return {"location": location_of(m), "area": round(float(m.mean()), 5),
+            "bbox": [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]}
+
+
+def _pct(x: float) -> str:
+    p = 100.0 * x
+    return "under 1%" if p < 1 else f"about {p:.0f}%"
+
+
+def _box_words(bbox: list[int], size: tuple[int, int]) -> str:
+    w, h = size
+    x0, y0, x1, y1 = bbox
+    return (f"from {100 * x0 / w:.0f}% to {100 * x1 / w:.0f}% across and "
+            f"{100 * y0 / h:.0f}% to {100 * y1 / h:.0f}% down")
+
+
+def _join(items: list[str]) -> str:
+    if len(items) <= 1:
+        return "".join(items)
+    return ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _where(region: dict[str, Any], rng: random.Random) -> str:
+    return "the " + rng.choice(LOCATIONS[region["location"]].phrasings)
+
+
+def _region_clause(region: dict[str, Any], size: tuple[int, int] | None, detail: bool, rng: random.Random) -> str:
+    """'the top-left, covering about 7% of the image (from ... ) <|mask|>'."""
+    text = _where(region, rng)
+    if detail:
+        text += f", covering {_pct(region['area'])} of the image"
+        if size is not None:
+            text += f" ({_box_words(region['bbox'], size)})"
+    return f"{text} {MASK_TOKEN}"
+
+
+def _post_clause(post: list[dict[str, Any]]) -> str:
+    words = [_POST_WORDS[p["op"]](p) for p in post if p.get("op") in _POST_WORDS]
+    if not words:
+        return ""
+    return f" The whole picture was later {_join(words)}, which weakens these traces."
+
+
+def answer(meta: dict[str, Any], detail: bool, rng: random.Random, size: tuple[int, int] | None = None) -> str:
+    """A ``forgery.detect`` answer worded from ``meta`` (see the module docstring).
+
+    ``size`` (width, height) lets detailed answers state each region's box as fractions of the image.
+    """
+    if not meta.get("tampered"):
+        return _authentic(meta, detail, rng)
+    regions = meta.get("regions") or []
+    if not regions:
+        raise ValueError("a tampered sample needs at least one region")
+    manip = meta.get("manipulation")
+    opener = rng.choice(_TAMPERED_OPENERS)
+    m_text = rng.choice(MANIPULATIONS[manip].phrasings) if manip else None
+    if not detail:
+        what = m_text[0].upper() + m_text[1:] if m_text else "An altered region"
+        if len(regions) == 1:
+            return f"{opener} {what} in {_region_clause(regions[0], None, False, rng)}."
+        places = _join([_region_clause(r, None, False, rng) for r in regions])
+        return f"{opener} {what} in {_NUMBER_WORDS.get(len(regions), str(len(regions)))} places: {places}."
+    parts = [opener]
+    if manip:
+        domain = meta.get("domain")
+        d_text = rng.choice(DOMAINS[domain].phrasings) if domain else "photo editing"
+        parts.append(rng.choice(_MANIP_SENTENCES).format(m=m_text, d=d_text))
+    else:
+        parts.append(_UNKNOWN_MANIP)
+    if len(regions) == 1:
+        parts.append(f"The altered area is in {_region_clause(regions[0], size, True, rng)}.")
+    else:
+        n = _NUMBER_WORDS.get(len(regions), str(len(regions)))
+        clauses = [f"one in {_region_clause(r, size, True, rng)}" for r in regions]
+        parts.append(f"There are {n} altered areas: " + "; ".join(clauses[:-1]) + "; and " + clauses[-1] + ".")
+    cues = [c for c in meta.get("cues") or [] if c in CUES and c != "consistent"]
+    if cues:
+        parts.append(rng.choice(_EVIDENCE_SENTENCES).format(c=_join([rng.choice(CUES[c].phrasings) for c in cues])))
+    return " ".join(parts) + _post_clause(meta.get("post") or [])
+
+
+def _authentic(meta: dict[str, Any], detail: bool, rng: random.Random) -> str:
+    opener = rng.choice(_AUTHENTIC_OPENERS)
+    consistent = rng.choice(CUES["consistent"].phrasings)
+    if not detail:
+        return f"{opener} It shows {consistent}."
+    text = f"{opener} " + rng.choice(_AUTHENTIC_REASONS).format(c=consistent)
+    if any(p.get("op") == "jpeg" for p in meta.get("post") or []):
+        text += " Its compression traces are uniform across the frame."
+    post = [p for p in meta.get("post") or [] if p.get("op") != "jpeg"]
+    if post:
+        text += f" It was {_join([_POST_WORDS[p['op']](p) for p in post if p.get('op') in _POST_WORDS])} as a whole."
+    return text
