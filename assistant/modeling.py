@@ -474,9 +474,11 @@ class ExplainableVLM(nn.Module):
         return model, processor
 
 
-def new_model(base: str, *, corpus: Any = (), seed: int = 0, **config_fields: Any) -> tuple[ExplainableVLM, Any]:
+def new_model(base: str, *, corpus: Any = (), seed: int = 0, load_kwargs: dict[str, Any] | None = None,
+              **config_fields: Any) -> tuple[ExplainableVLM, Any]:
     """A fresh ``(ExplainableVLM, processor)`` around ``base``: ``scratch:<size>[:<family>]``, a hub id
-    or a local folder. Loupe's tokens are added (new embedding rows start at the mean row)."""
+    or a local folder. Loupe's tokens are added (new embedding rows start at the mean row).
+    ``load_kwargs`` (dtype, quantization_config, device_map) go to ``load_base`` for hub/folder bases."""
     from .bases import add_loupe_tokens, build_scratch_base, family_of, is_scratch, load_base
 
     min_pixels = config_fields.get("min_pixels", LoupeConfig.min_pixels)
@@ -485,7 +487,8 @@ def new_model(base: str, *, corpus: Any = (), seed: int = 0, **config_fields: An
         vlm, processor = build_scratch_base(base, corpus, min_pixels=min_pixels, max_pixels=max_pixels, seed=seed)
         stored_base = "bundled"
     else:
-        vlm, processor = load_base(base, trust_remote_code=config_fields.pop("trust_remote_code", False))
+        vlm, processor = load_base(base, trust_remote_code=config_fields.pop("trust_remote_code", False),
+                                   **(load_kwargs or {}))
         stored_base = base
         processor.image_processor.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
     tok = processor.tokenizer
