@@ -35,35 +35,27 @@ def _on_channel(img: np.ndarray, to: int, back: int, channels: tuple[int, ...], 
     return cv2.cvtColor(cv2.merge(parts), back)
 
 
-@register("brighten_hsv", _BRIGHT)
-def brighten_hsv(img: np.ndarray, level: int, rng: np.random.Generator) -> np.ndarray:
-    return _on_channel(img, cv2.COLOR_RGB2HSV, cv2.COLOR_HSV2RGB, (2,), (curve_lut(_brighten_curve(level)),))
+# where each brighten/darken variant applies its curve: (to, back, channels), None meaning all of RGB
+_SPACES = {
+    "hsv": (cv2.COLOR_RGB2HSV, cv2.COLOR_HSV2RGB, (2,)),  # value
+    "rgb": None,
+    "ycbcr": (cv2.COLOR_RGB2YCrCb, cv2.COLOR_YCrCb2RGB, (0,)),  # luma
+}
 
 
-@register("brighten_rgb", _BRIGHT)
-def brighten_rgb(img: np.ndarray, level: int, rng: np.random.Generator) -> np.ndarray:
-    return lut(img, curve_lut(_brighten_curve(level)))
+def _exposure_fn(curve, space):
+    def fn(img: np.ndarray, level: int, rng: np.random.Generator) -> np.ndarray:
+        table = curve_lut(curve(level))
+        if _SPACES[space] is None:
+            return lut(img, table)
+        to, back, channels = _SPACES[space]
+        return _on_channel(img, to, back, channels, (table,) * len(channels))
+    return fn
 
 
-@register("brighten_ycbcr", _BRIGHT)
-def brighten_ycbcr(img: np.ndarray, level: int, rng: np.random.Generator) -> np.ndarray:
-    return _on_channel(img, cv2.COLOR_RGB2YCrCb, cv2.COLOR_YCrCb2RGB, (0,),
-                       (curve_lut(_brighten_curve(level)),))
-
-
-@register("darken_hsv", _BRIGHT)
-def darken_hsv(img: np.ndarray, level: int, rng: np.random.Generator) -> np.ndarray:
-    return _on_channel(img, cv2.COLOR_RGB2HSV, cv2.COLOR_HSV2RGB, (2,), (curve_lut(_darken_curve(level)),))
-
-
-@register("darken_rgb", _BRIGHT)
-def darken_rgb(img: np.ndarray, level: int, rng: np.random.Generator) -> np.ndarray:
-    return lut(img, curve_lut(_darken_curve(level)))
-
-
-@register("darken_ycbcr", _BRIGHT)
-def darken_ycbcr(img: np.ndarray, level: int, rng: np.random.Generator) -> np.ndarray:
-    return _on_channel(img, cv2.COLOR_RGB2YCrCb, cv2.COLOR_YCrCb2RGB, (0,), (curve_lut(_darken_curve(level)),))
+for _space in _SPACES:
+    register(f"brighten_{_space}", _BRIGHT)(_exposure_fn(_brighten_curve, _space))
+    register(f"darken_{_space}", _BRIGHT)(_exposure_fn(_darken_curve, _space))
 
 
 def _sigmoid_curve(k: float):
