@@ -201,11 +201,10 @@ def make_context(cfg: BuildConfig) -> _Context:
     if cfg.stamps:
         for p in tuxpaint_stamps():
             stamps[_stable_split(p, cfg.fractions, cfg.seed)].append(p)
-    counts = [int(round(f / sum(cfg.fractions) * cfg.n)) for f in cfg.fractions]
-    counts[0] = cfg.n - counts[1] - counts[2]
-    split_of = [s for s, c in zip(SPLITS, counts) for _ in range(max(c, 0))]
-    order = np.random.default_rng([cfg.seed, 11]).permutation(cfg.n)
-    return _Context(cfg, pools, stamps, [split_of[i] for i in order])
+    # Each index's split comes from a hash of (seed, index), not from n: a run resumed with a larger
+    # --n keeps every sample it already wrote.
+    split_of = [_stable_split(f"index:{i}", cfg.fractions, cfg.seed) for i in range(cfg.n)]
+    return _Context(cfg, pools, stamps, split_of)
 
 
 def _init_worker(ctx: _Context) -> None:

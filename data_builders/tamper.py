@@ -479,8 +479,10 @@ def _affine_move(img: np.ndarray, src: np.ndarray, rng: np.random.Generator,
     flip = bool(rng.random() < 0.3)
     # Size of the transformed bbox, to choose a destination that keeps it inside the image.
     rad = np.deg2rad(angle)
-    tw = int(scale * (abs(cw * np.cos(rad)) + abs(ch * np.sin(rad)))) + 2
-    th = int(scale * (abs(cw * np.sin(rad)) + abs(ch * np.cos(rad)))) + 2
+    ext_w = abs(cw * np.cos(rad)) + abs(ch * np.sin(rad))
+    ext_h = abs(cw * np.sin(rad)) + abs(ch * np.cos(rad))
+    scale = min(scale, 0.8 * w / ext_w, 0.8 * h / ext_h)  # shrink a copy that would not fit
+    tw, th = int(scale * ext_w) + 2, int(scale * ext_h) + 2
     if tw >= w or th >= h:
         raise TamperError("region too large to move")
     # Choose the destination box by its overlap with the source box (cheap), then warp once.
