@@ -93,10 +93,14 @@ def _inside(path: Path, root: Path) -> bool:
         return False
 
 
-def _walk(root: Path, scan: Scan) -> list[Path]:
-    """Image files under ``root`` (sorted), never following a link out of it; such links are reported."""
+def _walk(top: Path, scan: Scan, root: Path | None = None) -> list[Path]:
+    """Image files under ``top`` (sorted), never following a link out of ``root`` (default ``top``).
+
+    Links that lead out are reported (paths relative to ``root``) and skipped.
+    """
+    root = root or top
     out: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
         d = Path(dirpath)
         for name in list(dirnames):
             if (d / name).is_symlink():
@@ -216,11 +220,11 @@ def scan_columbia(root: Path) -> Scan:
         raise FileNotFoundError(f"{root}: no 4cam_auth/ or 4cam_splc/ folder; is this the Columbia "
                                 "Uncompressed Image Splicing dataset?")
     if auth_dir is not None:
-        for f in _walk(auth_dir, scan):
+        for f in _walk(auth_dir, scan, root):
             if f.parent == auth_dir:
                 scan.pairs.append(Pair(f, None, None, "columbia:" + f.stem))
     if splc_dir is not None:
-        files = _walk(splc_dir, scan)
+        files = _walk(splc_dir, scan, root)
         edge = {f.stem[:-len("_edgemask")]: f for f in files if f.stem.lower().endswith("_edgemask")}
         used = set()
         for f in files:
@@ -244,9 +248,9 @@ def scan_coverage(root: Path) -> Scan:
     img_dir, mask_dir = _find_dir(root, "image"), _find_dir(root, "mask")
     if img_dir is None:
         raise FileNotFoundError(f"{root}: no image/ folder; is this the COVERAGE dataset?")
-    masks = _by_stem(_walk(mask_dir, scan), root, scan) if mask_dir else {}
+    masks = _by_stem(_walk(mask_dir, scan, root), root, scan) if mask_dir else {}
     used = set()
-    for f in _walk(img_dir, scan):
+    for f in _walk(img_dir, scan, root):
         m = re.fullmatch(r"(\d+)(t?)", f.stem)
         if not m:
             scan.problems.append((_rel(f, root), "name is not COVERAGE's <n>.tif / <n>t.tif"))
@@ -301,6 +305,9 @@ def scan_nist16(root: Path) -> Scan:
             manip = types[0] if len(types) == 1 else None  # several kinds at once: left unnamed
             mask_rel = (row.get("ProbeMaskFileName") or "").strip()
             candidates = [mask_rel] + [mask_rel.replace("/manipulation/", f"/{k}/") for k in ("removal", "splice")]
+            if mask_rel and not _inside(base / mask_rel, root):
+                scan.problems.append((probe_rel, f"mask path {mask_rel} leads outside the root; skipped"))
+                continue
             mask = next((base / c for c in candidates if c and _inside(base / c, root) and (base / c).is_file()), None)
             if mask is None:
                 scan.problems.append((probe_rel, f"mask {mask_rel or '(none named)'} is missing"))
@@ -349,9 +356,9 @@ def scan_folder(root: Path, unmasked: str = "report", manipulation: str | None =
     img_dir, mask_dir = root / "images", root / "masks"
     if not img_dir.is_dir():
         raise FileNotFoundError(f"{root}: no images/ folder; the folder layout is images/ + masks/")
-    masks = _by_stem(_walk(mask_dir, scan), root, scan) if mask_dir.is_dir() else {}
+    masks = _by_stem(_walk(mask_dir, scan, root), root, scan) if mask_dir.is_dir() else {}
     used = set()
-    for stem, f in sorted(_by_stem(_walk(img_dir, scan), root, scan).items()):
+    for stem, f in sorted(_by_stem(_walk(img_dir, scan, root), root, scan).items()):
         names = [rule(stem) for rule in _FOLDER_MASK_NAMES]
         found = [n for n in names if n in masks]
         if len(found) > 1:
@@ -410,7 +417,7 @@ def normalise_mask(raw: np.ndarray, size: tuple[int, int], invert: bool | None =
         else:
             same = bool(np.all(np.abs(m.astype(np.int16) - m[..., :1]) <= 8))
             m = m[..., 0] if same else m.max(axis=2)
-            notes.append("3-channel mask reduced to one" + ("" if same else " (any channel marks the region)"))
+            notes.append("colour (RGB) mask reduced to one channel" + ("" if same else " (any channel marks the region)"))
     if m.max() == 1:
         m = m * 255
         notes.append("0/1 mask scaled to 0/255")
