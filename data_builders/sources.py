@@ -31,7 +31,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import cv2
 import numpy as np
@@ -208,11 +208,50 @@ _PYTHON_SAMPLE_DIRS = (
 
 
 def _sample_dir(module: str) -> Path:
-    if module == "skimage":
-        import skimage.data
-        return Path(skimage.data.__file__).parent
-    import matplotlib
-    return Path(matplotlib.get_data_path()) / "sample_data"
+    # find_spec locates the package without importing it (importing matplotlib alone costs ~1 s)
+    import importlib.util
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(module)
+    root = Path(list(spec.submodule_search_locations)[0])
+    return root / "data" if module == "skimage" else root / "mpl-data" / "sample_data"
+
+
+def _cache_file() -> Path:
+    base = os.environ.get("LOUPE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "loupe")
+    return Path(base) / "pool-index.json"
+
+
+def _file_key(path: str) -> str:
+    st = os.stat(path)
+    return f"{path}|{st.st_size}|{int(st.st_mtime)}"
+
+
+_INDEX: dict[str, Any] | None = None
+
+
+def _index() -> dict[str, Any]:
+    """Per-file filter results (photo or not, thumbnail), cached on disk: scanning ~900 files takes
+    seconds, and the answer only changes when a file does."""
+    global _INDEX
+    if _INDEX is None:
+        try:
+            _INDEX = json.loads(_cache_file().read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            _INDEX = {}
+    return _INDEX
+
+
+def _save_index() -> None:
+    path = _cache_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(_index()), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:  # a read-only home is fine: we just rescan next time
+        log.debug("could not write the pool index cache %s: %s", path, exc)
 
 
 def _registry_photo_files() -> list[tuple[str, str, str, str]]:
@@ -251,21 +290,31 @@ def builtin_photos() -> list[SourceImage]:
     kept: list[tuple[str, str, str, str]] = []
     thumbs: list[np.ndarray] = []
     seen_hashes: set[str] = set()
+    index = _index()
+    changed = False
     for sid, path, origin, licence in _registry_photo_files():
         if sid in _DENY:
             continue
-        try:
-            raw = _read_bytes(path)
-            img = load_rgb(path)
-        except (OSError, ValueError) as exc:
-            log.warning("skipping %s: %s", path, exc)
+        key = "photo:" + _file_key(path)
+        entry = index.get(key)
+        if entry is None:
+            try:
+                raw = _read_bytes(path)
+                img = load_rgb(path)
+            except (OSError, ValueError) as exc:
+                log.warning("skipping %s: %s", path, exc)
+                continue
+            entry = {"sha1": hashlib.sha1(raw).hexdigest(), "photo": _looks_like_photo(photo_stats(img)),
+                     "thumb": _thumb(img).round(5).tolist()}
+            index[key] = entry
+            changed = True
+        if entry["sha1"] in seen_hashes or not entry["photo"]:
             continue
-        digest = hashlib.sha1(raw).hexdigest()
-        if digest in seen_hashes or not _looks_like_photo(photo_stats(img)):
-            continue
-        seen_hashes.add(digest)
+        seen_hashes.add(entry["sha1"])
         kept.append((sid, path, origin, licence))
-        thumbs.append(_thumb(img))
+        thumbs.append(np.asarray(entry["thumb"], np.float32))
+    if changed:
+        _save_index()
     groups = _group_near_duplicates([k[0] for k in kept], thumbs)
     _PHOTO_CACHE = [SourceImage(id=sid, source=sid.split(":")[0], group=groups[sid], origin=origin,
                                 licence=licence, path=path) for sid, path, origin, licence in kept]
@@ -298,15 +347,22 @@ def tuxpaint_stamps(root: str | os.PathLike = TUXPAINT_STAMPS) -> list[str]:
         log.warning("%s is missing: install Debian's tuxpaint-stamps-default (make system-deps)", root)
         return []
     out = []
+    index = _index()
+    changed = False
     for p in sorted(root.rglob("*.png")):
         if "cartoon" in p.parts:
             continue
-        try:
-            rgba = load_rgba(p)
-        except (OSError, ValueError):
-            continue
-        if _stamp_is_photo(rgba):
+        key = "stamp:" + _file_key(str(p))
+        if key not in index:
+            try:
+                index[key] = bool(_stamp_is_photo(load_rgba(p)))
+            except (OSError, ValueError):
+                index[key] = False
+            changed = True
+        if index[key]:
             out.append(str(p))
+    if changed:
+        _save_index()
     if root == TUXPAINT_STAMPS:
         _STAMP_CACHE = out
     return list(out)
