@@ -51,10 +51,11 @@ class LabellerStats:
                     failures=self.failures)
 
 
-def image_part(img: np.ndarray) -> dict[str, Any]:
-    """A chat-completions ``image_url`` content part holding ``img`` (uint8 RGB) as a PNG data URL."""
+def image_part(img: np.ndarray | bytes) -> dict[str, Any]:
+    """A chat-completions ``image_url`` part holding ``img`` (uint8 RGB array or PNG bytes) as a data URL."""
     from ..sources import encode_png
-    b64 = base64.b64encode(encode_png(img, compression=3)).decode("ascii")
+    png = img if isinstance(img, bytes) else encode_png(img, compression=3)
+    b64 = base64.b64encode(png).decode("ascii")
     return {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64}"}}
 
 
