@@ -363,18 +363,18 @@ def agrees(text: str, meta: dict[str, Any]) -> str | None:
     """
     verdict = "tampered" if meta.get("tampered") else "authentic"
     if parse_verdict(text) != verdict:
-        return f"verdict {parse_verdict(text)!r} != {verdict!r}"
+        return f"verdict: {parse_verdict(text)!r} != {verdict!r}"
     n = len(meta.get("regions") or [])
     if count_mask_tokens(text) != n:
-        return f"{count_mask_tokens(text)} mask tokens for {n} regions"
+        return f"mask tokens: {count_mask_tokens(text)} for {n} region(s)"
     named = Counter(parse_locations(text))
     want = Counter(r["location"] for r in meta.get("regions") or [])
     missing = want - named
     if missing:
-        return f"locations not named: {sorted(missing)}"
+        return f"locations: not named {sorted(missing)}"
     manip = parse_manipulation(text)
     if manip is not None and manip != meta.get("manipulation"):
-        return f"manipulation {manip!r} != {meta.get('manipulation')!r}"
+        return f"manipulation: {manip!r} != {meta.get('manipulation')!r}"
     return None
 
 
@@ -428,7 +428,9 @@ class ForgeryOpenAILabeller:
                 made.sample.meta["labeller"] = self.id
                 self.accepted += 1
                 return made
-            self.rejected[why.split(" ")[0]] += 1
+            key = why.split(":")[0]
+            self.rejected[key] += 1
+            made.sample.meta.setdefault("labeller_rejected", []).append(key)
             log.debug("%s: reply rejected (%s): %r", made.sample.id, why, text)
         self.fallbacks += 1
         return made
@@ -551,9 +553,14 @@ def card_sections(cfg: BuildConfig, ctx: _Context, samples: list[tuple[str, Samp
         if failures else "none",
     }
     if labeller is not None:
-        sections["OpenAI labeller"] = {"accepted": labeller.accepted, "fell back to template": labeller.fallbacks,
-                                       **{f"rejected ({k})": v for k, v in labeller.rejected.items()},
-                                       **labeller.client.stats.as_dict()}
+        # Counted from the records, so a resumed build reports all of its samples.
+        rejected = Counter(r for _, s in samples for r in s.meta.get("labeller_rejected", []))
+        sections["OpenAI labeller"] = {
+            "answers kept from the model": sum(1 for _, s in samples if s.meta["labeller"].startswith("openai:")),
+            "template answers (every reply disagreed, or the request failed)":
+                sum(1 for _, s in samples if not s.meta["labeller"].startswith("openai:")),
+            **{f"rejected replies ({k} disagreed)": v for k, v in sorted(rejected.items())},
+            **{f"this run: {k}": v for k, v in labeller.client.stats.as_dict().items()}}
     return sections
 
 

@@ -160,3 +160,55 @@ def test_openai_labeller_keeps_only_agreeing_replies(built):
     before = made.sample.answer()
     lab2.relabel(made)
     assert lab2.fallbacks == 1 and made.sample.answer() == before
+
+
+_SEEN: set[str] = set()
+
+
+def _forgery_reply(body: dict, n: int) -> tuple[int, str, float]:
+    """An obedient model for the forgery facts that forgets a mask token the first time it sees a request."""
+    import re
+
+    text = "".join(p.get("text", "") for p in body["messages"][-1]["content"] if p.get("type") == "text")
+    assert body["messages"][-1]["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
+    if "verdict: authentic" in text:
+        return 200, "This image appears authentic: noise and lighting are consistent.", 0.0
+    manip = re.search(r"- manipulation: (.+?) \(", text).group(1)
+    locs = re.findall(r"location: ([^;]+);", text)
+    places = " and ".join(f"the {loc} {MASK_TOKEN}" for loc in locs)
+    reply = f"This image has been tampered with: {manip} in {places}."
+    key = json.dumps(body["messages"], sort_keys=True)
+    if key not in _SEEN:
+        _SEEN.add(key)
+        reply = reply.replace(f" {MASK_TOKEN}", "", 1)
+    return 200, reply, 0.0
+
+
+def test_build_with_openai_labeller_through_a_local_server(tmp_path, image_folder):
+    from .llm_server import Server
+
+    with Server(_forgery_reply) as server:
+        cfg = F.BuildConfig(out=tmp_path / "oa", n=10, images=[str(image_folder)], size=64, labeller="openai",
+                            openai_base_url=server.base_url, openai_model="test-model", post=())
+        F.build(cfg)
+        first = server.requests
+        F.build(cfg)  # resumed: everything is written, nothing is asked again
+        assert server.requests == first
+    samples = _all(tmp_path / "oa")
+    assert len(samples) == 10
+    kept = [s for _, s in samples if s.meta["labeller"].startswith("openai:test-model")]
+    assert kept, "agreeing replies are kept"
+    for s in kept:
+        assert F.agrees(s.answer(), s.meta) is None
+        assert s.answer().startswith(("This image has been tampered with:", "This image appears authentic:"))
+    card = (tmp_path / "oa" / "card.md").read_text()
+    assert "OpenAI labeller" in card and "rejected replies (mask tokens disagreed)" in card
+    assert any(s.meta.get("labeller_rejected") == ["mask tokens"] for _, s in samples)
+
+
+def test_workers_give_the_same_dataset(tmp_path, image_folder):
+    one, two = tmp_path / "one", tmp_path / "two"
+    _build(one, image_folder, n=12)
+    _build(two, image_folder, n=12, workers=2)
+    for split in ("train", "val", "test"):
+        assert (one / f"{split}.jsonl").read_text() == (two / f"{split}.jsonl").read_text()
