@@ -20,7 +20,7 @@ How a dataset is made (all deterministic given ``--seed``):
 
 Rating rule (``distortions.rating_for``): effective severity = the worst severity, plus one when a
 second distortion is obvious or worse (capped at 5); 0 (clean) -> excellent, 1 -> good, 2 -> fair,
-3 -> poor, 4-5 -> bad.
+3-4 -> poor, 5 -> bad.
 
 Meta of every sample: ``distortions`` and ``rating`` (of image A for A/B tasks), ``clean``,
 ``source``, ``source_photo`` (the split key), ``labeller``, ``detail``, ``reference``, and for A/B
@@ -61,7 +61,7 @@ from .writer import DatasetWriter
 log = logging.getLogger(__name__)
 
 UNIT_SAMPLES = 6
-VIEWS_PER_BLOCK = 4
+VIEWS_PER_BLOCK = 8
 # task key -> (task id, detailed?)
 TASK_KEYS = {
     "identify": ("quality.identify", False),
@@ -274,7 +274,7 @@ def sample_id(index: int) -> str:
 
 def build_unit(unit: int, cfg: BuildConfig | None = None, pool: Pool | None = None,
                labeller: Any = None) -> list[dict[str, Any]]:
-    """The samples of one unit: ``[{"split", "sample" (dict), "files" {rel: png bytes}, "job"}]``.
+    """The samples of one unit: ``[{"split", "sample" (Sample), "files" {rel: png bytes}, "job"}]``.
 
     Deterministic in (seed, unit). Texts are worded by the template labeller here; another
     labeller rewords them later from ``job``.
@@ -348,16 +348,15 @@ def build_unit(unit: int, cfg: BuildConfig | None = None, pool: Pool | None = No
                         messages=[{"role": "user", "content": user_content(roles, question)},
                                   {"role": "assistant", "content": [{"type": "text", "text": text}]}],
                         meta=meta)
-        out.append({"split": split, "sample": sample.to_dict(), "roles": {r: keys[r] for r in roles},
-                    "job": job})
+        out.append({"split": split, "sample": sample, "roles": {r: keys[r] for r in roles}, "job": job})
     files = {}
     for rec in out:
         for r, key in rec["roles"].items():
             files[f"images/{unit:07d}-{key}.png"] = key
     encoded = {path: encode_png(image(key)) for path, key in sorted(files.items())}
     for rec in out:
-        rec["files"] = {p: encoded[p] for p in rec["sample"]["images"]}
-        rec["job"].images = {r: encoded[p] for r, p in zip(rec["sample"]["image_roles"], rec["sample"]["images"])}
+        rec["files"] = {p: encoded[p] for p in rec["sample"].images}
+        rec["job"].images = {r: encoded[p] for r, p in zip(rec["sample"].image_roles, rec["sample"].images)}
     return out
 
 
@@ -408,11 +407,12 @@ def build(cfg: BuildConfig, progress: bool = True) -> dict[str, Any]:
 
     def consume(records: list[dict[str, Any]]) -> None:
         nonlocal written, dropped
-        records = [r for r in records if r["sample"]["id"] not in done]
+        records = [r for r in records if r["sample"].id not in done]
         if relabel is not None:
             texts = relabel.label_many([r["job"] for r in records])
+        batch = []
         for i, rec in enumerate(records):
-            sample = Sample.from_dict(rec["sample"])
+            sample = rec["sample"]
             if relabel is not None:
                 text, why = texts[i]
                 if text is None:
@@ -420,16 +420,16 @@ def build(cfg: BuildConfig, progress: bool = True) -> dict[str, Any]:
                     drop_reasons[why.split(" (")[0] if why else "unknown"] += 1
                     dropped_fh.write(json.dumps({"id": sample.id, "reason": why}) + "\n")
                     dropped_fh.flush()
-                    if bar:
-                        bar.update(1)
                     continue
                 sample.messages[-1]["content"][0]["text"] = text
                 sample.meta["labeller"] = relabel.name
-            writer.write(rec["split"], sample, rec["files"])
-            written += 1
-            if bar:
-                bar.update(1)
+            batch.append((rec["split"], sample, rec["files"], {}))
+        writer.write_many(batch)
+        written += len(batch)
+        if bar:
+            bar.update(len(records))
 
+    t_units = time.perf_counter()
     try:
         if cfg.workers <= 1:
             _init_worker(cfg, pool)
@@ -445,12 +445,15 @@ def build(cfg: BuildConfig, progress: bool = True) -> dict[str, Any]:
             bar.close()
         if dropped_fh:
             dropped_fh.close()
-    seconds = time.perf_counter() - t0
+    t_card = time.perf_counter()
+    seconds_units = t_card - t_units
     sections = card_sections(writer, cfg, pool, relabel, dropped_total=len(_dropped_ids(out)),
                              drop_reasons=drop_reasons)
     writer.finish(sections, title="Loupe quality instruction data")
+    seconds = time.perf_counter() - t0
     return {"written": written, "dropped": dropped, "seconds": seconds, "counts": writer.counts(),
-            "samples_per_s": written / seconds if seconds > 0 else 0.0}
+            "setup_s": t_units - t0, "units_s": seconds_units, "card_s": time.perf_counter() - t_card,
+            "samples_per_s": (written + dropped) / seconds_units if seconds_units > 0 else 0.0}
 
 
 def card_sections(writer: DatasetWriter, cfg: BuildConfig, pool: Pool, relabel: Any, dropped_total: int,
@@ -493,7 +496,7 @@ def card_sections(writer: DatasetWriter, cfg: BuildConfig, pool: Pool, relabel: 
                    f"two-distortion rate {cfg.multi_rate}, reference rate {cfg.reference_rate}; split fractions "
                    f"{cfg.fractions} by source photo; tasks {', '.join(cfg.tasks)}. Rating rule: effective severity "
                    f"= worst severity, +1 if a second one is obvious or worse; 0 excellent, 1 good, 2 fair, 3 poor, "
-                   f"4-5 bad. Every text was read back with prompts.parsing and matches its ground truth."),
+                   f"4 poor, 5 bad. Every text was read back with prompts.parsing and matches its ground truth."),
         "Samples per task": dict(sorted(per_task.items())),
         "Distortions per category": {c: per_cat.get(c, 0) for c in sorted(per_cat)},
         "Distortions per function": {d.id: per_fn.get(d.id, 0) for d in DISTORTIONS},
@@ -558,7 +561,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loupe build-data quality: {exc}", file=sys.stderr)
         return 2
     c = summary["counts"]
-    print(f"wrote {summary['written']} samples in {summary['seconds']:.1f} s "
-          f"({summary['samples_per_s']:.1f} samples/s); dataset now train {c['train']}, val {c['val']}, "
+    print(f"wrote {summary['written']} samples in {summary['seconds']:.1f} s ({summary['samples_per_s']:.1f} "
+          f"samples/s while building; setup {summary['setup_s']:.1f} s, card {summary['card_s']:.1f} s); "
+          f"dataset now train {c['train']}, val {c['val']}, "
           f"test {c['test']}; dropped {summary['dropped']}; card: {Path(args.out) / 'card.md'}")
     return 0

@@ -122,7 +122,7 @@ def load_rgb(path: str | os.PathLike) -> np.ndarray:
     img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
     if img is None:
         raise ValueError(f"{path}: not a readable image (OpenCV could not decode it); remove or convert it")
-    return np.ascontiguousarray(img[..., ::-1])
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 def encode_png(img: np.ndarray, compression: int = 1) -> bytes:
@@ -130,7 +130,7 @@ def encode_png(img: np.ndarray, compression: int = 1) -> bytes:
     if img.dtype != np.uint8:
         raise ValueError(f"PNG images must be uint8, got {img.dtype}")
     if img.ndim == 3 and img.shape[2] == 3:
-        img = img[..., ::-1]
+        img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
     elif img.ndim == 3 and img.shape[2] == 4:
         img = cv2.cvtColor(img, cv2.COLOR_RGBA2BGRA)
     # SUB filter + Huffman-only deflate: measured 2.5x faster than OpenCV's default at 448 px on photos,

@@ -124,37 +124,52 @@ class DatasetWriter:
 
     def write(self, split: str, sample: Sample, images: Mapping[str, np.ndarray | bytes],
               masks: Mapping[str, np.ndarray | bytes] | None = None) -> None:
-        """Write a sample's PNGs (atomically), then append its line to ``{split}.jsonl``.
+        """Write one sample; see ``write_many``."""
+        self.write_many([(split, sample, images, masks or {})])
+
+    def write_many(self, items: list[tuple[str, Sample, Mapping[str, np.ndarray | bytes],
+                                           Mapping[str, np.ndarray | bytes]]]) -> None:
+        """Write ``(split, sample, images, masks)`` items: every PNG first (temp file + rename), then
+        the samples' lines in ``{split}.jsonl``, flushed and fsynced once for the batch.
 
         ``images``/``masks`` map relative paths (e.g. ``images/q-000001-A.png``) to uint8 arrays or
         to already-encoded PNG bytes (so worker processes can encode in parallel). Files shared by
         several samples may be passed again (rewritten atomically) or left out once written.
         The sample is validated against the files; a duplicate id raises.
         """
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+        for split, sample, _, _ in items:
+            if split not in SPLITS:
+                raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+        ids = [sample.id for _, sample, _, _ in items]
         with self._lock:
-            if sample.id in self._done:
-                raise ValueError(f"{self.out_dir}: sample id {sample.id!r} is already written")
-        for rel, arr in images.items():
-            self._write_file(rel, arr)
-        for rel, arr in (masks or {}).items():
-            self._write_file(rel, arr)
-        try:
-            sample.validate(self.out_dir)
-        except SampleError as exc:
-            raise SampleError(f"sample {sample.id!r}: {exc}") from None
-        line = sample.to_json() + "\n"
+            dup = [i for i in ids if i in self._done] or [i for i in set(ids) if ids.count(i) > 1]
+        if dup:
+            raise ValueError(f"{self.out_dir}: sample id {dup[0]!r} is already written")
+        written: set[str] = set()
+        for _, sample, images, masks in items:
+            for rel, arr in list(images.items()) + list((masks or {}).items()):
+                if rel not in written:  # files shared by several samples of a batch are written once
+                    self._write_file(rel, arr)
+                    written.add(rel)
+            try:
+                sample.validate(self.out_dir)
+            except SampleError as exc:
+                raise SampleError(f"sample {sample.id!r}: {exc}") from None
         with self._lock:
-            if sample.id in self._done:
-                raise ValueError(f"{self.out_dir}: sample id {sample.id!r} is already written")
-            fh = self._handles[split]
-            fh.write(line)
-            fh.flush()
-            if self.fsync:
-                os.fsync(fh.fileno())
-            self._done.add(sample.id)
-            self._counts[split] += 1
+            if any(i in self._done for i in ids):
+                raise ValueError(f"{self.out_dir}: a sample of this batch was written meanwhile")
+            touched = set()
+            for split, sample, _, _ in items:
+                self._handles[split].write(sample.to_json() + "\n")
+                touched.add(split)
+            for split in touched:  # one flush + fsync per batch: lines only after their files
+                fh = self._handles[split]
+                fh.flush()
+                if self.fsync:
+                    os.fsync(fh.fileno())
+            for split, sample, _, _ in items:
+                self._done.add(sample.id)
+                self._counts[split] += 1
 
     def samples(self, split: str) -> list[Sample]:
         """Every sample written to ``split`` so far (this run and earlier ones)."""

@@ -31,14 +31,28 @@ def _pattern(phrase: str) -> str:
     return r"(?<![\w-])" + re.escape(phrase.lower()) + r"(?![\w-])"
 
 
+_COMPILED: dict[int, tuple[Vocabulary, list[tuple[str, str, re.Pattern]]]] = {}
+
+
+def _phrases(vocab: Vocabulary) -> list[tuple[str, str, re.Pattern]]:
+    """(lower-case phrase, term id, compiled pattern), longest phrase first; compiled once per vocabulary
+    (data builders parse every generated text, so this runs hundreds of thousands of times)."""
+    hit = _COMPILED.get(id(vocab))
+    if hit is None or hit[0] is not vocab:
+        phrases = sorted(((p, t.id) for t in vocab for p in t.phrasings), key=lambda x: -len(x[0]))
+        hit = _COMPILED[id(vocab)] = (vocab, [(p.lower(), i, re.compile(_pattern(p))) for p, i in phrases])
+    return hit[1]
+
+
 def find_terms(text: str, vocab: Vocabulary, taken: list[tuple[int, int]] | None = None) -> list[Mention]:
     """All non-overlapping mentions of a vocabulary's phrasings, longest phrasing first, in text order."""
     low = text.lower()
     taken = list(taken or [])
     found: list[Mention] = []
-    phrases = sorted(((p, t.id) for t in vocab for p in t.phrasings), key=lambda x: -len(x[0]))
-    for phrase, term_id in phrases:
-        for m in re.finditer(_pattern(phrase), low):
+    for phrase, term_id, pattern in _phrases(vocab):
+        if phrase not in low:  # cheap test first: most phrasings are absent from any one text
+            continue
+        for m in pattern.finditer(low):
             span = (m.start(), m.end())
             if any(span[0] < e and s < span[1] for s, e in taken):
                 continue

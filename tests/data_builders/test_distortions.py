@@ -74,7 +74,8 @@ def test_pairs_are_compatible_and_cover_categories():
 
 def test_rating_rule():
     assert D.rating_for([]) == "excellent"
-    assert [D.rating_for([k]) for k in range(1, 6)] == ["good", "fair", "poor", "bad", "bad"]
+    assert [D.rating_for([k]) for k in range(1, 6)] == ["good", "fair", "poor", "poor", "bad"]
     assert D.rating_for([2, 3]) == "poor"  # second one obvious: one step worse
     assert D.rating_for([3, 2]) == "poor"  # second one moderate: no change
+    assert D.rating_for([4, 3]) == "bad"
     assert D.rating_for([5, 5]) == "bad"

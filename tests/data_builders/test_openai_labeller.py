@@ -25,7 +25,7 @@ def _jobs(n: int = 8) -> list[LabelJob]:
     out = []
     for i in range(n):
         a = ImageTruth([{"name": "blur_gaussian", "category": "blur", "severity": 1 + i % 5}],
-                       ["good", "fair", "poor", "bad", "bad"][i % 5])
+                       ["good", "fair", "poor", "poor", "bad"][i % 5])
         b = ImageTruth([{"name": "noise_gaussian_rgb", "category": "noise", "severity": 5},
                         {"name": "compression_jpeg", "category": "compression", "severity": 4}], "bad")
         task = ["quality.identify", "quality.assess", "quality.compare", "quality.rate"][i % 4]
