@@ -89,7 +89,7 @@ def blur_jitter(img: np.ndarray, level: int, rng: np.random.Generator) -> np.nda
     return cv2.remap(img, d + _grid(h, w), None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
 
 
-@register("blur_zoom", (0.02, 0.04, 0.065, 0.1, 0.15))  # zoom range (fraction of size)
+@register("blur_zoom", (0.012, 0.025, 0.045, 0.075, 0.12))  # zoom range (fraction of size)
 def blur_zoom(img: np.ndarray, level: int, rng: np.random.Generator) -> np.ndarray:
     """Radial zoom: the mean of 2^n copies scaled by f^0..f^(2^n - 1) about a point near the centre.
 

@@ -98,7 +98,8 @@ def _wavelet_roundtrip(x: np.ndarray, steps: np.ndarray, levels: int) -> np.ndar
         hilo, hihi = _analysis(hi, 1)
         bands.append((_quantize(lohi, st), _quantize(hilo, st), _quantize(hihi, st * 1.4)))
         ll = lolo
-    ll = np.round(ll / (steps / 4)) * (steps / 4)  # the DC band is kept finer, as rate control would
+    q = steps / 4  # the DC band is kept finer, as rate control would
+    ll = np.round(ll / q) * q
     for lohi, hilo, hihi in reversed(bands):
         ll = _synthesis(_synthesis(ll, lohi, 1), _synthesis(hilo, hihi, 1), 0)
     return ll
@@ -115,12 +116,15 @@ def wavelet_codec(img: np.ndarray, step: float, levels: int = 4) -> np.ndarray:
     ph, pw = (-h) % m, (-w) % m
     x = cv2.copyMakeBorder(img, 0, ph, 0, pw, cv2.BORDER_REFLECT_101) if (ph or pw) else img
     H, W = x.shape[:2]
-    ycc = cv2.cvtColor(x, cv2.COLOR_RGB2YCrCb).astype(np.float32) - 128.0
-    y = _wavelet_roundtrip(np.ascontiguousarray(ycc[..., 0]), np.float32(step), levels)
-    c = cv2.resize(ycc[..., 1:], (W // 2, H // 2), interpolation=cv2.INTER_AREA)
-    c = _wavelet_roundtrip(c, np.float32(step * 1.5), levels - 1)
+    ycc = cv2.cvtColor(x, cv2.COLOR_RGB2YCrCb)
+    y8, cr8, cb8 = cv2.split(ycc)
+    y = _wavelet_roundtrip(cv2.subtract(y8, 128.0, dtype=cv2.CV_32F), np.float32(step), levels)
+    c8 = cv2.resize(cv2.merge([cr8, cb8]), (W // 2, H // 2), interpolation=cv2.INTER_AREA)
+    c = _wavelet_roundtrip(cv2.subtract(c8, (128.0, 128.0, 0.0, 0.0), dtype=cv2.CV_32F), np.float32(step * 1.5),
+                           levels - 1)
     c = cv2.resize(c, (W, H), interpolation=cv2.INTER_LINEAR)
-    out = cv2.cvtColor(to_u8(np.dstack([y, c]) + 128.0), cv2.COLOR_YCrCb2RGB)
+    merged = cv2.merge([y, c[..., 0], c[..., 1]])
+    out = cv2.cvtColor(cv2.add(merged, (128.0, 128.0, 128.0, 0.0), dtype=cv2.CV_8U), cv2.COLOR_YCrCb2RGB)
     return np.ascontiguousarray(out[:h, :w])
 
 

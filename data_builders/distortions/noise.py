@@ -4,8 +4,10 @@ Noise is drawn by OpenCV's ``randn``/``randu`` (4x faster than numpy's Generator
 from the numpy ``Generator`` passed in just before each draw, so results stay deterministic per
 seed (OpenCV's RNG state is per thread). Adding noise and saturating to uint8 is one ``cv2.add``.
 Poisson noise uses its Gaussian approximation (variance equal to the photon count): numpy's exact
-Poisson sampler costs ~50 ms at 448 px, and at the counts used here (>= 3 photons at full white)
+Poisson sampler costs ~50 ms at 448 px, and at the counts used here (>= 23 photons at full white)
 the two are hard to tell apart by eye.
+
+Ladders were recalibrated on the pool (benchmarks/distortions.py --calibrate); see benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def noise_gaussian_rgb(img: np.ndarray, level: int, rng: np.random.Generator) ->
     return _add(img, _normal(rng, img.shape, param("noise_gaussian_rgb", level)))
 
 
-@register("noise_gaussian_ycbcr", ((4.0, 6.0), (7.0, 11.0), (12.0, 18.0), (19.0, 28.0), (30.0, 44.0)))
+@register("noise_gaussian_ycbcr", ((3.0, 4.0), (5.0, 7.0), (8.5, 12.0), (14.0, 19.0), (22.0, 30.0)))
 def noise_gaussian_ycbcr(img: np.ndarray, level: int, rng: np.random.Generator) -> np.ndarray:
     """Independent noise on luma (first sigma) and both chroma channels (second sigma)."""
     sy, sc = param("noise_gaussian_ycbcr", level)
@@ -47,7 +49,7 @@ def noise_gaussian_ycbcr(img: np.ndarray, level: int, rng: np.random.Generator) 
     return _add(img, rgb_noise)
 
 
-@register("noise_speckle", (0.07, 0.13, 0.21, 0.33, 0.5))  # std of the multiplicative factor
+@register("noise_speckle", (0.04, 0.075, 0.12, 0.19, 0.3))  # std of the multiplicative factor
 def noise_speckle(img: np.ndarray, level: int, rng: np.random.Generator) -> np.ndarray:
     n = _normal(rng, img.shape, param("noise_speckle", level))
     return _add(img, cv2.multiply(n, img, dtype=cv2.CV_32F))  # img * (1 + n)
@@ -62,14 +64,14 @@ def noise_spatially_correlated(img: np.ndarray, level: int, rng: np.random.Gener
     return _add(img, cv2.GaussianBlur(_normal(rng, img.shape, gain), (0, 0), sigma))
 
 
-@register("noise_poisson", (120.0, 45.0, 18.0, 7.0, 3.0))  # photons at full white
+@register("noise_poisson", (1300.0, 400.0, 145.0, 57.0, 23.0))  # photons at full white (std at mid-grey = gaussian ladder)
 def noise_poisson(img: np.ndarray, level: int, rng: np.random.Generator) -> np.ndarray:
     peak = param("noise_poisson", level)
     std = cv2.sqrt(img.astype(np.float32) * (255.0 / peak) + 1e-3)
     return _add(img, cv2.multiply(_normal(rng, img.shape), std))
 
 
-@register("noise_impulse", (0.006, 0.018, 0.04, 0.08, 0.15))  # fraction of pixels hit
+@register("noise_impulse", (0.004, 0.01, 0.022, 0.045, 0.09))  # fraction of pixels hit
 def noise_impulse(img: np.ndarray, level: int, rng: np.random.Generator) -> np.ndarray:
     d = param("noise_impulse", level)
     u = rng.random(img.shape[:2], dtype=np.float32)

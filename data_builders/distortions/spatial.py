@@ -46,7 +46,7 @@ def _kmeans_1d_lut(channel: np.ndarray, k: int, iters: int = 12) -> np.ndarray:
     return np.clip(centres[label] + 0.5, 0, 255).astype(np.uint8)
 
 
-@register("quantization_otsu", (14, 9, 6, 4, 3))  # levels per channel
+@register("quantization_otsu", (12, 8, 5, 3, 2))  # levels per channel
 def quantization_otsu(img: np.ndarray, level: int, rng: np.random.Generator) -> np.ndarray:
     k = param("quantization_otsu", level)
     return cv2.merge([cv2.LUT(c, _kmeans_1d_lut(c, k)) for c in cv2.split(img)])

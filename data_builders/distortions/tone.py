@@ -14,7 +14,7 @@ import numpy as np
 from ._common import curve_lut, lut, param, register
 
 # Brighten/darken: gamma g and an exposure gain e, so highlights clip as well as mid-tones lifting.
-_BRIGHT = ((1.25, 0.04), (1.5, 0.08), (1.85, 0.13), (2.35, 0.2), (3.1, 0.3))
+_BRIGHT = ((1.2, 0.03), (1.4, 0.06), (1.7, 0.1), (2.1, 0.15), (2.7, 0.22))
 
 
 def _brighten_curve(level: int, ladder=_BRIGHT):
@@ -82,7 +82,7 @@ def _linear_about_mean(img: np.ndarray, gain: float) -> np.ndarray:
     return lut(img, curve_lut(lambda x: m + (x - m) * gain))
 
 
-@register("contrast_strengthen_linear", (1.3, 1.6, 2.0, 2.6, 3.5))  # gain about the mean
+@register("contrast_strengthen_linear", (1.25, 1.45, 1.75, 2.15, 2.8))  # gain about the mean
 def contrast_strengthen_linear(img: np.ndarray, level: int, rng: np.random.Generator) -> np.ndarray:
     return _linear_about_mean(img, param("contrast_strengthen_linear", level))
 
