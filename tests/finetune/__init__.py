@@ -1,1 +1,0 @@
-"""Tests of the finetune package (training, evaluation)."""

@@ -1,0 +1,600 @@
+"""``loupe train``: fine-tune a Loupe model from a YAML recipe. One file, read top to bottom:
+
+    main  -> parse the recipe and overrides, then setup -> fit -> finish
+    setup -> accelerate, the model (scratch / LoRA / QLoRA), data, optimizer, schedule, resume
+    fit   -> the loop: micro-batches, grad accumulation, clipping, logging, validate, save
+    validate -> validation loss, token accuracy and mask IoU
+
+Runs on one CPU, one GPU or many (``accelerate launch`` / ``torchrun``: DDP) without code changes.
+Resumable checkpoints (``<output>/checkpoints/step-N``) hold the trainable weights, optimizer,
+schedule, every process's RNG and the data position, so ``--resume latest`` continues exactly. The
+final model is written to ``<output>`` itself as a self-describing checkpoint that
+``Assistant.from_pretrained(<output>)`` loads; its ``loupe_config.json`` records the training config
+and the hashes of the dataset cards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import logging
+import math
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from assistant.modeling import CheckpointError, ExplainableVLM, new_model
+from assistant.processing import IGNORE_INDEX, LoupeProcessor
+
+from .config import ConfigError, TrainConfig, build_config, field_docs, is_bool_field, is_list_field, load_recipe
+from .data import (
+    BadRecords,
+    Collator,
+    DataError,
+    LoupeDataset,
+    Split,
+    card_hashes,
+    corpus_texts,
+    epoch_batches,
+    first_records,
+    read_split,
+)
+
+logger = logging.getLogger("finetune.train")
+
+# Modules kept in full precision under 4-bit QLoRA. transformers 5 matches full prefixes only (a bare
+# "visual" no longer matches and the vision tower would be quantised). The Loupe heads live outside
+# the transformers model, so they are never quantised.
+KEEP_FULL_PRECISION = ["model.visual", "model.vision_tower", "model.multi_modal_projector", "lm_head"]
+
+LAUNCH_HELP = """\
+launch lines:
+  loupe train --config finetune/recipes/tiny-smoke.yaml --data DATASET          # one CPU or GPU
+  accelerate launch --num_processes 4 -m finetune.train --config R.yaml         # 4 GPUs, DDP
+  ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 -m finetune.train ...     # 2 CPU processes
+  loupe train --config R.yaml --resume latest                                   # continue a run
+"""
+
+
+# ==================================================================================================
+# main
+# ==================================================================================================
+
+def parse_args(argv: list[str] | None) -> TrainConfig:
+    """``--config R.yaml`` plus ``--field value`` overrides -> a checked ``TrainConfig``."""
+    parser = argparse.ArgumentParser(
+        prog="loupe train", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=LAUNCH_HELP,
+        description="Fine-tune a Loupe model (LoRA, QLoRA or from scratch) from a YAML recipe. Every recipe "
+                    "field can be overridden: --lr 1e-4, --data a b, --gradient-checkpointing.")
+    parser.add_argument("--config", help="YAML recipe (see finetune/recipes/); fields not given keep their defaults")
+    docs = field_docs()
+    for f in fields(TrainConfig):
+        flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
+                                  "help": f"{docs.get(f.name, '')} (default: {default!r})".replace("%", "%%")}
+        if is_list_field(f.name):
+            kwargs["nargs"] = "+"
+        elif is_bool_field(f.name):
+            kwargs.update(nargs="?", const="true", metavar="BOOL")
+        elif f.name == "resume":
+            kwargs.update(nargs="?", const="latest", metavar="CHECKPOINT|latest")
+        parser.add_argument(*flags, **kwargs)
+    args = vars(parser.parse_args(argv))
+    recipe = args.pop("config")
+    values = load_recipe(recipe) if recipe else {}
+    values.update(args)
+    return build_config(values, recipe)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``loupe train``; returns a process exit code."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = parse_args(argv)
+        run = setup(cfg)
+        fit(run)
+        finish(run)
+    except (ConfigError, DataError, CheckpointError) as exc:
+        print(f"loupe train: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# ==================================================================================================
+# setup
+# ==================================================================================================
+
+@dataclass
+class Run:
+    """Everything the loop needs, built once by ``setup``."""
+
+    cfg: TrainConfig
+    accelerator: Any
+    model: Any  # ExplainableVLM, maybe wrapped by DDP
+    processor: Any
+    lp: LoupeProcessor
+    train: Split
+    val: Split
+    val_ids: list[int]
+    optimizer: Any
+    scheduler: Any
+    bad: BadRecords
+    out: Path
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0  # batches of the current epoch already consumed by this process
+    tb: Any = None
+    last_val: dict[str, float] | None = None
+
+    @property
+    def unwrapped(self) -> ExplainableVLM:
+        return self.accelerator.unwrap_model(self.model)
+
+
+def pick_precision(cfg: TrainConfig) -> str:
+    """Mixed precision where the hardware has it: bf16 on GPUs with it, fp16 on older GPUs, none on CPU."""
+    gpu = torch.cuda.is_available() and not cfg.cpu
+    if not gpu:
+        if cfg.mixed_precision in ("bf16", "fp16"):
+            logger.warning("mixed_precision %s asked for but training on the CPU; using full precision",
+                           cfg.mixed_precision)
+        return "no"
+    if cfg.mixed_precision != "auto":
+        return cfg.mixed_precision
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def build_model(cfg: TrainConfig, device: torch.device, precision: str) -> tuple[ExplainableVLM, Any]:
+    """The model for ``cfg.resolved_method``, with exactly the intended parameters trainable."""
+    method = cfg.resolved_method
+    loupe_fields = dict(decoder_width=cfg.decoder_width, lowlevel_width=cfg.lowlevel_width,
+                        lowlevel_max_side=cfg.lowlevel_max_side, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
+                        ce_weight=cfg.ce_weight, bce_weight=cfg.bce_weight, dice_weight=cfg.dice_weight, name=cfg.name)
+    if cfg.is_scratch:
+        # a new model's tokenizer is trained on the texts it will learn to write
+        model, processor = new_model(cfg.base, corpus=corpus_texts(cfg.data), seed=cfg.seed, **loupe_fields)
+    else:
+        load: dict[str, Any] = {}
+        half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        if method == "qlora":
+            from transformers import BitsAndBytesConfig
+
+            load["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=half or torch.float32, llm_int8_skip_modules=KEEP_FULL_PRECISION)
+            load["device_map"] = {"": device}  # 4-bit weights are placed at load time, not moved later
+        elif method == "lora" and half is not None:
+            load["dtype"] = half  # frozen base in half precision; LoRA weights and heads stay fp32
+        model, processor = new_model(cfg.base, seed=cfg.seed, load_kwargs=load, trust_remote_code=cfg.trust_remote_code,
+                                     **loupe_fields)
+    if method == "full":
+        model.requires_grad_(True)
+        if cfg.gradient_checkpointing:
+            model.vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model, processor
+
+    if method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model.vlm = prepare_model_for_kbit_training(
+            model.vlm, use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.gradient_checkpointing:
+        model.vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.vlm.enable_input_require_grads()  # so checkpointed blocks see a grad-requiring input under peft
+    # LoRA on the language model; the mask token's embedding (and output) row is trained too
+    model.apply_lora(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target,
+                     trainable_token_ids=[model.config.mask_token_id])
+    for name, p in model.vlm.named_parameters():
+        if ".visual." not in name:
+            continue
+        projector = ".merger" in name or "deepstack_merger" in name
+        if (projector and cfg.train_projector) or (not projector and cfg.train_vision):
+            p.requires_grad_(True)
+    model.lowlevel.requires_grad_(True)
+    model.mask_decoder.requires_grad_(True)
+    return model, processor
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of the peak lr at ``step``: linear warmup, then cosine / linear decay to 0, or constant.
+
+    Written out (the same curves as transformers' schedules) because importing
+    ``transformers.optimization`` pulls in peft, bitsandbytes and torch.compile: ~12 s per start."""
+    if step < cfg.warmup_steps:
+        return step / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    if cfg.schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def build_optimizer(model: ExplainableVLM, cfg: TrainConfig) -> tuple[Any, Any]:
+    """AdamW over the trainable parameters (heads may get their own lr) and the warmup + decay schedule."""
+    heads = {id(p) for m in (model.lowlevel, model.mask_decoder) for p in m.parameters()}
+    body = [p for p in model.parameters() if p.requires_grad and id(p) not in heads]
+    head = [p for p in model.parameters() if p.requires_grad and id(p) in heads]
+    groups = [{"params": body, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr or cfg.lr}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, cfg=cfg))
+    return optimizer, scheduler
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Build the accelerator, model, data, optimizer and schedule; restore a checkpoint if resuming."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.utils import set_seed
+
+    precision = pick_precision(cfg)
+    # batches without a mask token leave parts of the mask decoder unused: DDP must allow that
+    accelerator = Accelerator(cpu=cfg.cpu, mixed_precision=precision,
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    set_seed(cfg.seed)
+    out = Path(cfg.output)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out / "train_config.yaml")
+
+    model, processor = build_model(cfg, accelerator.device, precision)
+    model.config.training = {"config": cfg.to_dict(), "datasets": card_hashes(cfg.data)}
+    lp = LoupeProcessor(processor, model.config.n_lowlevel_tokens, model.config.lowlevel_max_side)
+    bad = BadRecords(cfg.max_bad_records)
+    train = read_split(cfg.data, "train", lp, bad, cfg.max_length)
+    val = read_split(cfg.data, "val", lp, bad, cfg.max_length, required=False)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info("%s training of %s: %d train / %d val records, %.2fM trainable parameters, precision %s, %d process(es)",
+                cfg.resolved_method, cfg.base, len(train.records), len(val.records), n_train / 1e6, precision,
+                accelerator.num_processes)
+
+    optimizer, scheduler = build_optimizer(model, cfg)
+    # the scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it
+    # once per process), and the DataLoader is sharded by hand so the data position is exact
+    model, optimizer = accelerator.prepare(model, optimizer)
+    set_seed(cfg.seed + accelerator.process_index)  # dropout differs per process, reproducibly
+    run = Run(cfg, accelerator, model, processor, lp, train, val, first_records(val, cfg.val_samples), optimizer,
+              scheduler, bad, out)
+    if cfg.resume:
+        load_checkpoint(run, resolve_resume(cfg.resume, out))
+    if cfg.tensorboard and accelerator.is_main_process:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError(["tensorboard: the tensorboard package is not installed (pip install tensorboard)"]) from None
+        run.tb = SummaryWriter(str(out / "tensorboard"))
+    return run
+
+
+# ==================================================================================================
+# fit
+# ==================================================================================================
+
+def loader(run: Run, batches: list[list[int]], split: Split) -> torch.utils.data.DataLoader:
+    """A DataLoader over a fixed list of batches (this process's share, from the data position on)."""
+    return torch.utils.data.DataLoader(LoupeDataset(split, run.lp, run.cfg.max_length), batch_sampler=batches,
+                                       collate_fn=Collator(run.lp), num_workers=run.cfg.num_workers)
+
+
+def all_have_data(run: Run, has: bool) -> bool:
+    """Whether every process got a usable batch (a batch of only bad records is skipped by all together)."""
+    if run.accelerator.num_processes == 1:
+        return has
+    flags = run.accelerator.gather(torch.tensor([int(has)], device=run.accelerator.device))
+    return bool(flags.min().item())
+
+
+def fit(run: Run) -> None:
+    """Train until ``max_steps`` optimizer steps, validating and saving on the way."""
+    cfg, acc = run.cfg, run.accelerator
+    run.model.train()
+    bar = tqdm(total=cfg.max_steps, initial=run.step, desc="train", disable=not acc.is_main_process, dynamic_ncols=True)
+    sums: dict[str, float] = {}
+    micro = 0
+    samples = 0
+    t0 = time.perf_counter()
+    while run.step < cfg.max_steps:
+        plan = epoch_batches(run.train, cfg.batch_size, epoch=run.epoch, seed=cfg.seed,
+                             weights=cfg.data_weights or None, bucketing=cfg.bucketing,
+                             world_size=acc.num_processes)[acc.process_index::acc.num_processes]
+        for batch in loader(run, plan[run.batch:], run.train):
+            run.batch += 1
+            for item in batch.bad:
+                run.bad.add(item)
+            if not all_have_data(run, batch.data is not None):
+                continue
+            micro += 1
+            last = micro == cfg.grad_accum
+            # gradients are all-reduced only on the last micro-batch of a step
+            with contextlib.nullcontext() if last else acc.no_sync(run.model):
+                with acc.autocast():
+                    out = run.model(batch.data)
+                acc.backward(out.loss / cfg.grad_accum)
+            add_losses(sums, out, batch.size)
+            samples += batch.size
+            if not last:
+                continue
+            if cfg.max_grad_norm > 0:
+                acc.clip_grad_norm_(run.model.parameters(), cfg.max_grad_norm)
+            run.optimizer.step()
+            run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            run.step += 1
+            micro = 0
+            elapsed = time.perf_counter() - t0
+            metrics = step_metrics(run, sums, samples * acc.num_processes / max(elapsed, 1e-9))
+            sums, samples, t0 = {}, 0, time.perf_counter()
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=f"{metrics['samples_per_s']:.1f}")
+            if run.step % cfg.log_every == 0 or run.step == cfg.max_steps:
+                log_metrics(run, metrics)
+            if cfg.eval_every and run.step % cfg.eval_every == 0 and run.step < cfg.max_steps:
+                log_metrics(run, validate(run))
+            if cfg.save_every and run.step % cfg.save_every == 0:
+                save_checkpoint(run)
+            if run.step >= cfg.max_steps:
+                break
+        else:  # the epoch ran out before max_steps
+            run.epoch += 1
+            run.batch = 0
+    bar.close()
+
+
+def add_losses(sums: dict[str, float], out: Any, n: int) -> None:
+    """Accumulate one micro-batch's loss parts (mask losses only where the batch had masks)."""
+    sums["loss"] = sums.get("loss", 0.0) + out.loss.item()
+    sums["ce"] = sums.get("ce", 0.0) + out.ce_loss.item()
+    sums["micro"] = sums.get("micro", 0) + 1
+    if out.bce_loss is not None:
+        sums["bce"] = sums.get("bce", 0.0) + out.bce_loss.item()
+        sums["dice"] = sums.get("dice", 0.0) + out.dice_loss.item()
+        sums["mask_micro"] = sums.get("mask_micro", 0) + 1
+
+
+def step_metrics(run: Run, sums: dict[str, float], samples_per_s: float) -> dict[str, Any]:
+    """The metrics of one optimizer step, averaged over micro-batches and processes."""
+    parts = torch.tensor([sums["loss"], sums["ce"], sums["micro"], sums.get("bce", 0.0), sums.get("dice", 0.0),
+                          sums.get("mask_micro", 0)], dtype=torch.float64, device=run.accelerator.device)
+    if run.accelerator.num_processes > 1:
+        parts = run.accelerator.reduce(parts, "sum")
+    loss, ce, n, bce, dice, nm = parts.tolist()
+    metrics = {"step": run.step, "epoch": run.epoch, "loss": loss / n, "ce": ce / n,
+               "lr": run.scheduler.get_last_lr()[0], "samples_per_s": samples_per_s, "bad_records": run.bad.count}
+    if nm:
+        metrics.update(bce=bce / nm, dice=dice / nm,
+                       mask=(run.cfg.bce_weight * bce + run.cfg.dice_weight * dice) / nm)
+    return metrics
+
+
+def log_metrics(run: Run, metrics: dict[str, Any]) -> None:
+    """Append to metrics.jsonl (and TensorBoard) on the main process."""
+    if not run.accelerator.is_main_process:
+        return
+    with (run.out / "metrics.jsonl").open("a") as fh:
+        fh.write(json.dumps(metrics) + "\n")
+    if run.tb is not None:
+        prefix = "val" if metrics.get("split") == "val" else "train"
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and key not in ("step", "epoch"):
+                run.tb.add_scalar(f"{prefix}/{key}", value, metrics["step"])
+
+
+# ==================================================================================================
+# validate
+# ==================================================================================================
+
+def mask_iou(logits: torch.Tensor, target: torch.Tensor) -> float:
+    """IoU of ``logits > 0`` (h, w) against a target mask (H, W), compared at the logits' size."""
+    if target.shape != logits.shape:
+        target = F.adaptive_avg_pool2d(target[None, None].float(), logits.shape)[0, 0]
+    pred, gt = logits > 0, target > 0.5
+    union = (pred | gt).sum().item()
+    return 1.0 if union == 0 else (pred & gt).sum().item() / union
+
+
+@torch.no_grad()
+def validate(run: Run) -> dict[str, Any]:
+    """Validation loss, next-token accuracy on the answer tokens, and mask IoU over ``val_samples`` records."""
+    acc = run.accelerator
+    model = run.unwrapped  # no DDP collectives inside: processes may get different numbers of batches
+    model.eval()
+    ids = run.val_ids[acc.process_index::acc.num_processes]
+    batches = [ids[i:i + run.cfg.batch_size] for i in range(0, len(ids), run.cfg.batch_size)]
+    # loss sum, batches, correct tokens, answer tokens, IoU sum, masks
+    sums = torch.zeros(6, dtype=torch.float64, device=acc.device)
+    for batch in loader(run, batches, run.val) if batches else []:
+        if batch.data is None:
+            continue
+        with acc.autocast():
+            out = model(batch.data)
+        labels = batch.data["labels"].to(out.logits.device)[:, 1:]
+        answer = labels != IGNORE_INDEX
+        correct = (out.logits[:, :-1].argmax(-1) == labels) & answer
+        targets = [t for per_row in batch.data["masks"] if per_row is not None for t in per_row]
+        ious = [mask_iou(lg.float(), tg.to(lg.device)) for lg, tg in zip(out.mask_logits, targets)]
+        sums += torch.tensor([out.loss.item(), 1, correct.sum().item(), answer.sum().item(), sum(ious), len(ious)],
+                             dtype=torch.float64, device=acc.device)
+    if acc.num_processes > 1:
+        sums = acc.reduce(sums, "sum")
+    loss, n, correct, tokens, iou, n_masks = sums.tolist()
+    model.train()
+    result: dict[str, Any] = {"step": run.step, "split": "val", "val_loss": loss / n if n else None,
+                              "val_token_accuracy": correct / tokens if tokens else None,
+                              "val_mask_iou": iou / n_masks if n_masks else None, "val_records": len(run.val_ids)}
+    run.last_val = result
+    if acc.is_main_process and n:
+        logger.info("step %d: val loss %.4f, token accuracy %.3f, mask IoU %s", run.step, result["val_loss"],
+                    result["val_token_accuracy"] or 0.0,
+                    "n/a" if result["val_mask_iou"] is None else f"{result['val_mask_iou']:.3f}")
+    return result
+
+
+# ==================================================================================================
+# checkpoints
+# ==================================================================================================
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state()[1].tolist(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), 624, 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run: Run) -> Path:
+    """Write ``checkpoints/step-N``: a loadable Loupe checkpoint plus ``trainer/`` (trainable weights,
+    optimizer, schedule, every process's RNG, data position). Written to a temporary name and renamed,
+    so a run killed mid-save never leaves a half-written checkpoint behind."""
+    from safetensors.torch import save_file
+
+    acc = run.accelerator
+    final = run.out / "checkpoints" / f"step-{run.step:07d}"
+    tmp = final.with_name(final.name + ".tmp")
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "trainer").mkdir(parents=True)
+        model = run.unwrapped
+        model.save_pretrained(tmp, processor=run.processor)
+        trainable = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(trainable, str(tmp / "trainer" / "trainable.safetensors"))
+        # optimizer/schedule/RNG states are nested Python containers of tensors: torch.save, read
+        # back with weights_only=True (no pickle code execution)
+        torch.save(run.optimizer.state_dict(), tmp / "trainer" / "optimizer.pt")
+        torch.save(run.scheduler.state_dict(), tmp / "trainer" / "scheduler.pt")
+        position = {"step": run.step, "epoch": run.epoch, "batch": run.batch, "bad_records": run.bad.count,
+                    "processes": acc.num_processes}
+        (tmp / "trainer" / "state.json").write_text(json.dumps(position, indent=2) + "\n")
+    acc.wait_for_everyone()
+    torch.save(rng_state(), tmp / "trainer" / f"rng-{acc.process_index}.pt")
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        old = sorted(p for p in final.parent.glob("step-*") if not p.name.endswith(".tmp"))
+        for stale in old[:-run.cfg.keep_last]:
+            shutil.rmtree(stale, ignore_errors=True)
+        logger.info("saved %s", final)
+    acc.wait_for_everyone()
+    return final
+
+
+def resolve_resume(resume: str, out: Path) -> Path:
+    """``latest`` -> the newest checkpoint under ``<out>/checkpoints``; otherwise the folder given."""
+    if resume == "latest":
+        found = sorted(p for p in (out / "checkpoints").glob("step-*") if not p.name.endswith(".tmp"))
+        if not found:
+            raise CheckpointError(f"{out / 'checkpoints'}: no checkpoint to resume from; start without --resume")
+        return found[-1]
+    path = Path(resume)
+    if not (path / "trainer" / "state.json").is_file():
+        raise CheckpointError(f"{path}: not a resumable checkpoint (no trainer/state.json); pass a "
+                              "<output>/checkpoints/step-N folder or 'latest'")
+    return path
+
+
+def load_checkpoint(run: Run, path: Path) -> None:
+    """Restore trainable weights, optimizer, schedule, RNG and data position from ``path``."""
+    from safetensors.torch import load_file
+
+    trainer = path / "trainer"
+    position = json.loads((trainer / "state.json").read_text())
+    if position["processes"] != run.accelerator.num_processes:
+        raise CheckpointError(f"{path}: saved with {position['processes']} process(es) but resuming with "
+                              f"{run.accelerator.num_processes}; the data position would not match")
+    weights = load_file(str(trainer / "trainable.safetensors"))
+    params = dict(run.unwrapped.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    if set(weights) != expected:
+        diff = sorted(expected ^ set(weights))[:5]
+        raise CheckpointError(f"{path}: its trainable parameters differ from this config's (e.g. {diff}); "
+                              "resume with the recipe that made it")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    run.optimizer.load_state_dict(torch.load(trainer / "optimizer.pt", weights_only=True))
+    run.scheduler.load_state_dict(torch.load(trainer / "scheduler.pt", weights_only=True))
+    set_rng_state(torch.load(trainer / f"rng-{run.accelerator.process_index}.pt", weights_only=True))
+    run.step, run.epoch, run.batch = position["step"], position["epoch"], position["batch"]
+    run.bad.count = position["bad_records"]
+    # metrics after the checkpoint belong to the interrupted run; the resumed run writes them again
+    metrics = run.out / "metrics.jsonl"
+    if run.accelerator.is_main_process and metrics.is_file():
+        keep = [line for line in metrics.read_text().splitlines() if line and json.loads(line)["step"] <= run.step]
+        metrics.write_text("".join(line + "\n" for line in keep))
+    logger.info("resumed from %s at step %d (epoch %d, batch %d)", path, run.step, run.epoch, run.batch)
+
+
+# ==================================================================================================
+# finish
+# ==================================================================================================
+
+def finish(run: Run) -> Path:
+    """Validate, save the final self-describing checkpoint to ``<output>``, and plot the losses."""
+    val = validate(run)
+    log_metrics(run, val)
+    acc = run.accelerator
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        model = run.unwrapped
+        model.config.training.update(steps=run.step, bad_records=run.bad.count, skipped_too_long=run.bad.too_long,
+                                     train_records=len(run.train.records), processes=acc.num_processes,
+                                     final_val={k: v for k, v in val.items() if k.startswith("val_")})
+        model.save_pretrained(run.out, processor=run.processor)
+        plot_losses(run.out / "metrics.jsonl", run.out / "loss.png")
+        if run.tb is not None:
+            run.tb.close()
+        logger.info("final model: %s (load it with Assistant.from_pretrained(%r))", run.out, str(run.out))
+    acc.wait_for_everyone()
+    return run.out
+
+
+def plot_losses(metrics_path: Path, png: Path) -> None:
+    """Loss curves (train loss, CE, mask loss, validation loss) from metrics.jsonl as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    train = [r for r in rows if r.get("split") != "val"]
+    val = [r for r in rows if r.get("split") == "val" and r.get("val_loss") is not None]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("loss", "train loss"), ("ce", "token CE"), ("mask", "mask loss (BCE + Dice, weighted)")):
+        pts = [(r["step"], r[key]) for r in train if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), label=label, lw=1)
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""The training loop end to end on the tiny-smoke recipe: a loadable checkpoint, exact resume, overfitting."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from finetune import train as train_mod
+from finetune.train import main
+from tests.finetune.conftest import one_thread
+
+RECIPE = str(Path(__file__).resolve().parents[2] / "finetune" / "recipes" / "tiny-smoke.yaml")
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in metrics(out) if r.get("split") != "val"}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(dataset, tmp_path_factory) -> Path:
+    """tiny-smoke.yaml straight through: 4 steps, checkpoints at 2 and 4."""
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    with one_thread():
+        assert main(["--config", RECIPE, "--data", str(dataset), "--output", str(out)]) == 0
+    return out
+
+
+def test_tiny_smoke_writes_a_loadable_checkpoint(smoke_run, dataset):
+    from assistant.inference import Assistant
+
+    losses = train_losses(smoke_run)
+    assert sorted(losses) == [1, 2, 3, 4]
+    assert (smoke_run / "loss.png").stat().st_size > 1000
+    assert sorted(p.name for p in (smoke_run / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
+    cfg = json.loads((smoke_run / "loupe_config.json").read_text())
+    training = cfg["training"]
+    assert training["steps"] == 4 and training["config"]["base"] == "scratch:test"
+    assert training["datasets"][0]["card_md_sha256"] and len(training["datasets"][0]["card_md_sha256"]) == 64
+    assistant = Assistant.from_pretrained(smoke_run, max_new_tokens=8)
+    assert assistant.name.startswith("tiny-smoke@")
+    result = assistant.assess(dataset / "images" / "noisy.png")
+    assert result.error is None and isinstance(result.text, str)
+
+
+def test_kill_and_resume_gives_the_same_losses(smoke_run, dataset, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    args = ["--config", RECIPE, "--data", str(dataset), "--output", str(out)]
+    real_log = train_mod.log_metrics
+
+    def log_then_die(run, m):  # the process is "killed" right after logging step 3
+        real_log(run, m)
+        if m.get("step") == 3 and m.get("split") != "val":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "log_metrics", log_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    monkeypatch.setattr(train_mod, "log_metrics", real_log)
+    assert sorted(train_losses(out)) == [1, 2, 3]
+    assert main(args + ["--resume", "latest"]) == 0
+    resumed, straight = train_losses(out), train_losses(smoke_run)
+    assert sorted(resumed) == [1, 2, 3, 4]  # step 3 of the killed run was dropped and redone
+    for step in (3, 4):
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-5, abs=1e-6)
+
+
+def test_overfits_a_handful_of_samples(dataset, tmp_path):
+    out = tmp_path / "run"
+    args = ["--config", RECIPE, "--data", str(dataset), "--output", str(out), "--batch_size", "6",
+            "--max_steps", "24", "--eval_every", "4", "--save_every", "0", "--lr", "3e-3", "--warmup_steps", "0",
+            "--schedule", "constant", "--val_samples", "3"]
+    assert main(args) == 0
+    rows = metrics(out)
+    train_rows = [r for r in rows if r.get("split") != "val"]
+    val_rows = [r for r in rows if r.get("split") == "val"]
+    first, last = train_rows[0], train_rows[-1]
+    assert last["ce"] < 0.5 * first["ce"]
+    assert last["mask"] < first["mask"]
+    assert val_rows[-1]["val_mask_iou"] > val_rows[0]["val_mask_iou"] + 0.2
+    assert val_rows[-1]["val_token_accuracy"] > val_rows[0]["val_token_accuracy"]
