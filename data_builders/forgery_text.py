@@ -19,6 +19,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import cv2
 import numpy as np
 
 from prompts import CUES, DOMAINS, LOCATIONS, MANIPULATIONS, MASK_TOKEN
@@ -84,12 +85,16 @@ def region_facts(mask: np.ndarray) -> dict[str, Any]:
 
     ``bbox`` is in pixels with x1, y1 exclusive (Python slice convention).
     """
-    m = mask > 127 if mask.dtype == np.uint8 else mask.astype(bool)
-    ys, xs = np.nonzero(m)
-    if ys.size == 0:
+    m8 = (mask > 127 if mask.dtype == np.uint8 else mask.astype(bool)).view(np.uint8)
+    mom = cv2.moments(m8, binaryImage=True)
+    if mom["m00"] == 0:
         raise ValueError("an empty mask has no facts")
-    return {"location": location_of(m), "area": round(float(m.mean()), 5),
-            "bbox": [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]}
+    x, y, bw, bh = cv2.boundingRect(m8)
+    h, w = m8.shape
+    col = min(2, int(3 * (mom["m10"] / mom["m00"] + 0.5) / w))
+    row = min(2, int(3 * (mom["m01"] / mom["m00"] + 0.5) / h))
+    return {"location": _GRID_IDS[row * 3 + col], "area": round(mom["m00"] / m8.size, 5),
+            "bbox": [x, y, x + bw, y + bh]}
 
 
 def _pct(x: float) -> str:

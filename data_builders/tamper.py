@@ -468,9 +468,13 @@ def splice_object(target: np.ndarray, stamp_rgba: np.ndarray, rng: np.random.Gen
     return _result(target, out, [m_], "splice", cues, {"regions": [params]})
 
 
-def _affine_move(img: np.ndarray, src: np.ndarray, rng: np.random.Generator,
-                 union: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Warp ``img`` and the bool ``src`` region with a random similarity (+ flip) to a new place."""
+def _affine_move(img: np.ndarray, src: np.ndarray, rng: np.random.Generator, union: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, dict, tuple[int, int, int, int]]:
+    """Warp ``img`` and the bool ``src`` region with a random similarity (+ flip) to a new place.
+
+    Returns (moved content for the window, destination mask, params, window (y0, y1, x0, x1)):
+    only the destination window is warped, not the whole image.
+    """
     h, w = src.shape
     crop, (x0, y0, x1, y1) = _crop_to_bbox(src)
     cw, ch = x1 - x0, y1 - y0
@@ -502,12 +506,19 @@ def _affine_move(img: np.ndarray, src: np.ndarray, rng: np.random.Generator,
         m = m @ np.array([[-1, 0, x0 + x1], [0, 1, 0], [0, 0, 1]], np.float64)
     m[0, 2] += dx + tw / 2 - (x0 + x1) / 2
     m[1, 2] += dy + th / 2 - (y0 + y1) / 2
-    dst = cv2.warpAffine(src.astype(np.uint8), m, (w, h), flags=cv2.INTER_NEAREST) > 0
+    # Warp straight into the destination window (grown a little for the feather).
+    wy0, wy1 = max(0, dy - 8), min(h, dy + th + 8)
+    wx0, wx1 = max(0, dx - 8), min(w, dx + tw + 8)
+    mw = m.copy()
+    mw[:, 2] -= (wx0, wy0)
+    size = (wx1 - wx0, wy1 - wy0)
+    dst = np.zeros((h, w), bool)
+    dst[wy0:wy1, wx0:wx1] = cv2.warpAffine(src.view(np.uint8), mw, size, flags=cv2.INTER_NEAREST) > 0
     dst &= ~src & ~union
-    moved = cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+    moved = cv2.warpAffine(img, mw, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
     params = {"scale": round(scale, 3), "angle": round(angle, 1), "flip": flip,
               "source_bbox": list(_bbox(src))}
-    return moved, dst, params
+    return moved, dst, params, (wy0, wy1, wx0, wx1)
 
 
 def copy_move(img: np.ndarray, rng: np.random.Generator, *, shape: str | None = None,
@@ -519,11 +530,11 @@ def copy_move(img: np.ndarray, rng: np.random.Generator, *, shape: str | None = 
     h, w = img.shape[:2]
     kind = shape or str(rng.choice(SHAPES, p=[0.3, 0.2, 0.25, 0.25]))
     src = make_shape(kind, rng, h, w, _area(rng, 0.015, 0.12), img)
-    moved, dst, params = _affine_move(img, src, rng, np.zeros((h, w), bool))
+    moved, dst, params, win = _affine_move(img, src, rng, np.zeros((h, w), bool))
     _check_region(dst)
     bd = border or str(rng.choice(["hard", "feather"], p=[0.5, 0.5]))
     params.update(shape=kind, border=bd)
-    out, m = _paste(img, moved, dst, bd, rng)
+    out, m = _paste(img, moved, dst, bd, rng, win)
     cues = ["duplicated"]
     if bd == "hard":
         cues.append("edges")
