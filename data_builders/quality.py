@@ -537,6 +537,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.image_size < 224:
+        log.warning("--image-size %d: distortion ladders are calibrated from 224 px up; below that, blur, "
+                    "jitter and sharpening are relatively stronger", args.image_size)
     tasks: list[str] = []
     for t in args.tasks:
         if t == "all":

@@ -2,8 +2,8 @@
 
 A distortion function takes ``(img, level, rng)`` (uint8 HxWx3 RGB, level 1..5, a numpy Generator)
 and returns a new uint8 HxWx3 RGB image of the same size. Spatial parameters (blur radii, block
-sizes) are given for a 448 px short side and scaled with the image, so a severity looks alike at
-any size.
+sizes) are given for a 448 px short side and scaled with the image (not below half), so a severity
+looks alike at any size from 224 px up.
 """
 
 from __future__ import annotations
@@ -40,8 +40,13 @@ def param(name: str, level: int):
 
 
 def scale(img: np.ndarray) -> float:
-    """Short side relative to the 448 px the ladders were calibrated at (floored for tiny images)."""
-    return max(min(img.shape[:2]), 32) / REFERENCE_SIDE
+    """Short side relative to the 448 px the ladders were calibrated at, floored at 0.5.
+
+    Below 224 px the floor keeps slight blur, jitter or sharpening from shrinking to a no-op (an
+    image labelled "slight Gaussian blur" must differ from its source); such small images get
+    relatively stronger spatial distortions instead.
+    """
+    return max(min(img.shape[:2]), REFERENCE_SIDE / 2) / REFERENCE_SIDE
 
 
 def to_u8(x: np.ndarray) -> np.ndarray:

@@ -35,7 +35,7 @@ def _line_kernel(length: float, angle_deg: float) -> np.ndarray:
 
 @register("blur_motion", (4, 7, 11, 17, 26))  # streak length in px at 448
 def blur_motion(img: np.ndarray, level: int, rng: np.random.Generator) -> np.ndarray:
-    length = max(2.0, param("blur_motion", level) * scale(img))
+    length = max(3.0, param("blur_motion", level) * scale(img))  # a 2-px streak can round to one pixel
     kernel = _line_kernel(length, float(rng.uniform(0, 180)))
     return cv2.filter2D(img, -1, kernel, borderType=cv2.BORDER_REFLECT)
 

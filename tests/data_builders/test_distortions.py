@@ -79,3 +79,9 @@ def test_rating_rule():
     assert D.rating_for([3, 2]) == "poor"  # second one moderate: no change
     assert D.rating_for([4, 3]) == "bad"
     assert D.rating_for([5, 5]) == "bad"
+
+
+@pytest.mark.parametrize("name", DISTORTIONS.ids)
+def test_slight_is_never_a_no_op_even_on_small_images(name, photo):
+    small = np.ascontiguousarray(photo[:64, :64])
+    assert _diff(D.apply(small, name, 1, np.random.default_rng(0)), small) > 0.05

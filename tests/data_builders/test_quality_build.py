@@ -137,3 +137,9 @@ def test_builtin_pool_build(tmp_path):
     sources = {s.meta["source"].split(":")[0] for v in _records(tmp_path / "p").values() for s in v}
     assert sources <= {"skimage", "matplotlib", "opencv-doc", "procedural", "stamps"} and sources
     assert "opencv-doc" in (tmp_path / "p" / "card.md").read_text()
+
+
+def test_worker_processes_give_the_same_dataset(tmp_path, image_folder):
+    _build(tmp_path / "one", image_folder, n=60)
+    _build(tmp_path / "two", image_folder, n=60, extra=["--workers", "2"])
+    assert _digest(tmp_path / "one") == _digest(tmp_path / "two")
