@@ -21,6 +21,7 @@ import argparse
 import hashlib
 import logging
 import multiprocessing as mp
+import os
 import random
 import sys
 import time
@@ -135,6 +136,7 @@ class _Context:
     pools: dict[str, list[SourceImage]]
     stamps: dict[str, list[str]]
     split_of: list[str]
+    unreadable: dict[str, str] = field(default_factory=dict)
     cache: "OrderedDict[str, np.ndarray]" = field(default_factory=OrderedDict)
     cache_size: int = 96
 
@@ -180,10 +182,20 @@ def _stable_split(key: str, fractions: tuple[float, float, float], seed: int) ->
 
 def make_context(cfg: BuildConfig) -> _Context:
     """Sources split by photo group, stamps split by file, and each index's split."""
+    unreadable: dict[str, str] = {}
     if cfg.images:
-        sources = from_folders(cfg.images)
+        sources = []
+        for src in from_folders(cfg.images):
+            # A header check up front (cheap) keeps bad files out of the pool, so they cannot fail
+            # samples at random; a file that passes it but is truncated still fails only its samples.
+            path = src.path or ""
+            if os.path.getsize(path) == 0 or not (path.endswith(".gz") or cv2.haveImageReader(path)):
+                unreadable[path] = "not an image OpenCV can read"
+                log.warning("%s: not an image OpenCV can read; left out of the pool", path)
+            else:
+                sources.append(src)
         if not sources:
-            raise ValueError(f"no images found under {cfg.images}; check --images")
+            raise ValueError(f"no readable images found under {cfg.images}; check --images")
     else:
         sources = builtin_pool(("photos",))
         if cfg.procedural > 0:
@@ -204,7 +216,7 @@ def make_context(cfg: BuildConfig) -> _Context:
     # Each index's split comes from a hash of (seed, index), not from n: a run resumed with a larger
     # --n keeps every sample it already wrote.
     split_of = [_stable_split(f"index:{i}", cfg.fractions, cfg.seed) for i in range(cfg.n)]
-    return _Context(cfg, pools, stamps, split_of)
+    return _Context(cfg, pools, stamps, split_of, unreadable)
 
 
 def _init_worker(ctx: _Context) -> None:
@@ -560,6 +572,7 @@ def card_sections(cfg: BuildConfig, ctx: _Context, samples: list[tuple[str, Samp
             "copy_move: translation, scale, rotation and flip within the photo (the mask marks the pasted copy)",
             "removal: OpenCV Telea / Navier-Stokes inpainting and a patch-based fill",
             AIGC_CARD_NOTE, FACE_SWAP_NOTE],
+        "Unreadable source images (left out)": [f"{p}: {r}" for p, r in sorted(ctx.unreadable.items())] or "none",
         "Build failures": failures[:50] + ([f"... and {len(failures) - 50} more"] if len(failures) > 50 else [])
         if failures else "none",
     }

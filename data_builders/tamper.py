@@ -197,7 +197,11 @@ def jpeg(img: np.ndarray, quality: int) -> np.ndarray:
 
 def add_noise(img: np.ndarray, rng: np.random.Generator, sigma: float, correlated: float = 0.0) -> np.ndarray:
     """Gaussian noise of std ``sigma``; ``correlated`` > 0 blurs it (a coarser grain)."""
-    n = rng.standard_normal(img.shape, dtype=np.float32)
+    # OpenCV's normal RNG, seeded from ``rng`` right before use (so still deterministic), is ~4x
+    # faster than numpy's for a full image.
+    cv2.setRNGSeed(int(rng.integers(1 << 31)))
+    n = np.empty(img.shape, np.float32)
+    cv2.randn(n, 0.0, 1.0)
     if correlated > 0:
         n = cv2.GaussianBlur(n, (0, 0), correlated)
         n *= 1.0 / max(float(n.std()), 1e-6)

@@ -105,12 +105,16 @@ def test_card_counts(built):
 def test_cli_contact_sheet_and_bad_flags(tmp_path, image_folder, capsys):
     out = tmp_path / "cli"
     sheet = tmp_path / "sheet.png"
-    rc = F.main(["--out", str(out), "--n", "8", "--images", str(image_folder), "--size", "64", "--post",
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "broken.png").write_bytes(b"not a png at all")
+    rc = F.main(["--out", str(out), "--n", "8", "--images", str(image_folder), str(bad), "--size", "64", "--post",
                  "--manipulations", "copy_move", "--contact-sheet", str(sheet)])
     assert rc == 0
     samples = [s for split in ("train", "val", "test") for s in load_jsonl(out / f"{split}.jsonl")]
     assert {s.meta["manipulation"] for s in samples} <= {"copy_move", None}
-    assert all(s.meta["post"] == [] for s in samples)
+    assert all(s.meta["post"] == [] for s in samples) and len(samples) == 8
+    assert "broken.png: not an image" in (out / "card.md").read_text()
     img = cv2.imread(str(sheet))
     assert img is not None and img.shape[0] > 64
     assert F.main(["--out", str(tmp_path / "x"), "--n", "4", "--manipulations", "face_swap"]) == 2
