@@ -408,6 +408,8 @@ def build(cfg: BuildConfig, progress: bool = True) -> dict[str, Any]:
     def consume(records: list[dict[str, Any]]) -> None:
         nonlocal written, dropped
         records = [r for r in records if r["sample"].id not in done]
+        if not records:
+            return
         if relabel is not None:
             texts = relabel.label_many([r["job"] for r in records])
         batch = []
@@ -429,17 +431,28 @@ def build(cfg: BuildConfig, progress: bool = True) -> dict[str, Any]:
         if bar:
             bar.update(len(records))
 
+    # the openai labeller gets several units at once, so its thread pool has enough requests in flight
+    batch_units = max(1, (4 * cfg.max_concurrency) // UNIT_SAMPLES) if relabel is not None else 1
+    pending: list[dict[str, Any]] = []
+
+    def feed(records: list[dict[str, Any]], last: bool = False) -> None:
+        pending.extend(records)
+        if len(pending) >= batch_units * UNIT_SAMPLES or last:
+            consume(pending[:])
+            pending.clear()
+
     t_units = time.perf_counter()
     try:
         if cfg.workers <= 1:
             _init_worker(cfg, pool)
             for u in todo:
-                consume(build_unit(u))
+                feed(build_unit(u))
         else:
             ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
             with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(cfg, pool)) as procs:
                 for _, records in procs.imap(_unit_worker, todo, chunksize=VIEWS_PER_BLOCK):
-                    consume(records)
+                    feed(records)
+        feed([], last=True)
     finally:
         if bar:
             bar.close()
@@ -512,7 +525,10 @@ def card_sections(writer: DatasetWriter, cfg: BuildConfig, pool: Pool, relabel: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="loupe build-data quality", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="loupe build-data quality",
+                                 description="Pristine images -> training, validation and test data for every "
+                                             "quality task (identify, assess brief/detailed, rate, compare), "
+                                             "with and without a reference. Re-running resumes.",
                                  epilog="Example: loupe build-data quality --out data/quality --n 100000 --workers 8")
     ap.add_argument("--out", required=True, help="dataset folder to write (resumed if it exists)")
     ap.add_argument("--n", type=int, default=2000, help="number of samples (default 2000)")
