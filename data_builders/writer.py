@@ -203,6 +203,7 @@ class DatasetWriter:
         lines = [f"# {title or f'Loupe {self.builder} dataset'}", "",
                  f"- builder: `{self.builder}`", f"- seed: `{self.seed}`", f"- labeller: `{self.labeller}`",
                  f"- template version: `{TEMPLATE_VERSION}`", f"- taxonomy version: `{TAXONOMY_VERSION}`",
+                 f"- Loupe version: `{_loupe_version()}`",
                  "", "## Samples per split", "", "| split | samples |", "|---|---|"]
         counts = self.counts()
         lines += [f"| {s} | {counts[s]} |" for s in SPLITS]
@@ -215,6 +216,14 @@ class DatasetWriter:
         os.replace(tmp, path)
         self.close()
         return path
+
+
+def _loupe_version() -> str:
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+        return version("loupe-vlm")
+    except (ImportError, PackageNotFoundError):
+        return "unknown (not installed)"
 
 
 def _render(body: Any) -> str:

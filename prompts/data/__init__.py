@@ -1,0 +1,1 @@
+"""Prompt data files (YAML) of the labellers; shipped with the package."""
