@@ -1,0 +1,163 @@
+"""``loupe eval`` end to end on the tiny checkpoint and a tiny Sample dataset made from tests/assets."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from prompts import Sample, canonical_question, save_jsonl, user_content
+from tests.helpers import ASSETS
+
+NOISE = [{"name": "noise_gaussian_rgb", "category": "noise", "severity": 4}]
+
+
+def _sample(sid: str, task: str, images: list[str], roles: list[str], answer: str, meta: dict,
+            masks: list[str] | None = None) -> Sample:
+    return Sample(id=sid, task=task, images=images, image_roles=roles,
+                  messages=[{"role": "user", "content": user_content(roles, canonical_question(task))},
+                            {"role": "assistant", "content": [{"type": "text", "text": answer}]}],
+                  masks=masks or [], meta=meta)
+
+
+def make_dataset(root: Path) -> Path:
+    """Quality (assess, rate) and forgery samples over the test assets; returns test.jsonl."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for name in ("clean", "noisy", "tampered"):
+        shutil.copy(ASSETS / f"{name}.png", root / "images" / f"{name}.png")
+    shutil.copy(ASSETS / "tampered_mask.png", root / "masks" / "tampered-0.png")
+    region = [{"location": "top_left", "area": 0.1, "bbox": [0, 0, 40, 30]}]
+    samples = [
+        _sample("q-0", "quality.assess", ["images/noisy.png"], ["A"], "Serious Gaussian noise. The quality is poor.",
+                {"distortions": NOISE, "rating": "poor", "clean": False, "source_photo": "p1", "detail": "brief"}),
+        _sample("q-1", "quality.assess", ["images/clean.png"], ["A"], "No distortion. The quality is excellent.",
+                {"distortions": [], "rating": "excellent", "clean": True, "source_photo": "p1"}),
+        _sample("q-2", "quality.assess", ["images/tampered.png"], ["A"], "The quality is good.",
+                {"distortions": [], "rating": "good", "clean": True, "source_photo": "p2"}),
+        _sample("r-0", "quality.rate", ["images/clean.png", "images/noisy.png"], ["A", "B"], "A is better.",
+                {"better": "A", "distortions": [], "rating": "excellent"}),
+        _sample("r-1", "quality.rate", ["images/noisy.png", "images/clean.png"], ["A", "B"], "B is better.",
+                {"better": "B", "distortions": NOISE, "rating": "poor"}),
+        _sample("f-0", "forgery.detect", ["images/tampered.png"], ["A"],
+                "This image has been tampered with: a spliced region in the top-left <|mask|>.",
+                {"tampered": True, "manipulation": "splice", "regions": region, "post": []},
+                masks=["masks/tampered-0.png"]),
+        _sample("f-1", "forgery.detect", ["images/clean.png"], ["A"], "This image appears authentic.",
+                {"tampered": False, "manipulation": None, "regions": [], "post": [{"op": "jpeg", "quality": 80}]}),
+        _sample("f-2", "forgery.detect", ["images/tampered.png"], ["A"],
+                "This image has been tampered with: copied content in the top-left <|mask|>.",
+                {"tampered": True, "manipulation": "copy_move", "regions": region,
+                 "post": [{"op": "jpeg", "quality": 60}]}, masks=["masks/tampered-0.png"]),
+    ]
+    path = root / "test.jsonl"
+    save_jsonl(samples, path)
+    with path.open("a") as fh:
+        fh.write('{"id": "bad", "task": "quality.assess"}\n')  # a broken line is skipped, not fatal
+    (root / "card.md").write_text("# tiny eval set\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def assistant(tiny_checkpoint):
+    """The tiny checkpoint with short answers (untrained prompts would run to the token cap)."""
+    from assistant.inference import Assistant
+
+    return Assistant.from_pretrained(tiny_checkpoint, max_new_tokens=40)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("evalset"))
+
+
+def test_loupe_eval_writes_a_complete_report(tiny_checkpoint, dataset, tmp_path, capsys):
+    from assistant.cli import main as loupe
+
+    out = tmp_path / "report"
+    rc = loupe(["eval", "--model", str(tiny_checkpoint), "--data", str(dataset), "--out", str(out),
+                "--batch-size", "4", "--max-new-tokens", "40", "--no-progress"])
+    assert rc == 0
+    for name in ("metrics.json", "predictions.jsonl", "report.md", "plots/confusion.png", "plots/reliability.png",
+                 "plots/severity.png", "plots/pixel_f1_by_manipulation.png", "plots/worst_forgery.png"):
+        assert (out / name).is_file(), name
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["model"].startswith("tiny-test@")
+    assert result["dataset"]["skipped_lines"] == 1
+    import hashlib
+
+    assert result["dataset"]["card_sha256"] == hashlib.sha256((dataset.parent / "card.md").read_bytes()).hexdigest()
+    m = result["metrics"]
+    for name in ("quality.category_accuracy", "quality.rating_accuracy", "quality.srcc", "quality.plcc",
+                 "compare.accuracy_as_asked", "compare.accuracy_swapped",
+                 "forgery.accuracy", "forgery.auc", "forgery.pixel_f1@0.5", "forgery.pixel_iou@0.5",
+                 "forgery.pixel_f1_best_threshold", "forgery[manipulation=splice].pixel_f1@0.5",
+                 "forgery[post=jpeg<70].accuracy", "explanations.forgery_verdict", "explanations.quality_names_true",
+                 "calibration.ece", "cost.seconds_per_sample", "cost.peak_rss_mb"):
+        assert name in m, name
+        assert m[name]["protocol"] and m[name]["n"] >= 1
+    assert "IMDL-BenCo" in m["forgery.pixel_f1@0.5"]["protocol"]
+    assert "BEST-THRESHOLD" in m["forgery.pixel_f1_best_threshold"]["protocol"]
+    assert "severity_mos" in m["quality.srcc"]["protocol"]
+    # the tiny model was overfit to say "poor" for noisy.png and to mask tampered.png (IoU > 0.5)
+    preds = {json.loads(x)["id"]: json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()}
+    assert set(preds) == {"q-0", "q-1", "q-2", "r-0", "r-1", "f-0", "f-1", "f-2"}
+    assert preds["q-0"]["quality"]["rating"] == "poor"
+    assert preds["f-0"]["forgery"]["tampered"] is True and (out / preds["f-0"]["forgery"]["mask"]).is_file()
+    assert preds["r-0"]["task"] == "compare" and preds["r-0"]["sample_task"] == "quality.rate"
+    assert preds["f-1"]["gt"] == {"task": "forgery.detect", "detail": None, "group": None, "tampered": False,
+                                  "manipulation": "authentic", "masks": [], "locations": [], "post": "jpeg70-89"}
+    assert m["forgery[manipulation=splice].pixel_iou@0.5"]["value"] > 0.5
+    assert m["forgery.pixel_f1_best_threshold"]["value"] >= m["forgery.pixel_f1@0.5"]["value"]
+    report = (out / "report.md").read_text()
+    assert "| `forgery.pixel_f1@0.5` |" in report and "plots/worst_forgery.png" in report
+    # compare: a report against itself differs by zero everywhere
+    capsys.readouterr()
+    assert loupe(["eval", "--compare", str(out), str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "forgery.pixel_f1@0.5" in table and "+0.0000" in table and "WARNING" not in table
+
+
+class _Interrupting:
+    """Wraps an Assistant and raises after ``n`` batches, as a kill would (counts samples it ran)."""
+
+    def __init__(self, assistant, n: int):
+        self.assistant, self.n, self.name, self.ran = assistant, n, assistant.name, []
+
+    def run(self, requests, batch_size=8, errors=None):
+        if self.n == 0:
+            raise KeyboardInterrupt
+        self.n -= 1
+        self.ran += [r.id for r in requests]
+        return self.assistant.run(requests, batch_size=batch_size, errors=errors)
+
+
+def test_eval_resumes_after_interruption(assistant, dataset, tmp_path):
+    from finetune.eval import EvalError, evaluate
+
+    out = tmp_path / "report"
+    first = _Interrupting(assistant, 1)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(first, dataset, out_dir=out, batch_size=3, progress=False)
+    assert first.ran == ["q-0", "q-1", "q-2"]
+    lines = (out / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    with (out / "predictions.jsonl").open("a") as fh:
+        fh.write('{"id": "r-0", "task": "comp')  # a line cut by the kill
+    second = _Interrupting(assistant, 10)
+    result = evaluate(second, dataset, out_dir=out, batch_size=3, progress=False)
+    assert second.ran == ["r-0", "r-1", "f-0", "f-1", "f-2"]  # done ids skipped, the cut one redone
+    ids = [json.loads(x)["id"] for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert sorted(ids) == sorted({"q-0", "q-1", "q-2", "r-0", "r-1", "f-0", "f-1", "f-2"}) and len(ids) == 8
+    assert result["details"]["counts"]["records"] == 8
+    # in-memory evaluation (no report folder) gives the same numbers
+    mem = evaluate(assistant, dataset, progress=False, batch_size=8)
+    for name in ("forgery.pixel_f1@0.5", "quality.srcc", "compare.accuracy"):
+        assert mem["metrics"][name]["value"] == pytest.approx(result["metrics"][name]["value"], abs=2e-3)
+    # another model's run is not silently mixed in
+    other = _Interrupting(assistant, 10)
+    other.name = "other@123"
+    with pytest.raises(EvalError, match="--restart"):
+        evaluate(other, dataset, out_dir=out, progress=False)
