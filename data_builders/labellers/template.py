@@ -75,6 +75,24 @@ CONSEQUENCE = {
 }
 
 
+# The same for images whose only damage is to tone or colour: the content stays recognisable.
+CONSEQUENCE_TONE = {
+    1: ("The change in tone or colour is subtle and the scene looks almost natural.",),
+    2: ("The scene is fully readable, but its tones or colours look somewhat off.",),
+    3: ("The scene is still readable, but its look is clearly unnatural.",),
+    4: ("Much of the tonal or colour information is lost, although the objects can still be made out.",),
+    5: ("The objects can still be made out, but tones and colours are far from natural.",),
+}
+TONAL = {"brighten", "darken", "contrast_strengthen", "contrast_weaken", "saturate_strengthen", "saturate_weaken"}
+
+
+def _consequence(t: ImageTruth, rng: random.Random) -> str:
+    eff = _eff(t)
+    if eff and all(d["category"] in TONAL for d in t.distortions):
+        return rng.choice(CONSEQUENCE_TONE[eff])
+    return rng.choice(CONSEQUENCE[eff])
+
+
 def _sev(level: int, rng: random.Random) -> str:
     return rng.choice(SEVERITIES.terms[level - 1].phrasings)
 
@@ -167,15 +185,15 @@ class TemplateLabeller:
                                      "distortion.")))
         else:
             parts += self._distortion_sentences(t, rng)
-        parts.append(rng.choice(CONSEQUENCE[_eff(t)]))
+        parts.append(_consequence(t, rng))
         parts.append(rng.choice(("Overall, the image quality is {r}.", "Therefore, the overall quality is {r}.",
                                  "Taking everything into account, the quality is {r}.")).format(r=rating))
         return " ".join(parts)
 
     # ---- pairs -----------------------------------------------------------------------------------
     def _verdict(self, better: str, rng: random.Random) -> str:
-        return rng.choice(("Image {w} is better.", "Image {w} has the better quality.", "{w} is better.",
-                           "Image {w} looks better.")).format(w=better)
+        return rng.choice(("Image {w} is better.", "Image {w} has the better quality.",
+                           "Image {w} looks better.", "The better one is image {w}.")).format(w=better)
 
     def _short_state(self, t: ImageTruth, rng: random.Random) -> str:
         if t.clean:
