@@ -1,0 +1,69 @@
+"""``loupe export``: copy a trained checkpoint to a clean folder, optionally with LoRA merged in.
+
+With ``--merge``, the LoRA adapter (and the trained mask-token rows) are folded into the base
+weights with peft's ``merge_and_unload`` and the result is written as a bundled checkpoint
+(``base/`` + heads): it loads without peft and without the original base. Accepts a final output
+folder or a ``checkpoints/step-N`` folder; the resume state (``trainer/``) is not copied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from assistant.modeling import CheckpointError, ExplainableVLM
+
+logger = logging.getLogger("finetune.export")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def export(checkpoint: str | Path, out: str | Path, merge: bool = False, dtype: str | None = None,
+           trust_remote_code: bool = False) -> Path:
+    """Write ``checkpoint`` to ``out`` (merged when ``merge``); returns ``out``."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    if out.resolve() == checkpoint.resolve():
+        raise CheckpointError(f"{out}: export needs a new folder, not the checkpoint itself")
+    model, processor = ExplainableVLM.from_pretrained(checkpoint, dtype=DTYPES[dtype] if dtype else None,
+                                                      trust_remote_code=trust_remote_code)
+    is_peft = hasattr(model.vlm, "peft_config")
+    if merge and not is_peft:
+        logger.info("%s has no LoRA adapter; nothing to merge, exporting as is", checkpoint)
+    if merge and is_peft:
+        model.vlm = model.vlm.merge_and_unload()
+        model.install_hooks()  # the hooks were on the peft wrapper's modules
+        model.config.training = {**model.config.training, "merged_from": {"base": model.config.base,
+                                                                          "lora": model.config.lora}}
+        model.config.base, model.config.lora = "bundled", None
+    model.save_pretrained(out, processor=processor)
+    logger.info("exported %s -> %s%s", checkpoint, out, " (LoRA merged)" if merge and is_peft else "")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``loupe export``."""
+    parser = argparse.ArgumentParser(prog="loupe export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint folder written by `loupe train`")
+    parser.add_argument("--out", required=True, help="the folder to write (created)")
+    parser.add_argument("--merge", action="store_true",
+                        help="fold the LoRA adapter into the base weights: a bundled model that loads without peft")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="weights' dtype in the export (default: as stored)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow the base's own code to run")
+    args = parser.parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        out = export(args.checkpoint, args.out, args.merge, args.dtype, args.trust_remote_code)
+    except (CheckpointError, FileNotFoundError, ValueError) as exc:
+        print(f"loupe export: {exc}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
