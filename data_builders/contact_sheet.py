@@ -61,8 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tile", type=int, default=192, help="tile size in px (default 192)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--distortions", nargs="*", help="only these function ids (default: all)")
+    ap.add_argument("--forgery", metavar="DATASET", help="instead: examples of a forgery dataset folder with "
+                    "their masks tinted red (see data_builders.forgery.forgery_contact_sheet)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if args.forgery:
+        from .forgery import forgery_contact_sheet
+        path = forgery_contact_sheet(args.forgery, args.out, thumb=args.tile, seed=args.seed)
+        print(f"wrote {path}: forgery examples of {args.forgery}")
+        return 0
     if args.image:
         img, name = load_rgb(args.image), args.image
     else:

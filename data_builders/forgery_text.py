@@ -25,7 +25,7 @@ import numpy as np
 from prompts import CUES, DOMAINS, LOCATIONS, MANIPULATIONS, MASK_TOKEN
 
 # Bump when any wording below changes; recorded as meta["labeller"] = "template@<version>".
-FORGERY_TEXT_VERSION = "1"
+FORGERY_TEXT_VERSION = "2"
 LABELLER_ID = f"template@{FORGERY_TEXT_VERSION}"
 
 _GRID_IDS = [t.id for t in LOCATIONS]  # row-major 3x3
@@ -152,9 +152,9 @@ def answer(meta: dict[str, Any], detail: bool, rng: random.Random, size: tuple[i
     if not detail:
         what = m_text[0].upper() + m_text[1:] if m_text else "An altered region"
         if len(regions) == 1:
-            return f"{opener} {what} in {_region_clause(regions[0], None, False, rng)}."
+            return f"{opener} {what} is visible in {_region_clause(regions[0], None, False, rng)}."
         places = _join([_region_clause(r, None, False, rng) for r in regions])
-        return f"{opener} {what} in {_NUMBER_WORDS.get(len(regions), str(len(regions)))} places: {places}."
+        return f"{opener} {what} is visible in {_NUMBER_WORDS.get(len(regions), str(len(regions)))} places: {places}."
     parts = [opener]
     if manip:
         domain = meta.get("domain")

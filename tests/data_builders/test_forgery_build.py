@@ -216,3 +216,15 @@ def test_workers_give_the_same_dataset(tmp_path, image_folder):
     _build(two, image_folder, n=12, workers=2)
     for split in ("train", "val", "test"):
         assert (one / f"{split}.jsonl").read_text() == (two / f"{split}.jsonl").read_text()
+
+
+def test_contact_sheet_cli_forgery_option(built, tmp_path):
+    from data_builders import contact_sheet
+
+    out, _ = built
+    png = tmp_path / "forgery_sheet.png"
+    assert contact_sheet.main(["--out", str(png), "--forgery", str(out), "--tile", "64"]) == 0
+    sheet = cv2.imread(str(png))
+    assert sheet is not None and sheet.shape[1] == 6 * 64
+    # Tampered tiles carry the red tint of their masks.
+    assert (sheet[..., 2].astype(int) - sheet[..., 1] > 80).any()
