@@ -92,6 +92,8 @@ class BuildConfig:
     images: list[str] = field(default_factory=list)
     """Folders/globs of pristine images; empty = the built-in pool."""
     manifest: str | None = None
+    licence: str = "unknown (user-supplied)"
+    """Licence note for --images folders, kept in the card."""
     mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MIX))
     """Share of blocks per built-in pool part."""
     clean_rate: float = 0.05
@@ -149,7 +151,7 @@ def _part_of(src: SourceImage) -> str:
 def make_pool(cfg: BuildConfig) -> Pool:
     """The sources to draw from, split by photo."""
     if cfg.images or cfg.manifest:
-        sources = (from_folders(cfg.images) if cfg.images else []) + (from_manifest(cfg.manifest) if cfg.manifest
+        sources = (from_folders(cfg.images, licence=cfg.licence) if cfg.images else []) + (from_manifest(cfg.manifest) if cfg.manifest
                                                                        else [])
         weights = {"user": 1.0}
     else:
@@ -535,6 +537,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", nargs="*", default=[], help="folders or globs of pristine images "
                     "(default: the built-in pool: registry photos, procedural scenes, Tux Paint stamp scenes)")
     ap.add_argument("--manifest", help="JSONL manifest of pristine images ({path, group, origin, licence})")
+    ap.add_argument("--licence", default="unknown (user-supplied)", help="licence note of the --images folders, "
+                    "kept in the dataset card")
     ap.add_argument("--tasks", nargs="*", default=["all"], help="tasks to build: identify, assess (brief and "
                     "detailed), assess_brief, assess_detailed, rate, compare, or quality.* ids (default all)")
     ap.add_argument("--labeller", choices=["template", "openai"], default="template")
@@ -570,7 +574,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--mix: expected name=weight pairs separated by commas, got {args.mix!r}")
     try:
         cfg = BuildConfig(out=args.out, n=args.n, seed=args.seed, image_size=args.image_size,
-                          tasks=list(dict.fromkeys(tasks)), images=args.images, manifest=args.manifest, mix=mix,
+                          tasks=list(dict.fromkeys(tasks)), images=args.images, manifest=args.manifest,
+                          licence=args.licence, mix=mix,
                           clean_rate=args.clean_rate, multi_rate=args.multi_rate,
                           reference_rate=args.reference_rate, workers=args.workers, labeller=args.labeller,
                           base_url=args.base_url, model=args.model, max_concurrency=args.concurrency,
