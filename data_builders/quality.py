@@ -15,7 +15,8 @@ How a dataset is made (all deterministic given ``--seed``):
   block draws from follows ``--mix``.
 * Each unit renders up to three distorted versions of its view: X, a partner Y with the same
   distortions at other severities, and a partner Z with other distortions (or none). Single-image
-  tasks use one of them; A/B tasks use a pair whose better image is certain (``pair_better``) and
+  tasks use a distorted one, or the pristine view itself with probability ``clean_rate`` (5%);
+  A/B tasks use a pair whose better image is certain (``pair_better``) and
   the order is swapped at random, so A is better half the time.
 
 Rating rule (``distortions.rating_for``): effective severity = the worst severity, plus one when a
@@ -291,7 +292,7 @@ def build_unit(unit: int, cfg: BuildConfig | None = None, pool: Pool | None = No
     view = random_view(_load(src), rng, cfg.image_size)
     x = _random_spec(rng, cfg)
     y, z = _partners(x, rng, cfg)
-    specs = {"x": x, "y": y, "z": z}
+    specs = {"x": x, "y": y, "z": z, "ref": []}
     rendered: dict[str, np.ndarray] = {}
 
     def image(key: str) -> np.ndarray:
@@ -320,7 +321,11 @@ def build_unit(unit: int, cfg: BuildConfig | None = None, pool: Pool | None = No
                     a, b = b, a
                 combo: tuple = (key, a, b, reference)
             else:
-                a = ("x", "y", "z")[int(rng.integers(3))]
+                # clean single images at exactly clean_rate: the pristine view itself; otherwise a
+                # distorted version (X may be clean too, but that one serves the A/B pairs)
+                distorted = [k for k in ("x", "y", "z") if specs[k]]
+                a = "ref" if rng.random() < cfg.clean_rate or not distorted else \
+                    distorted[int(rng.integers(len(distorted)))]
                 b = None
                 combo = (key, a, reference)
             if combo not in used:
