@@ -573,6 +573,8 @@ def card_sections(cfg: BuildConfig, ctx: _Context, samples: list[tuple[str, Samp
             "removal: OpenCV Telea / Navier-Stokes inpainting and a patch-based fill",
             AIGC_CARD_NOTE, FACE_SWAP_NOTE],
         "Unreadable source images (left out)": [f"{p}: {r}" for p, r in sorted(ctx.unreadable.items())] or "none",
+        "Example answers": [f"`{s.id}` ({s.meta.get('manipulation') or 'authentic'}, {s.meta.get('detail')}): "
+                            f"{s.answer()}" for s in _examples(samples)],
         "Build failures": failures[:50] + ([f"... and {len(failures) - 50} more"] if len(failures) > 50 else [])
         if failures else "none",
     }
@@ -586,6 +588,15 @@ def card_sections(cfg: BuildConfig, ctx: _Context, samples: list[tuple[str, Samp
             **{f"rejected replies ({k} disagreed)": v for k, v in sorted(rejected.items())},
             **{f"this run: {k}": v for k, v in labeller.client.stats.as_dict().items()}}
     return sections
+
+
+def _examples(samples: list[tuple[str, Sample]]) -> list[Sample]:
+    """The first brief and the first detailed answer of each kind (for the card)."""
+    seen: dict[tuple[str, str], Sample] = {}
+    for _, s in samples:
+        key = (s.meta.get("manipulation") or "authentic", str(s.meta.get("detail")))
+        seen.setdefault(key, s)
+    return [seen[k] for k in sorted(seen)]
 
 
 # ---- contact sheet -------------------------------------------------------------------------------

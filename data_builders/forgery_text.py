@@ -115,13 +115,18 @@ def _join(items: list[str]) -> str:
     return ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def _where(region: dict[str, Any], rng: random.Random) -> str:
-    return "the " + rng.choice(LOCATIONS[region["location"]].phrasings)
+def _where(region: dict[str, Any], rng: random.Random, prep: bool) -> str:
+    """'the top-left', or with ``prep`` 'in the top-left' / 'on the right side'."""
+    phrase = rng.choice(LOCATIONS[region["location"]].phrasings)
+    if not prep:
+        return "the " + phrase
+    return ("on the " if phrase.endswith("side") else "in the ") + phrase
 
 
-def _region_clause(region: dict[str, Any], size: tuple[int, int] | None, detail: bool, rng: random.Random) -> str:
-    """'the top-left, covering about 7% of the image (from ... ) <|mask|>'."""
-    text = _where(region, rng)
+def _region_clause(region: dict[str, Any], size: tuple[int, int] | None, detail: bool, rng: random.Random,
+                   prep: bool = True) -> str:
+    """'in the top-left, covering about 7% of the image (from ... ) <|mask|>'."""
+    text = _where(region, rng, prep)
     if detail:
         text += f", covering {_pct(region['area'])} of the image"
         if size is not None:
@@ -152,8 +157,8 @@ def answer(meta: dict[str, Any], detail: bool, rng: random.Random, size: tuple[i
     if not detail:
         what = m_text[0].upper() + m_text[1:] if m_text else "An altered region"
         if len(regions) == 1:
-            return f"{opener} {what} is visible in {_region_clause(regions[0], None, False, rng)}."
-        places = _join([_region_clause(r, None, False, rng) for r in regions])
+            return f"{opener} {what} is visible {_region_clause(regions[0], None, False, rng)}."
+        places = _join([_region_clause(r, None, False, rng, prep=False) for r in regions])
         return f"{opener} {what} is visible in {_NUMBER_WORDS.get(len(regions), str(len(regions)))} places: {places}."
     parts = [opener]
     if manip:
@@ -163,10 +168,10 @@ def answer(meta: dict[str, Any], detail: bool, rng: random.Random, size: tuple[i
     else:
         parts.append(_UNKNOWN_MANIP)
     if len(regions) == 1:
-        parts.append(f"The altered area is in {_region_clause(regions[0], size, True, rng)}.")
+        parts.append(f"The altered area is {_region_clause(regions[0], size, True, rng)}.")
     else:
         n = _NUMBER_WORDS.get(len(regions), str(len(regions)))
-        clauses = [f"one in {_region_clause(r, size, True, rng)}" for r in regions]
+        clauses = [f"one {_region_clause(r, size, True, rng)}" for r in regions]
         parts.append(f"There are {n} altered areas: " + "; ".join(clauses[:-1]) + "; and " + clauses[-1] + ".")
     cues = [c for c in meta.get("cues") or [] if c in CUES and c != "consistent"]
     if cues:
