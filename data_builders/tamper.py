@@ -155,6 +155,8 @@ def segment_shape(img: np.ndarray, rng: np.random.Generator, area: float, kind: 
             break
         region |= labels == int(rng.choice(neighbours))
     up = cv2.resize(region.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+    # Round off the staircase that upsampling a low-resolution label map leaves.
+    up = cv2.GaussianBlur(up, (0, 0), 0.5 * max(h, w) / max(labels.shape))
     return up >= 0.5
 
 
@@ -694,7 +696,7 @@ def aigc_edit(img: np.ndarray, rng: np.random.Generator, *, shape: str | None = 
     else:
         fill = inpaint(crop, rmask, 4, cv2.INPAINT_TELEA)
         tex = _fractal_texture(rng, ch, cw)
-        regen = np.clip(fill.astype(np.float32) + float(rng.uniform(6, 18)) * tex[..., None], 0, 255).astype(np.uint8)
+        regen = np.clip(fill.astype(np.float32) + float(rng.uniform(4, 10)) * tex[..., None], 0, 255).astype(np.uint8)
         cues = ["noise_texture", "smudged"]
     # New grain with a different spectrum from the camera's: correlated, a little chromatic.
     sigma = float(rng.uniform(2.0, 6.0))
