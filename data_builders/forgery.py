@@ -546,6 +546,7 @@ def card_sections(cfg: BuildConfig, ctx: _Context, samples: list[tuple[str, Samp
         if m.get("tampered"):
             n_regions[len(m.get("regions") or [])] += 1
     total = max(len(samples), 1)
+    pool = "folders " + ", ".join(cfg.images) if cfg.images else "built-in " + "+".join(DEFAULT_POOL)
     manip_table = {k: {"samples": v["samples"], "share": f"{100 * v['samples'] / total:.1f}%",
                        "regions": v["regions"], **{sp: v[sp] for sp in SPLITS}} for k, v in sorted(by_manip.items())}
     sections: dict[str, Any] = {
@@ -559,7 +560,7 @@ def card_sections(cfg: BuildConfig, ctx: _Context, samples: list[tuple[str, Samp
         "Tampered samples per region count": {f"{k} region(s)": v for k, v in sorted(n_regions.items())},
         "Shapes and methods": dict(sorted(shapes.items())),
         "Cues stated as evidence": dict(cues),
-        "Sources": [f"pool: {'folders ' + ', '.join(cfg.images) if cfg.images else 'built-in ' + '+'.join(DEFAULT_POOL)}"
+        "Sources": [f"pool: {pool}"
                     + (f" ({cfg.procedural} procedural scenes)" if not cfg.images else ""),
                     f"photo groups per split: {photos_per_split} (target, donor and cut-outs of a sample all come "
                     "from its split)",

@@ -417,7 +417,8 @@ def normalise_mask(raw: np.ndarray, size: tuple[int, int], invert: bool | None =
         else:
             same = bool(np.all(np.abs(m.astype(np.int16) - m[..., :1]) <= 8))
             m = m[..., 0] if same else m.max(axis=2)
-            notes.append("colour (RGB) mask reduced to one channel" + ("" if same else " (any channel marks the region)"))
+            notes.append("colour (RGB) mask reduced to one channel"
+                         + ("" if same else " (any channel marks the region)"))
     if m.max() == 1:
         m = m * 255
         notes.append("0/1 mask scaled to 0/255")

@@ -91,7 +91,8 @@ def test_same_seed_same_dataset_and_resume(built, tmp_path, image_folder):
         assert (out / rel).read_bytes() == (other / rel).read_bytes()
     third = tmp_path / "seed1"
     _build(third, image_folder, n=10, seed=1)
-    assert (third / "train.jsonl").read_text() != (out / "train.jsonl").read_text()[:len((third / "train.jsonl").read_text())]
+    first_line = (out / "train.jsonl").read_text().splitlines()[0]
+    assert (third / "train.jsonl").read_text().splitlines()[0] != first_line  # another seed, another dataset
 
 
 def test_card_counts(built):
@@ -123,7 +124,8 @@ def test_cli_contact_sheet_and_bad_flags(tmp_path, image_folder, capsys):
 
 def test_openai_acceptance_check():
     meta = {"tampered": True, "manipulation": "splice", "regions": [{"location": "top_left"}, {"location": "bottom"}]}
-    good = f"This image has been tampered with: splicing in the top-left {MASK_TOKEN} and the bottom centre {MASK_TOKEN}."
+    good = (f"This image has been tampered with: splicing in the top-left {MASK_TOKEN} and the bottom centre "
+            f"{MASK_TOKEN}.")
     assert F.agrees(good, meta) is None
     assert "verdict" in F.agrees("This image appears authentic. " + good, meta)
     assert "mask tokens" in F.agrees(good.replace(f" {MASK_TOKEN} and", " and"), meta)
@@ -157,7 +159,8 @@ def test_openai_labeller_keeps_only_agreeing_replies(built):
     lab = F.ForgeryOpenAILabeller(_FakeClient(["This image appears authentic.", f"This image was tampered: {good}."]))
     lab.relabel(made)
     assert lab.accepted == 1 and lab.rejected["verdict"] == 1
-    assert made.sample.answer().startswith("This image was tampered") and made.sample.meta["labeller"] == "openai:fake@1"
+    assert made.sample.answer().startswith("This image was tampered")
+    assert made.sample.meta["labeller"] == "openai:fake@1"
     msgs = lab.client.calls[0][0]
     assert msgs[1]["content"][0]["type"] == "image_url" and LOCATIONS[loc].text in msgs[1]["content"][1]["text"]
     lab2 = F.ForgeryOpenAILabeller(_FakeClient(["nonsense", "still nonsense"]))
