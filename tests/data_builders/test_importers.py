@@ -280,3 +280,16 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
     assert "NC2016-manipulation-ref.csv" in capsys.readouterr().err
     assert I.main(["--layout", "folder", "--root", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_max_side_downscales_image_and_mask_together(tmp_path):
+    root = tmp_path / "big"
+    _img(root / "images" / "a.png", 0)
+    _mask(root / "masks" / "a.png", 0)
+    _, samples = _import("folder", root, tmp_path / "out", max_side=32)
+    (s,) = samples
+    img = cv2.imread(str(tmp_path / "out" / s.images[0]))
+    mask = cv2.imread(str(tmp_path / "out" / s.masks[0]), cv2.IMREAD_UNCHANGED)
+    assert img.shape[:2] == mask.shape == (24, 32)
+    x0, y0, x1, y1 = _rect(0)
+    assert np.abs(np.array(s.meta["regions"][0]["bbox"]) - np.array([x0, y0, x1, y1]) / 2).max() <= 1
