@@ -386,6 +386,27 @@ def _dropped_ids(out: Path) -> set[str]:
     return ids
 
 
+def _check_settings(out: Path, cfg: BuildConfig) -> None:
+    """Refuse to resume a dataset made with other settings (only --n, --workers and concurrency may change)."""
+    settings = {"image_size": cfg.image_size, "tasks": sorted(cfg.tasks), "images": cfg.images,
+                "manifest": cfg.manifest, "mix": cfg.mix, "clean_rate": cfg.clean_rate, "multi_rate": cfg.multi_rate,
+                "reference_rate": cfg.reference_rate, "fractions": list(cfg.fractions), "model": cfg.model
+                if cfg.labeller == "openai" else None}
+    path = out / ".quality.json"
+    if cfg.overwrite:
+        path.unlink(missing_ok=True)
+        (out / "dropped.jsonl").unlink(missing_ok=True)
+    if path.is_file():
+        previous = json.loads(path.read_text(encoding="utf-8"))
+        changed = sorted(k for k in settings if previous.get(k) != settings[k])
+        if changed:
+            raise ValueError(f"{out}: was built with other settings ({', '.join(changed)}: "
+                             f"{ {k: previous.get(k) for k in changed} }); resume with the same flags, "
+                             f"choose another --out, or pass --overwrite")
+    else:
+        path.write_text(json.dumps(settings) + "\n", encoding="utf-8")
+
+
 def build(cfg: BuildConfig, progress: bool = True) -> dict[str, Any]:
     """Build (or resume) the dataset in ``cfg.out``; returns a summary with counts and timing."""
     t0 = time.perf_counter()
@@ -399,6 +420,7 @@ def build(cfg: BuildConfig, progress: bool = True) -> dict[str, Any]:
     writer = DatasetWriter(cfg.out, builder="quality", seed=cfg.seed, labeller=labeller_name,
                            overwrite=cfg.overwrite)
     out = Path(cfg.out)
+    _check_settings(out, cfg)
     done = writer.done_ids() | _dropped_ids(out)
     n_units = (cfg.n + UNIT_SAMPLES - 1) // UNIT_SAMPLES
     todo = [u for u in range(n_units)

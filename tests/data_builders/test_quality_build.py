@@ -126,6 +126,17 @@ def test_task_selection_and_ab_balance(tmp_path, image_folder):
         assert re.search(rf"\b[Ii]mage {s.meta['better']}\b", verdict), verdict  # the verdict names the winner
 
 
+def test_resume_with_other_settings_is_refused(tmp_path, image_folder, capsys):
+    _build(tmp_path / "s", image_folder, n=12)
+    assert main(["--out", str(tmp_path / "s"), "--n", "12", "--images", str(image_folder), "--image-size", "96",
+                 "--no-progress"]) == 2
+    assert "image_size" in capsys.readouterr().err
+    _build(tmp_path / "s", image_folder, n=24)  # only --n changed: resumes
+    assert sum(len(v) for v in _records(tmp_path / "s").values()) == 24
+    _build(tmp_path / "s", image_folder, n=6, extra=["--image-size", "80", "--overwrite"])
+    assert sum(len(v) for v in _records(tmp_path / "s").values()) == 6
+
+
 def test_cli_errors_are_helpful(tmp_path, capsys):
     assert main(["--out", str(tmp_path / "x"), "--images", str(tmp_path / "none" / "*.png"), "--no-progress"]) == 2
     assert "check --images" in capsys.readouterr().err
