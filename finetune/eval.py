@@ -65,7 +65,7 @@ def severity_mos(distortions: Sequence[dict]) -> float:
     levels = sorted((int(d["severity"]) for d in distortions if d.get("severity") is not None), reverse=True)
     if not levels:
         return 5.0
-    return float(np.clip(5.0 - 0.8 * levels[0] - 0.2 * sum(levels[1:]), 1.0, 5.0))
+    return round(float(np.clip(5.0 - 0.8 * levels[0] - 0.2 * sum(levels[1:]), 1.0, 5.0)), 4)
 
 
 def post_label(post: Sequence[dict] | None) -> str:
@@ -588,11 +588,13 @@ JUDGE_PROMPT = (
     "ground truth, not style. Reply with the score as a bare number.")
 
 
-def make_judge(base_url: str, model: str, api_key_env: str = "LOUPE_JUDGE_API_KEY", timeout: float = 60.0) -> Judge:
+def make_judge(base_url: str, model: str, api_key_env: str = "LOUPE_JUDGE_API_KEY", timeout: float = 60.0,
+               max_retries: int = 2) -> Judge:
     """An OpenAI-compatible LLM judge scoring answers 0-10 (DepictQA's GPT-4 scoring); None when it fails."""
     from openai import OpenAI
 
-    client = OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env, "EMPTY"), timeout=timeout, max_retries=2)
+    client = OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env, "EMPTY"), timeout=timeout,
+                    max_retries=max_retries)
 
     def judge(record: dict, sample: Sample) -> float | None:
         facts = json.dumps({k: v for k, v in sample.meta.items() if k not in ("labeller", "tamper")}, default=str)

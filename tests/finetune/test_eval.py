@@ -75,10 +75,14 @@ def dataset(tmp_path_factory) -> Path:
 
 def test_loupe_eval_writes_a_complete_report(tiny_checkpoint, dataset, tmp_path, capsys):
     from assistant.cli import main as loupe
+    from tests.data_builders.llm_server import Server
 
     out = tmp_path / "report"
-    rc = loupe(["eval", "--model", str(tiny_checkpoint), "--data", str(dataset), "--out", str(out),
-                "--batch-size", "4", "--max-new-tokens", "40", "--no-progress"])
+    with Server(lambda body, n: (200, "8", 0.0)) as judge:
+        rc = loupe(["eval", "--model", str(tiny_checkpoint), "--data", str(dataset), "--out", str(out),
+                    "--batch-size", "4", "--max-new-tokens", "40", "--no-progress",
+                    "--judge-base-url", judge.base_url, "--judge-model", "judge-test"])
+        assert judge.requests == 8  # one score per answered sample
     assert rc == 0
     for name in ("metrics.json", "predictions.jsonl", "report.md", "plots/confusion.png", "plots/reliability.png",
                  "plots/severity.png", "plots/pixel_f1_by_manipulation.png", "plots/worst_forgery.png"):
@@ -95,12 +99,13 @@ def test_loupe_eval_writes_a_complete_report(tiny_checkpoint, dataset, tmp_path,
                  "forgery.accuracy", "forgery.auc", "forgery.pixel_f1@0.5", "forgery.pixel_iou@0.5",
                  "forgery.pixel_f1_best_threshold", "forgery[manipulation=splice].pixel_f1@0.5",
                  "forgery[post=jpeg<70].accuracy", "explanations.forgery_verdict", "explanations.quality_names_true",
-                 "calibration.ece", "cost.seconds_per_sample", "cost.peak_rss_mb"):
+                 "calibration.ece", "cost.seconds_per_sample", "cost.peak_rss_mb", "explanations.judge_score"):
         assert name in m, name
         assert m[name]["protocol"] and m[name]["n"] >= 1
     assert "IMDL-BenCo" in m["forgery.pixel_f1@0.5"]["protocol"]
     assert "BEST-THRESHOLD" in m["forgery.pixel_f1_best_threshold"]["protocol"]
     assert "severity_mos" in m["quality.srcc"]["protocol"]
+    assert m["explanations.judge_score"]["value"] == 8.0
     # the tiny model was overfit to say "poor" for noisy.png and to mask tampered.png (IoU > 0.5)
     preds = {json.loads(x)["id"]: json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()}
     assert set(preds) == {"q-0", "q-1", "q-2", "r-0", "r-1", "f-0", "f-1", "f-2"}
@@ -138,26 +143,50 @@ def test_eval_resumes_after_interruption(assistant, dataset, tmp_path):
     from finetune.eval import EvalError, evaluate
 
     out = tmp_path / "report"
+    tasks = ["quality.assess", "forgery"]  # 6 samples: enough for two batches, cheap on a shared CPU
     first = _Interrupting(assistant, 1)
     with pytest.raises(KeyboardInterrupt):
-        evaluate(first, dataset, out_dir=out, batch_size=3, progress=False)
+        evaluate(first, dataset, tasks=tasks, out_dir=out, batch_size=3, progress=False)
     assert first.ran == ["q-0", "q-1", "q-2"]
     lines = (out / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == 3
-    with (out / "predictions.jsonl").open("a") as fh:
-        fh.write('{"id": "r-0", "task": "comp')  # a line cut by the kill
+    lines[2] = lines[2][:25]  # the kill cut the last line short
+    (out / "predictions.jsonl").write_text("\n".join(lines))
     second = _Interrupting(assistant, 10)
-    result = evaluate(second, dataset, out_dir=out, batch_size=3, progress=False)
-    assert second.ran == ["r-0", "r-1", "f-0", "f-1", "f-2"]  # done ids skipped, the cut one redone
+    result = evaluate(second, dataset, tasks=tasks, out_dir=out, batch_size=3, progress=False)
+    assert second.ran == ["q-2", "f-0", "f-1", "f-2"]  # done ids skipped, the cut one redone
     ids = [json.loads(x)["id"] for x in (out / "predictions.jsonl").read_text().splitlines()]
-    assert sorted(ids) == sorted({"q-0", "q-1", "q-2", "r-0", "r-1", "f-0", "f-1", "f-2"}) and len(ids) == 8
-    assert result["details"]["counts"]["records"] == 8
-    # in-memory evaluation (no report folder) gives the same numbers
-    mem = evaluate(assistant, dataset, progress=False, batch_size=8)
-    for name in ("forgery.pixel_f1@0.5", "quality.srcc", "compare.accuracy"):
+    assert sorted(ids) == ["f-0", "f-1", "f-2", "q-0", "q-1", "q-2"]
+    assert result["details"]["counts"]["records"] == 6
+    assert json.loads((out / "run.json").read_text())["sessions"][-1]["samples"] == 4
+    # in-memory evaluation (no report folder, as training calls it) gives the same numbers
+    mem = evaluate(assistant, dataset, tasks=["forgery"], progress=False)
+    assert mem["details"]["counts"]["records"] == 3
+    for name in ("forgery.pixel_f1@0.5", "forgery.pixel_f1_best_threshold", "forgery.auc"):
         assert mem["metrics"][name]["value"] == pytest.approx(result["metrics"][name]["value"], abs=2e-3)
     # another model's run is not silently mixed in
     other = _Interrupting(assistant, 10)
     other.name = "other@123"
     with pytest.raises(EvalError, match="--restart"):
-        evaluate(other, dataset, out_dir=out, progress=False)
+        evaluate(other, dataset, tasks=tasks, out_dir=out, progress=False)
+
+
+def test_judge_scores_and_failures():
+    from finetune.eval import make_judge
+    from tests.data_builders.llm_server import Server
+
+    replies = {1: (200, "7", 0.0), 2: (200, "I cannot grade this.", 0.0), 3: (500, "boom", 0.0), 4: (200, "42", 0.0)}
+    seen = []
+
+    def behaviour(body, n):
+        seen.append(body["messages"][-1]["content"])
+        return replies[n]
+
+    sample = _sample("q", "quality.assess", ["images/noisy.png"], ["A"],
+                     "Serious Gaussian noise. The quality is poor.", {"distortions": NOISE, "rating": "poor"})
+    with Server(behaviour) as server:
+        judge = make_judge(server.base_url, "judge-test", max_retries=0)
+        scores = [judge({"text": "The quality is poor."}, sample) for _ in range(4)]
+    assert scores == [7.0, None, None, None]  # a score, a refusal, a server error, out of range
+    assert "Reference answer: Serious Gaussian noise. The quality is poor." in seen[0]
+    assert "noise_gaussian_rgb" in seen[0] and "Assistant's answer: The quality is poor." in seen[0]
