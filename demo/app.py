@@ -248,16 +248,20 @@ def build_demo(assistant: Assistant, lock: threading.Lock | None = None) -> gr.B
         q = (question or "").strip()
         return mode_question(mode) if not q or q in CANONICAL_QUESTIONS else question
 
+    def pick_example(evt: gr.SelectData) -> tuple:
+        a, b, m, _ = examples[evt.index]
+        return str(EXAMPLES_DIR / a), (str(EXAMPLES_DIR / b) if b else None), m
+
     def reset() -> tuple:
         return [], EMPTY_REPORT, None, None, None, None
 
-    examples = [
-        [EXAMPLES_DIR / "noisy.png", None, "Auto"],
-        [EXAMPLES_DIR / "blurred.png", None, "Quality (detailed)"],
-        [EXAMPLES_DIR / "jpeg.png", None, "Quality (brief)"],
-        [EXAMPLES_DIR / "tampered.png", None, "Forgery"],
-        [EXAMPLES_DIR / "clean.png", None, "Forgery"],
-        [EXAMPLES_DIR / "clean.png", EXAMPLES_DIR / "noisy.png", "Compare"],
+    examples = [  # (image A, image B, mode, label)
+        ("noisy.png", None, "Auto", "noisy"),
+        ("blurred.png", None, "Quality (detailed)", "blurred (detailed)"),
+        ("jpeg.png", None, "Quality (brief)", "heavy JPEG"),
+        ("tampered.png", None, "Forgery", "spliced (forgery)"),
+        ("clean.png", None, "Forgery", "authentic (forgery)"),
+        ("clean.png", "noisy.png", "Compare", "A/B: clean vs noisy"),
     ]
 
     with gr.Blocks(title="Loupe", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
@@ -278,16 +282,21 @@ def build_demo(assistant: Assistant, lock: threading.Lock | None = None) -> gr.B
                 chatbot = gr.Chatbot(label="Loupe", height=300, elem_id="loupe-chat", feedback_options=None)
                 with gr.Row():
                     question = gr.Textbox(value=mode_question("Auto"), label="Question", scale=5,
-                                          elem_id="loupe-question", lines=1)
+                                          elem_id="loupe-question", lines=1,
+                                          placeholder="A follow-up question, or leave empty for the mode's prompt")
                     send = gr.Button("Analyse", variant="primary", scale=1, elem_id="loupe-send")
                 clear = gr.Button("New conversation", size="sm")
             with gr.Column(scale=2):
                 report = gr.HTML(EMPTY_REPORT, elem_id="loupe-report")
-                mask_view = gr.Image(label="Forgery mask overlay", type="numpy", interactive=False, height=220)
+                mask_view = gr.Image(label="Forgery mask overlay", type="numpy", interactive=False, height=260)
                 mask_download = gr.File(label="Mask PNG (255 = tampered)", interactive=False)
                 with gr.Accordion("Result record (JSON)", open=False):
                     record = gr.JSON(label="record")
-        gr.Examples(examples=examples, inputs=[image, image_b, mode], label="Examples (bundled, work offline)")
+        # A gallery rather than gr.Examples: with several inputs gr.Examples shows a table or text labels,
+        # and a person should see the photos. Selecting one fills the inputs and the mode.
+        gallery = gr.Gallery([(str(EXAMPLES_DIR / a), label) for a, _, _, label in examples], columns=6,
+                             label="Examples (bundled, work offline): click one, then Analyse", height=240,
+                             allow_preview=False, object_fit="cover", elem_id="loupe-examples")
 
         chat_inputs = [image, image_b, reference, mode, question, chatbot, state]
         chat_outputs = [chatbot, report, mask_view, mask_download, record, state, question]
@@ -303,6 +312,7 @@ def build_demo(assistant: Assistant, lock: threading.Lock | None = None) -> gr.B
         for comp in (image, image_b, reference):
             comp.change(reset, None, resets, queue=False, api_name=False)
         clear.click(reset, None, resets, queue=False, api_name=False)
+        gallery.select(pick_example, None, [image, image_b, mode], queue=False, api_name=False)
     demo.queue(max_size=32, default_concurrency_limit=1)
     return demo
 

@@ -81,3 +81,22 @@ def test_demo_main_exits_2_with_a_clear_message_without_a_model(tmp_path, capsys
 
     assert main(["--model", str(tmp_path / "missing")]) == 2
     assert "loupe demo:" in capsys.readouterr().err
+
+
+def test_demo_without_a_model_asks_for_loupe_tiny(capsys):
+    from assistant.inference import DEFAULT_MODEL_DIR
+    from demo.app import main
+
+    if (DEFAULT_MODEL_DIR / "loupe_config.json").is_file():
+        pytest.skip("loupe-tiny is built here, so main([]) would start serving")
+    assert main(["--port", "1"]) == 2
+    assert "make loupe-tiny" in capsys.readouterr().err
+
+
+def test_serve_main_exits_2_with_a_clear_message_without_a_model(tmp_path, capsys):
+    from demo.serve import main
+
+    assert main(["--model", str(tmp_path / "missing")]) == 2
+    assert "loupe serve:" in capsys.readouterr().err
+    assert main(["--allow-files", str(tmp_path / "nowhere")]) == 2
+    assert "not a folder" in capsys.readouterr().err
