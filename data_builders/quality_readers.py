@@ -58,6 +58,8 @@ from prompts import (
     user_content,
 )
 
+from .importers import _inside  # the importers' one "resolves inside --root" check
+
 log = logging.getLogger(__name__)
 
 LAYOUTS = ("kadid10k", "tid2013", "koniq10k")
@@ -143,14 +145,6 @@ class QualityItem:
 class Scan:
     items: list[QualityItem] = field(default_factory=list)
     problems: list[tuple[str, str]] = field(default_factory=list)
-
-
-def _inside(path: Path, root: Path) -> bool:
-    try:
-        path.resolve().relative_to(root.resolve())
-        return True
-    except ValueError:
-        return False
 
 
 def _index(folder: Path, root: Path) -> dict[str, Path]:

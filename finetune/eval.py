@@ -281,7 +281,7 @@ def evaluate(assistant: Assistant, samples: Sequence[Sample] | str | Path, root:
     if isinstance(samples, (str, Path)):
         path = Path(samples)
         root = Path(root) if root is not None else path.parent
-        data_name = data_name or str(path)
+        data_name = data_name or str(path.resolve())  # resolved: a resumed run may name it another way
         samples = [s for _, s in iter_jsonl(path, errors=skipped)]
         for err in skipped[:5]:
             logger.warning("skipping a bad line: %s", err)
@@ -289,8 +289,9 @@ def evaluate(assistant: Assistant, samples: Sequence[Sample] | str | Path, root:
         raise EvalError("evaluate() needs root, the dataset folder the samples' paths are relative to")
     root = Path(root)
     chosen = select(samples, tasks, limit)
-    store = PredictionStore(Path(out_dir) if out_dir is not None else None, assistant.name,
-                            data_name or str(root), restart=restart)
+    data_name = data_name or str(root.resolve())
+    store = PredictionStore(Path(out_dir) if out_dir is not None else None, assistant.name, data_name,
+                            restart=restart)
     done = store.done()
     todo = [s for s in chosen if s.id not in done]
     t_start = time.perf_counter()
@@ -316,7 +317,7 @@ def evaluate(assistant: Assistant, samples: Sequence[Sample] | str | Path, root:
     sessions = store.log_session(session)
     records = [store.records[s.id] for s in chosen if s.id in store.records]
     result = compute_metrics(records, root, store.predicted_mask, sessions)
-    result.update({"model": assistant.name, "dataset": {"path": data_name or str(root), "card_sha256": card_hash(root),
+    result.update({"model": assistant.name, "dataset": {"path": data_name, "card_sha256": card_hash(root),
                                                         "skipped_lines": len(skipped)}})
     result = M.finite(result)
     if out_dir is not None:

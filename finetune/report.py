@@ -29,6 +29,13 @@ def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+def _save(fig: Any, path: Path, dpi: int = 100) -> bool:
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)  # figures are not freed otherwise; a long eval session would leak them
+    return True
+
+
 def _table(items: dict[str, dict]) -> list[str]:
     lines = ["| metric | value | n | protocol |", "|---|---:|---:|---|"]
     lines += [f"| `{name}` | {_fmt(m['value'])} | {m['n']} | {m['protocol']} |" for name, m in items.items()]
@@ -110,10 +117,7 @@ def _confusion(details: dict, metrics: dict, path: Path) -> bool:
     ax.set_xlabel("predicted (first named category)")
     ax.set_ylabel("true")
     ax.set_title("single-distortion items")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def _reliability(details: dict, metrics: dict, path: Path) -> bool:
@@ -135,10 +139,7 @@ def _reliability(details: dict, metrics: dict, path: Path) -> bool:
     ax.set_ylabel("accuracy")
     ax.set_title(f"ECE = {cal['ece']:.3f} (n = {cal['n']})")
     ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def _severity(details: dict, metrics: dict, path: Path) -> bool:
@@ -157,10 +158,7 @@ def _severity(details: dict, metrics: dict, path: Path) -> bool:
     ax.plot([0.5, 5.5], [0.5, 5.5], "k--", lw=1)
     ax.set_xlabel("predicted severity (1 slight .. 5 catastrophic)")
     ax.set_ylabel("true severity")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def _pixel_by_manip(details: dict, metrics: dict, path: Path) -> bool:
@@ -174,10 +172,7 @@ def _pixel_by_manip(details: dict, metrics: dict, path: Path) -> bool:
         ax.text(i, m["value"] + 0.01, f"{m['value']:.2f}\nn={m['n']}", ha="center", fontsize=8)
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("pixel-F1 @0.5 (per image, averaged)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def _worst(details: dict, path: Path, out: Path, root: Path, n: int = 6) -> bool:
@@ -200,7 +195,4 @@ def _worst(details: dict, path: Path, out: Path, root: Path, n: int = 6) -> bool
             ax.imshow(data, cmap=None if data is img else "gray", vmin=0, vmax=1)
             ax.set_title(title, fontsize=8)
             ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
+    return _save(fig, path, dpi=90)
