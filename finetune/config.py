@@ -129,6 +129,10 @@ class TrainConfig:
     """Seed for initialisation, data order and dropout."""
     eval_every: int = 100
     """Validate every N optimizer steps (0: only at the end)."""
+    task_eval_every: int = 0
+    """Every N steps also run `loupe eval`'s evaluate() (generation, the task metrics) on val records (0: off)."""
+    task_eval_samples: int = 32
+    """Validation records per dataset folder for the task evaluation."""
     save_every: int = 500
     """Save a resumable checkpoint every N optimizer steps (0: never)."""
     keep_last: int = 2
@@ -161,7 +165,7 @@ class TrainConfig:
                 p.append(f"{name}: must be > 0, got {getattr(self, name)}")
         non_negative = ("lora_dropout", "ce_weight", "bce_weight", "dice_weight", "head_lr", "weight_decay",
                         "warmup_steps", "max_grad_norm", "max_bad_records", "val_samples", "num_workers",
-                        "eval_every", "save_every")
+                        "eval_every", "save_every", "task_eval_every", "task_eval_samples")
         for name in non_negative:
             if getattr(self, name) < 0:
                 p.append(f"{name}: must be >= 0, got {getattr(self, name)}")

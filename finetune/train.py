@@ -343,6 +343,8 @@ def fit(run: Run) -> None:
                 log_metrics(run, metrics)
             if cfg.eval_every and run.step % cfg.eval_every == 0 and run.step < cfg.max_steps:
                 log_metrics(run, validate(run))
+            if cfg.task_eval_every and run.step % cfg.task_eval_every == 0 and run.step < cfg.max_steps:
+                log_metrics(run, task_eval(run))
             if cfg.save_every and run.step % cfg.save_every == 0:
                 save_checkpoint(run)
             if run.step >= cfg.max_steps:
@@ -386,7 +388,7 @@ def log_metrics(run: Run, metrics: dict[str, Any]) -> None:
     with (run.out / "metrics.jsonl").open("a") as fh:
         fh.write(json.dumps(metrics) + "\n")
     if run.tb is not None:
-        prefix = "val" if metrics.get("split") == "val" else "train"
+        prefix = metrics.get("split", "train")
         for key, value in metrics.items():
             if isinstance(value, (int, float)) and key not in ("step", "epoch"):
                 run.tb.add_scalar(f"{prefix}/{key}", value, metrics["step"])
@@ -440,6 +442,33 @@ def validate(run: Run) -> dict[str, Any]:
                     result["val_token_accuracy"] or 0.0,
                     "n/a" if result["val_mask_iou"] is None else f"{result['val_mask_iou']:.3f}")
     return result
+
+
+def task_eval(run: Run) -> dict[str, Any]:
+    """The task metrics of ``loupe eval`` (generation through ``Assistant``, the same code as the CLI)
+    on the first ``task_eval_samples`` val records of each dataset folder. Runs on the main process."""
+    from assistant.inference import Assistant
+
+    from .eval import evaluate
+
+    acc, cfg = run.accelerator, run.cfg
+    row: dict[str, Any] = {"step": run.step, "split": "task_eval"}
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        model = run.unwrapped
+        assistant = Assistant(model, run.processor, name=f"{cfg.name}@step{run.step}")
+        for folder in cfg.data:
+            val = Path(folder) / "val.jsonl"
+            if not val.is_file() or not val.read_text().strip():
+                continue
+            with acc.autocast():
+                result = evaluate(assistant, val, limit=cfg.task_eval_samples, progress=False)
+            for name, item in result["metrics"].items():
+                if isinstance(item["value"], (int, float)) and not name.startswith("cost."):
+                    row[f"{Path(folder).name}/{name}"] = item["value"]
+        model.train()
+    acc.wait_for_everyone()
+    return row
 
 
 # ==================================================================================================
@@ -553,6 +582,8 @@ def finish(run: Run) -> Path:
     """Validate, save the final self-describing checkpoint to ``<output>``, and plot the losses."""
     val = validate(run)
     log_metrics(run, val)
+    if run.cfg.task_eval_every:
+        log_metrics(run, task_eval(run))
     acc = run.accelerator
     acc.wait_for_everyone()
     if acc.is_main_process:
@@ -577,7 +608,7 @@ def plot_losses(metrics_path: Path, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    train = [r for r in rows if r.get("split") != "val"]
+    train = [r for r in rows if "split" not in r]
     val = [r for r in rows if r.get("split") == "val" and r.get("val_loss") is not None]
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, label in (("loss", "train loss"), ("ce", "token CE"), ("mask", "mask loss (BCE + Dice, weighted)")):

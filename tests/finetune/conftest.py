@@ -72,8 +72,9 @@ def one_thread():
         torch.set_num_threads(before)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def one_torch_thread():
+    """Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")`` in a test module."""
     with one_thread():
         yield
 

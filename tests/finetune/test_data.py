@@ -26,6 +26,9 @@ from tests.finetune.conftest import TRAIN, write_dataset
 from tests.helpers import TAMPERED_ANSWER, tiny_model
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 @pytest.fixture(scope="module")
 def lp() -> LoupeProcessor:
     return tiny_model()[1]

@@ -9,6 +9,8 @@ import torch
 
 pytest.importorskip("bitsandbytes")
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 RECIPE = str(Path(__file__).resolve().parents[2] / "finetune" / "recipes" / "tiny-smoke.yaml")
 
 
