@@ -683,14 +683,17 @@ def main_merge(argv: list[str]) -> int:
     return 0
 
 
-def _distributed() -> tuple[int, int, str | None]:
+def _distributed(device: str) -> tuple[int, int, str | None]:
     """(rank, world size, device) when started by ``accelerate launch``/torchrun, else (0, 1, None)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1, None
+    import torch
     from accelerate import PartialState
 
-    state = PartialState()
-    return state.process_index, state.num_processes, str(state.device)
+    # without cpu=True accelerate sees a CPU-only multi-process launch as a single process
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    state = PartialState(cpu=on_cpu)
+    return state.process_index, state.num_processes, "cpu" if on_cpu else str(state.device)
 
 
 def _shard_out(path: Path, i: int, n: int) -> Path:
@@ -717,7 +720,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out, csv_path = args.out, args.csv
     shard, device = args.shard, args.device
-    rank, world, dist_device = _distributed()
+    rank, world, dist_device = _distributed(args.device)
     if world > 1:
         if shard is not None:
             print("loupe caption: --shard and a multi-process launch both split the work; use one",
