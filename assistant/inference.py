@@ -158,29 +158,48 @@ def error_result(task: str, images: list[str], exc: BaseException, id: str | Non
 
 
 class _KeyWords:
-    """Token ids of words whose probabilities we read, checked to be distinct first tokens."""
+    """First-token ids of the words whose probabilities we read, grouped by what they mean.
 
-    def __init__(self, tokenizer: Any, words: dict[str, str]):
-        self.ids: dict[str, int] = {}
-        for key, word in words.items():
-            ids = tokenizer.encode(" " + word, add_special_tokens=False)
-            if not ids:
-                raise ValueError(f"the tokenizer cannot encode {word!r}")
-            self.ids[key] = ids[0]
-        if len(set(self.ids.values())) != len(self.ids):
-            raise ValueError(f"words {list(words.values())} share first tokens in this tokenizer; "
-                             "their probabilities cannot be told apart")
-        self.keys = list(self.ids)
-        self.id_tensor = torch.tensor(list(self.ids.values()))
+    Each key (e.g. "tampered") may have several phrasings ("tampered", "manipulated", "edited");
+    P(key) at a position is the softmax over all the groups' ids, summed within the group. A first
+    token shared by two groups is ambiguous and left out; the canonical words must stay distinct.
+    """
+
+    def __init__(self, tokenizer: Any, words: dict[str, Sequence[str]]):
+        first: dict[str, list[int]] = {}
+        for key, phrasings in words.items():
+            ids = []
+            for word in phrasings:
+                enc = tokenizer.encode(" " + word, add_special_tokens=False)
+                if enc:
+                    ids.append(enc[0])
+            first[key] = ids
+        owners: dict[int, set[str]] = {}
+        for key, ids in first.items():
+            for i in ids:
+                owners.setdefault(i, set()).add(key)
+        self.groups = {key: sorted({i for i in ids if len(owners[i]) == 1}) for key, ids in first.items()}
+        for key, ids in first.items():
+            if not ids or ids[0] not in self.groups[key]:
+                raise ValueError(f"the canonical word for {key!r} shares its first token with another of "
+                                 f"{list(words)}; their probabilities cannot be told apart in this tokenizer")
+        self.keys = list(self.groups)
+        self.all_ids = [i for key in self.keys for i in self.groups[key]]
+        self._id_set = set(self.all_ids)
 
     def first_position(self, tokens: list[int], last: bool = False) -> int | None:
-        hits = [i for i, t in enumerate(tokens) if t in self.id_tensor.tolist()]
+        hits = [i for i, t in enumerate(tokens) if t in self._id_set]
         return (hits[-1] if last else hits[0]) if hits else None
 
     def probabilities(self, logits: torch.Tensor) -> dict[str, float]:
-        """Softmax over just these words' ids at one position's raw logits (V,)."""
-        p = torch.softmax(logits[self.id_tensor.to(logits.device)].float(), dim=0)
-        return {k: float(v) for k, v in zip(self.keys, p)}
+        """Softmax over these words' ids at one position's raw logits (V,), summed per key."""
+        p = torch.softmax(logits[torch.tensor(self.all_ids, device=logits.device)].float(), dim=0)
+        out, k = {}, 0
+        for key in self.keys:
+            n = len(self.groups[key])
+            out[key] = float(p[k:k + n].sum())
+            k += n
+        return out
 
 
 class Assistant:
@@ -192,9 +211,9 @@ class Assistant:
         self.tokenizer = self.processor.tokenizer
         self.name = name
         self.max_new_tokens = max_new_tokens
-        self.ratings = _KeyWords(self.tokenizer, {r.id: r.text for r in RATINGS})
-        self.verdicts = _KeyWords(self.tokenizer, {v.id: v.text for v in VERDICTS})
-        self.ab = _KeyWords(self.tokenizer, {"A": "A", "B": "B"})
+        self.ratings = _KeyWords(self.tokenizer, {r.id: r.phrasings for r in RATINGS})
+        self.verdicts = _KeyWords(self.tokenizer, {v.id: v.phrasings for v in VERDICTS})
+        self.ab = _KeyWords(self.tokenizer, {"A": ["A"], "B": ["B"]})
         self.eos_ids = {i for i in (model.vlm.generation_config.eos_token_id, self.tokenizer.pad_token_id)
                         if isinstance(i, int)}
 
