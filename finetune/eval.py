@@ -485,7 +485,7 @@ def _fit(mask: np.ndarray | None, shape: tuple[int, int], binary: bool) -> np.nd
     if binary:
         img = Image.fromarray(mask.astype(np.uint8) * 255).resize((shape[1], shape[0]), Image.NEAREST)
         return np.asarray(img) > 127
-    img = Image.fromarray(mask.astype(np.float32), mode="F").resize((shape[1], shape[0]), Image.BILINEAR)
+    img = Image.fromarray(mask.astype(np.float32)).resize((shape[1], shape[0]), Image.BILINEAR)
     return np.asarray(img)
 
 

@@ -190,3 +190,44 @@ def test_judge_scores_and_failures():
     assert scores == [7.0, None, None, None]  # a score, a refusal, a server error, out of range
     assert "Reference answer: Serious Gaussian noise. The quality is poor." in seen[0]
     assert "noise_gaussian_rgb" in seen[0] and "Assistant's answer: The quality is poor." in seen[0]
+
+
+def test_compute_metrics_on_synthetic_records(tmp_path):
+    """No model: hand-made records, a predicted mask at half the truth's size (resized before scoring)."""
+    import numpy as np
+    from PIL import Image
+
+    from finetune.eval import compute_metrics
+
+    truth = np.zeros((8, 8), np.uint8)
+    truth[:4, :4] = 255
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(truth).save(tmp_path / "masks" / "t.png")
+    pred_small = np.zeros((4, 4), bool)
+    pred_small[:2, :2] = True
+
+    def rec(id_, tampered, prob, manip, gt_tampered, masks, conf):
+        return {"id": id_, "sample_task": "forgery.detect", "images": [f"images/{id_}.png"], "error": None,
+                "text": "This image has been tampered with in the top-left." if tampered else "It is authentic.",
+                "confidence": conf, "seconds": 0.5,
+                "forgery": {"tampered": tampered, "probability": prob, "manipulation": manip, "regions": int(tampered),
+                            "mask": None},
+                "gt": {"task": "forgery.detect", "tampered": gt_tampered, "manipulation": "splice" if gt_tampered
+                       else "authentic", "masks": masks, "locations": ["top_left"] if gt_tampered else [],
+                       "post": "none"}}
+
+    records = [rec("a", True, 0.9, "splice", True, ["masks/t.png"], 0.95),
+               rec("b", False, 0.2, None, False, [], 0.85),
+               rec("c", True, 0.7, "copy_move", False, [], 0.65)]
+    masks = {"a": (pred_small, pred_small.astype(float)), "c": (np.ones((8, 8), bool), None)}
+    out = compute_metrics(records, tmp_path, lambda r: masks.get(r["id"], (None, None)))
+    m = {k: v["value"] for k, v in out["metrics"].items()}
+    assert m["forgery.pixel_f1@0.5"] == 1.0 and m["forgery.pixel_iou@0.5"] == 1.0
+    assert out["metrics"]["forgery.pixel_f1@0.5"]["n"] == 1  # authentic images are not averaged in
+    assert m["forgery.accuracy"] == pytest.approx(2 / 3)
+    assert m["forgery.auc"] == 1.0  # P(tampered) ranks the tampered image (0.9) above both authentic ones
+    assert m["forgery.authentic_false_positive_area"] == pytest.approx(0.5)  # b: nothing, c: everything
+    assert m["forgery.manipulation_accuracy"] == 1.0
+    assert m["explanations.forgery_consistent"] == pytest.approx(2 / 3)
+    assert m["calibration.ece"] == pytest.approx((abs(1 - 0.95) + abs(1 - 0.85) + abs(0 - 0.65)) / 3)
+    assert m["cost.seconds_per_sample"] == 0.5
