@@ -76,6 +76,13 @@ def test_too_many_pixels_are_refused_with_a_clear_message(client, tmp_path):
         _analyse(client, big, "Auto")
 
 
+def test_uploads_over_the_byte_cap_are_refused_with_a_clear_message(client, tmp_path):
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(10_500_000))
+    with pytest.raises(Exception, match="maximum file size"):
+        _analyse(client, big, "Auto")
+
+
 def test_demo_main_exits_2_with_a_clear_message_without_a_model(tmp_path, capsys):
     from demo.app import main
 

@@ -32,6 +32,31 @@ def _msgs(question, *images):
     return [{"role": "user", "content": parts + [{"type": "text", "text": question}]}]
 
 
+@pytest.mark.parametrize("question, n_images, extra, task, roles", [
+    ("How is the quality of this image?", 1, {}, "quality.assess", ["A"]),
+    ("Was this photo edited?", 1, {}, "forgery.detect", ["A"]),
+    ("Which is better?", 2, {}, "quality.rate", ["A", "B"]),
+    ("Which is better?", 2, {"loupe_detail": True}, "quality.compare", ["A", "B"]),
+    ("Which is better?", 3, {}, "quality.rate", ["reference", "A", "B"]),
+    ("How good is it?", 2, {"loupe_task": "quality"}, "quality.assess", ["reference", "A"]),
+])
+def test_requests_are_routed_to_tasks(question, n_images, extra, task, roles):
+    from demo.serve import _Images, build_request
+
+    body = {"model": "m", "messages": _msgs(question, *[data_url(ASSETS / "clean.png")] * n_images), **extra}
+    req = build_request(body, _Images(None))
+    assert (req.task, req.roles) == (task, roles)
+
+
+def test_a_conversation_with_an_assistant_turn_continues_as_chat():
+    from demo.serve import _Images, build_request
+
+    msgs = _msgs(QUALITY_Q, data_url(ASSETS / "noisy.png")) + [
+        {"role": "assistant", "content": "The quality is poor."}, {"role": "user", "content": "Why?"}]
+    req = build_request({"model": "m", "messages": msgs}, _Images(None))
+    assert req.task == "chat" and len(req.images) == 1 and req.messages[-1]["content"][0]["text"] == "Why?"
+
+
 def test_models_lists_the_one_model(client, tiny_assistant):
     assert [m.id for m in client.models.list().data] == [tiny_assistant.name]
 
