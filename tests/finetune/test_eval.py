@@ -231,3 +231,18 @@ def test_compute_metrics_on_synthetic_records(tmp_path):
     assert m["explanations.forgery_consistent"] == pytest.approx(2 / 3)
     assert m["calibration.ece"] == pytest.approx((abs(1 - 0.95) + abs(1 - 0.85) + abs(0 - 0.65)) / 3)
     assert m["cost.seconds_per_sample"] == 0.5
+
+
+def test_compare_flags_different_data_and_protocols(tmp_path, capsys):
+    from finetune.eval import main
+
+    for name, card, proto, value in (("r1", "aaa", "p1", 0.5), ("r2", "bbb", "p2", 0.75)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps({
+            "model": name, "dataset": {"path": "d", "card_sha256": card},
+            "metrics": {"quality.srcc": {"value": value, "protocol": proto, "n": 10}}}))
+    assert main(["--compare", str(tmp_path / "r1"), str(tmp_path / "r2")]) == 0
+    out = capsys.readouterr().out
+    assert "WARNING: the dataset cards differ" in out and "PROTOCOLS DIFFER: p1 | p2" in out
+    assert "0.5000" in out and "0.7500" in out and "+0.2500" in out
+    assert main(["--compare", str(tmp_path / "r1"), str(tmp_path / "missing")]) == 2
