@@ -16,7 +16,7 @@
    tower keeps no activations) + 0.8 GB CUDA context, then +10% allocator slack. The activation term is
    a rough model (+-50%); the weight and optimizer terms are exact.
 
-Run:  .venv/bin/python benchmarks/train.py [--data DIR ...] [--steps 20]
+Run:  .venv/bin/python benchmarks/train.py [--data DIR ...] [--steps 20] [--threads 1]
 Without --data it builds a small quality + forgery dataset with ``loupe build-data`` first.
 """
 
@@ -71,7 +71,7 @@ def build_data(work: Path) -> list[Path]:
     return [q, f]
 
 
-def measure_tiny(data: list[Path], steps: int, work: Path) -> dict:
+def measure_tiny(data: list[Path], steps: int, work: Path, threads: int | None = None) -> dict:
     """Run the loupe-tiny recipe for ``steps`` steps in a child process: samples/s and peak RSS."""
     out = work / "tiny-run"
     cmd = [sys.executable, "-m", "finetune.train", "--config", str(ROOT / "finetune/recipes/loupe-tiny.yaml"),
@@ -79,7 +79,8 @@ def measure_tiny(data: list[Path], steps: int, work: Path) -> dict:
            "--save_every", "0", "--val_samples", "8", "--log_every", "1", "--cpu", "true",
            "--warmup_steps", "2"]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     if proc.returncode:
         raise SystemExit(proc.stderr[-3000:])
@@ -88,7 +89,7 @@ def measure_tiny(data: list[Path], steps: int, work: Path) -> dict:
     rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB -> MiB (Linux)
     return {"steps": steps, "batch_size": 8, "samples_per_s_median": statistics.median(rates),
             "samples_per_s_min": min(rates), "samples_per_s_max": max(rates), "peak_rss_mib": rss,
-            "wall_s": wall, "torch_threads_default": os.cpu_count(), "loadavg_1m": os.getloadavg()[0]}
+            "wall_s": wall, "torch_threads": threads or os.cpu_count(), "loadavg_1m": os.getloadavg()[0]}
 
 
 def padding(data: list[Path]) -> dict:
@@ -187,13 +188,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", nargs="+", help="dataset folders (default: build a small one)")
     parser.add_argument("--steps", type=int, default=20, help="training steps for the speed measurement")
+    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for the training child (default: torch's)")
     parser.add_argument("--skip-speed", action="store_true", help="only the padding and memory figures")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = [Path(d) for d in args.data] if args.data else build_data(work)
         if not args.skip_speed:
-            speed = measure_tiny(data, args.steps, work)
+            speed = measure_tiny(data, args.steps, work, args.threads)
             print("## loupe-tiny recipe on this machine (CPU)")
             print(json.dumps(speed, indent=2))
         pad = padding(data)
