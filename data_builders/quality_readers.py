@@ -358,7 +358,8 @@ def _card(out: Path, layout: str, splits: dict, scan: Scan, copy: bool, with_ref
              "- counts: " + ", ".join(f"{k} {len(v)}" for k, v in sorted(splits.items())),
              f"- problems: {len(scan.problems)}", ""]
     if types:
-        lines += ["## Distortion mapping", "", "| id | set's type | Loupe category | Loupe function |", "|---|---|---|---|"]
+        lines += ["## Distortion mapping", "", "| id | set's type | Loupe category | Loupe function |",
+                  "|---|---|---|---|"]
         for tid, (name, target) in types.items():
             cat, fn = target if target else ("unmapped", None)
             lines.append(f"| {tid} | {name} | {cat} | {fn or '-'} |")

@@ -407,34 +407,38 @@ def _quality(ok: list[dict], table: _Table, details: dict, calib: list) -> None:
               d["severity_n"])
     table.put("quality.severity_coverage", d["severity_coverage"],
               "share of true distortions given a severity for their category", d["severity_n"])
-    single = [(r["gt"]["distortions"][0]["category"], ((r.get("quality") or {}).get("distortions") or [{}])[0].get("category"))
-              for r in with_dist if len(r["gt"]["distortions"]) == 1]
+    single = [(r["gt"]["distortions"][0]["category"], (p[0]["category"] if p else None))
+              for r, p in zip(with_dist, preds) if len(r["gt"]["distortions"]) == 1]
     if single:
         details["category_confusion"] = M.confusion([t for t, _ in single], [p for _, p in single], CATEGORIES.ids)
-    rated = [r for r in recs if r["gt"].get("rating") is not None]
+    # rating and score: assess answers only (identify answers name distortions, no rating word)
+    assess = [r for r in recs if r["sample_task"] == "quality.assess"]
+    rated = [r for r in assess if r["gt"].get("rating") is not None]
     right = [(r.get("quality") or {}).get("rating") == r["gt"]["rating"] for r in rated]
-    table.put("quality.rating_accuracy", M._mean(right), "predicted rating word == true rating (no rating = wrong)",
-              len(rated))
+    table.put("quality.rating_accuracy", M._mean(right),
+              "quality.assess items: predicted rating word == true rating (no rating = wrong)", len(rated))
     for r, c in zip(rated, right):
-        if r.get("confidence") is not None and r["sample_task"] == "quality.assess":
+        if r.get("confidence") is not None:
             calib.append((r["confidence"], c, "quality.assess"))
-    scored = [r for r in recs if r["gt"].get("mos") is not None and (r.get("quality") or {}).get("score") is not None]
+    scored = [r for r in assess if r["gt"].get("mos") is not None and (r.get("quality") or {}).get("score") is not None]
     if scored:
         sources = sorted({r["gt"]["mos_source"] for r in scored})
         label = "/".join(sources)
         pred = [r["quality"]["score"] for r in scored]
         true = [r["gt"]["mos"] for r in scored]
         c = M.correlation(pred, true)
-        proto = f"global over all items, score (rating-word expectation) vs ground truth [{label}]"
+        proto = f"global over all quality.assess items, score (rating-word expectation) vs ground truth [{label}]"
         table.put("quality.srcc", c["srcc"], proto, c["n"])
         table.put("quality.plcc", c["plcc"], proto + ", no fit", c["n"])
         table.put("quality.plcc_logistic", c["plcc_logistic"], proto + ", after a 4-parameter logistic fit", c["n"])
-        table.put("quality.score_coverage", M.safe_div(len(scored), len([r for r in recs if r["gt"].get("mos") is not None])),
-                  "share of items with ground truth whose answer gave a score", len(scored))
+        with_mos = [r for r in assess if r["gt"].get("mos") is not None]
+        table.put("quality.score_coverage", M.safe_div(len(scored), len(with_mos)),
+                  "share of quality.assess items with ground truth whose answer gave a score", len(with_mos))
         groups = [r["gt"].get("group") for r in scored]
         if any(g is not None for g in groups) and len(set(groups)) < len(groups):
             g = M.grouped_correlation(pred, true, groups)
-            gproto = f"per reference group (mean over {g['n_groups']} groups of >=3 items), NOT the global protocol [{label}]"
+            gproto = (f"per reference group (mean over {g['n_groups']} groups of >=3 items), "
+                      f"NOT the global protocol [{label}]")
             table.put("quality.srcc_per_group", g["srcc"], gproto, g["n_groups"])
             table.put("quality.plcc_per_group", g["plcc"], gproto, g["n_groups"])
     # explanation consistency
@@ -634,7 +638,8 @@ def compare_reports(r1: str | Path, r2: str | Path) -> str:
     lines = [f"R1: {r1}  model {a.get('model')}  data {a['dataset'].get('path')}",
              f"R2: {r2}  model {b.get('model')}  data {b['dataset'].get('path')}"]
     if a["dataset"].get("card_sha256") != b["dataset"].get("card_sha256"):
-        lines.append("WARNING: the dataset cards differ; these numbers come from different data and are not comparable.")
+        lines.append("WARNING: the dataset cards differ; these numbers come from different data and are not "
+                     "comparable.")
     names = list(a["metrics"]) + [n for n in b["metrics"] if n not in a["metrics"]]
     width = max([len(n) for n in names] + [6])
     lines.append(f"{'metric':<{width}}  {'R1':>9}  {'R2':>9}  {'R2-R1':>9}  protocol / n")

@@ -51,7 +51,8 @@ def write_report(result: dict[str, Any], out_dir: str | Path, root: str | Path) 
     lines = [f"# Loupe evaluation: {result.get('model')}", "",
              f"- dataset: `{result['dataset']['path']}` (card sha256 `{result['dataset'].get('card_sha256')}`)",
              f"- samples: {details['counts']['records']} ({details['counts']['by_task']}), "
-             f"errors: {details['counts']['errors']}, skipped dataset lines: {result['dataset'].get('skipped_lines', 0)}",
+             f"errors: {details['counts']['errors']}, "
+             f"skipped dataset lines: {result['dataset'].get('skipped_lines', 0)}",
              "- every number names its protocol; numbers under different protocols are not comparable.", ""]
     for key, title in SECTIONS:
         items = {n: m for n, m in metrics.items() if n.split(".")[0].split("[")[0] == key and "[" not in n}
