@@ -289,6 +289,11 @@ def evaluate(assistant: Assistant, samples: Sequence[Sample] | str | Path, root:
         raise EvalError("evaluate() needs root, the dataset folder the samples' paths are relative to")
     root = Path(root)
     chosen = select(samples, tasks, limit)
+    if not chosen:
+        present = sorted({s.task for s in samples})
+        raise EvalError(f"no samples to evaluate in {data_name or root}"
+                        + (f" for tasks {', '.join(tasks)} (it holds: {', '.join(present) or 'nothing'})" if tasks
+                           else ""))
     data_name = data_name or str(root.resolve())
     store = PredictionStore(Path(out_dir) if out_dir is not None else None, assistant.name, data_name,
                             restart=restart)

@@ -246,3 +246,15 @@ def test_compare_flags_different_data_and_protocols(tmp_path, capsys):
     assert "WARNING: the dataset cards differ" in out and "PROTOCOLS DIFFER: p1 | p2" in out
     assert "0.5000" in out and "0.7500" in out and "+0.2500" in out
     assert main(["--compare", str(tmp_path / "r1"), str(tmp_path / "missing")]) == 2
+
+
+def test_nothing_to_evaluate_is_a_clear_error(dataset):
+    from types import SimpleNamespace
+
+    from finetune.eval import EvalError, evaluate
+
+    idle = SimpleNamespace(name="idle@0")  # never asked to run anything
+    with pytest.raises(EvalError, match=r"for tasks quality.identify \(it holds: forgery.detect, quality.assess"):
+        evaluate(idle, dataset, tasks=["quality.identify"], progress=False)
+    with pytest.raises(EvalError, match="unknown task 'colour'"):
+        evaluate(idle, dataset, tasks=["colour"], progress=False)
