@@ -65,7 +65,7 @@ class Item:
     names: list[str]  # how each image is named in the record
     detail: bool = False
     error: dict[str, str] | None = None  # refused before running (bad manifest row, path outside roots)
-    size: tuple[int, int] | None = field(default=None, compare=False)  # (W, H) of the first non-reference image
+    size: tuple[int, int] | None = field(default=None, compare=False)  # (W, H) of the last image (B in a pair), for grouping
 
     @property
     def n_jobs(self) -> int:
@@ -438,10 +438,14 @@ def answer_batch(assistant: Assistant, batch: list[Item], loaded: list[Loaded], 
 
 
 def safe_mask_name(item_id: str) -> str:
-    """A relative PNG path for an item's mask: the id's folders kept, odd characters replaced."""
-    parts = [re.sub(r"[^A-Za-z0-9._-]", "_", p) for p in item_id.split("/")]
+    """A relative PNG path for an item's mask: the id's folders kept, odd characters replaced (then
+    a short hash of the id is added, so two ids that differ only there keep apart)."""
+    parts = [re.sub(r"[^A-Za-z0-9._#~+-]", "_", p) for p in item_id.split("/")]
     parts = [p if p not in ("", ".", "..") else "_" for p in parts]
-    return "/".join(parts) + ".png"
+    name = "/".join(parts)
+    if name != item_id:
+        name += "-" + hashlib.sha1(item_id.encode("utf-8")).hexdigest()[:8]
+    return name + ".png"
 
 
 def save_mask(mask: np.ndarray, path: Path) -> None:

@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from assistant.caption import collect_paths, main, read_manifest, resolve_in_roots, shard_of
+from assistant.caption import (Item, answer_batch, collect_paths, main, read_manifest, resolve_in_roots,
+                               safe_mask_name, shard_of)
+from assistant.inference import Result
 from assistant.processing import ImageError
 from tests.helpers import ASSETS
 
@@ -98,11 +100,11 @@ def test_mixed_folder_gives_one_record_per_file(tiny_checkpoint, tmp_path, capsy
 
 def test_sigkill_then_resume_gives_every_id_exactly_once(tiny_checkpoint, tmp_path):
     folder = tmp_path / "many"
-    ids = _copies(folder, 16)
+    ids = _copies(folder, 24)
     out = tmp_path / "r.jsonl"
     # batch size 1 makes one line per step, so the kill lands mid-run; short answers keep the test quick
     args = [str(folder), "--task", "quality", "--out", str(out), "--model", str(tiny_checkpoint), "--device", "cpu",
-            "--batch-size", "1", "--max-new-tokens", "8", "--no-progress"]
+            "--batch-size", "1", "--max-new-tokens", "3", "--no-progress"]
     proc = subprocess.Popen([sys.executable, "-m", "assistant.cli", "caption", *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
@@ -124,7 +126,7 @@ def test_sigkill_then_resume_gives_every_id_exactly_once(tiny_checkpoint, tmp_pa
     assert sorted(r["id"] for r in resumed) == sorted(ids)  # each id exactly once, none missing
 
     full = tmp_path / "full.jsonl"
-    assert _run(folder, full, tiny_checkpoint, "--task", "quality", "--batch-size", "8", "--max-new-tokens", "8") == 0
+    assert _run(folder, full, tiny_checkpoint, "--task", "quality", "--batch-size", "8", "--max-new-tokens", "3") == 0
     by_id = {r["id"]: r["text"] for r in _records(full)}
     assert sorted(by_id) == sorted(ids)
     assert all(r["text"] == by_id[r["id"]] for r in resumed)
@@ -209,11 +211,44 @@ def test_csv_manifest_and_glob_inputs(tmp_path):
 
 def test_batched_output_equals_unbatched(tiny_checkpoint, tmp_path):
     folder = tmp_path / "imgs"
-    _copies(folder, 4, sizes=((128, 96), (112, 84)))  # two sizes: batches group them, padding stays small
+    _copies(folder, 3, sizes=((128, 96), (112, 84)))  # two sizes: batches group them, padding stays small
     outs = []
     for bs in ("1", "8"):
         outs.append(tmp_path / bs / "r.jsonl")
         assert _run(folder, outs[-1], tiny_checkpoint, "--task", "auto", "--batch-size", bs,
                     "--masks-dir", str(tmp_path / bs / "masks")) == 0
     one, eight = ({r["id"]: {k: v for k, v in r.items() if k != "seconds"} for r in _records(o)} for o in outs)
-    assert len(one) == 8 and one == eight
+    assert len(one) == 6 and one == eight
+
+
+class _FailingAssistant:
+    """Stands in for the model: generation fails for any batch holding the item with id "bad"."""
+
+    name = "stub"
+
+    def run(self, requests, batch_size=8):
+        if any(r.id == "bad" for r in requests):
+            raise RuntimeError("boom")
+        return [Result(task=r.task, images=r.names, text="fine", id=r.id) for r in requests]
+
+
+def test_one_failing_item_does_not_sink_its_batch():
+    items = [Item(i, "quality.assess", [Path(f"{i}.png")], ["A"], [f"{i}.png"]) for i in ("a", "bad", "c", "d")]
+    loaded = [[object()], [object()], [object()], [ImageError("d.png", "truncated", "cut short")]]
+    results = answer_batch(_FailingAssistant(), items, loaded, batch_size=8)
+    assert [r.id for r in results] == ["a", "bad", "c", "d"]
+    assert [r.text for r in results[::2]] == ["fine", "fine"]
+    assert results[1].error["type"] == "RuntimeError" and results[3].error["type"] == "truncated"
+
+
+def test_mask_names_stay_inside_and_apart():
+    assert safe_mask_name("sub/a.png#forgery") == "sub/a.png#forgery.png"
+    odd = [safe_mask_name(i) for i in ("../x y.png", "../x_y.png", "x y.png")]
+    assert len(set(odd)) == 3 and not any(".." in n.split("/") for n in odd)
+
+
+def test_missing_model_and_no_inputs_are_clear_errors(tmp_path, capsys):
+    assert main([str(ASSETS), "--out", str(tmp_path / "r.jsonl"), "--model", str(tmp_path / "nothing")]) == 2
+    assert "nothing" in capsys.readouterr().err
+    assert main([str(tmp_path / "none*.png"), "--out", str(tmp_path / "r.jsonl")]) == 2
+    assert "matched no image files" in capsys.readouterr().err
