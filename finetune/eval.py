@@ -586,6 +586,12 @@ def _calibration(items: list[tuple[float, bool, str]], table: _Table, details: d
                       cal["n"])
             table.put(f"calibration.accuracy@{k['threshold']}", k["accuracy"],
                       "accuracy of the answers kept at that threshold", cal["n"])
+    if len(tasks) > 1:  # confidence means different things per task; the pooled ECE can hide that
+        for task in tasks:
+            sub = [(c, y) for c, y, t in items if t == task]
+            per = M.calibration([c for c, _ in sub], [y for _, y in sub])
+            table.put(f"calibration[task={task}].ece", per["ece"], f"expected calibration error, {task} answers only",
+                      per["n"])
 
 
 # ---- LLM judge ------------------------------------------------------------------------------

@@ -55,7 +55,8 @@ def write_report(result: dict[str, Any], out_dir: str | Path, root: str | Path) 
              f"skipped dataset lines: {result['dataset'].get('skipped_lines', 0)}",
              "- every number names its protocol; numbers under different protocols are not comparable.", ""]
     for key, title in SECTIONS:
-        items = {n: m for n, m in metrics.items() if n.split(".")[0].split("[")[0] == key and "[" not in n}
+        items = {n: m for n, m in metrics.items() if n.split(".")[0].split("[")[0] == key
+                 and ("[" not in n or key == "calibration")}
         if items:
             lines += [f"## {title}", ""] + _table(items) + [""]
     for kind in ("manipulation", "post"):

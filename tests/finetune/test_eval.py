@@ -99,7 +99,8 @@ def test_loupe_eval_writes_a_complete_report(tiny_checkpoint, dataset, tmp_path,
                  "forgery.accuracy", "forgery.auc", "forgery.pixel_f1@0.5", "forgery.pixel_iou@0.5",
                  "forgery.pixel_f1_best_threshold", "forgery[manipulation=splice].pixel_f1@0.5",
                  "forgery[post=jpeg<70].accuracy", "explanations.forgery_verdict", "explanations.quality_names_true",
-                 "calibration.ece", "cost.seconds_per_sample", "cost.peak_rss_mb", "explanations.judge_score"):
+                 "calibration.ece", "calibration[task=forgery.detect].ece", "cost.seconds_per_sample",
+                 "cost.peak_rss_mb", "explanations.judge_score"):
         assert name in m, name
         assert m[name]["protocol"] and m[name]["n"] >= 1
     assert "IMDL-BenCo" in m["forgery.pixel_f1@0.5"]["protocol"]
@@ -231,6 +232,7 @@ def test_compute_metrics_on_synthetic_records(tmp_path):
     assert m["explanations.forgery_consistent"] == pytest.approx(2 / 3)
     assert m["calibration.ece"] == pytest.approx((abs(1 - 0.95) + abs(1 - 0.85) + abs(0 - 0.65)) / 3)
     assert m["cost.seconds_per_sample"] == 0.5
+    assert "calibration[task=forgery.detect].ece" not in m  # one task: the pooled figure is the per-task one
 
 
 def test_compare_flags_different_data_and_protocols(tmp_path, capsys):
