@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
+import torch
 from PIL import Image
 from tqdm import tqdm
 
@@ -312,13 +313,8 @@ def evaluate(assistant: Assistant, samples: Sequence[Sample] | str | Path, root:
     bar.close()
     wall = time.perf_counter() - t_start
     session = {"samples": len(todo), "wall_seconds": round(wall, 3), "peak_rss_mb": round(peak_memory_mb(), 1)}
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            session["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    except ImportError:  # torch is a dependency; this guards only odd installs
-        pass
+    if torch.cuda.is_available():
+        session["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     sessions = store.log_session(session)
     records = [store.records[s.id] for s in chosen if s.id in store.records]
     result = compute_metrics(records, root, store.predicted_mask, sessions)
