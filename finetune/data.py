@@ -58,17 +58,25 @@ class BadRecords:
         self.limit = limit
         self.count = 0
         self.too_long = 0
+        self.last = ""
 
-    def add(self, item: BadItem) -> None:
+    def add(self, item: BadItem, check: bool = True) -> None:
+        """Count and log one skipped record; with ``check``, raise once past the limit."""
         if item.kind == "too_long":
             self.too_long += 1
             logger.warning("skipping %s: %s", item.where, item.reason)
             return
         self.count += 1
+        self.last = f"{item.where}: {item.reason}"
         logger.warning("skipping bad record %s: %s (%d/%d allowed)", item.where, item.reason, self.count, self.limit)
+        if check:
+            self.check()
+
+    def check(self) -> None:
+        """Raise ``DataError`` if more bad records than the limit have been seen."""
         if self.count > self.limit:
             raise DataError(f"{self.count} bad records, over the limit of {self.limit} (max_bad_records); the "
-                            f"last was {item.where}: {item.reason}. Fix or rebuild the dataset, or raise the limit.")
+                            f"last was {self.last}. Fix or rebuild the dataset, or raise the limit.")
 
 
 @dataclass

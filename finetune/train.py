@@ -289,12 +289,22 @@ def loader(run: Run, batches: list[list[int]], split: Split) -> torch.utils.data
                                        collate_fn=Collator(run.lp), num_workers=run.cfg.num_workers)
 
 
-def all_have_data(run: Run, has: bool) -> bool:
-    """Whether every process got a usable batch (a batch of only bad records is skipped by all together)."""
-    if run.accelerator.num_processes == 1:
-        return has
-    flags = run.accelerator.gather(torch.tensor([int(has)], device=run.accelerator.device))
-    return bool(flags.min().item())
+def sync_batch(run: Run, batch: Any) -> bool:
+    """Count the batch's bad records and say whether to train on it. With several processes, the bad
+    counts are summed over all of them and a batch is skipped by all if any process has nothing
+    usable, so every process steps, and stops past ``max_bad_records``, together."""
+    for item in batch.bad:
+        run.bad.add(item, check=False)
+    has = batch.data is not None
+    if run.accelerator.num_processes > 1:
+        local = sum(1 for item in batch.bad if item.kind == "bad")
+        flags = run.accelerator.gather(torch.tensor([[int(has), local]], device=run.accelerator.device))
+        has = bool(flags[:, 0].min().item())
+        run.bad.count += int(flags[:, 1].sum().item()) - local
+        if run.bad.count > run.bad.limit and not run.bad.last:
+            run.bad.last = "a record seen by another process"
+    run.bad.check()
+    return has
 
 
 def fit(run: Run) -> None:
@@ -312,9 +322,7 @@ def fit(run: Run) -> None:
                              world_size=acc.num_processes)[acc.process_index::acc.num_processes]
         for batch in loader(run, plan[run.batch:], run.train):
             run.batch += 1
-            for item in batch.bad:
-                run.bad.add(item)
-            if not all_have_data(run, batch.data is not None):
+            if not sync_batch(run, batch):
                 continue
             micro += 1
             last = micro == cfg.grad_accum
