@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -280,7 +279,3 @@ def corpus_texts(folders: Sequence[str | Path]) -> list[str]:
         for _, sample in iter_jsonl(path, errors=[]):  # bad lines are reported when the split is read
             texts += [p["text"] for m in sample.messages for p in m["content"] if p.get("type") == "text"]
     return texts
-
-
-def lengths_array(split: Split) -> np.ndarray:
-    return np.array([r.length for r in split.records])

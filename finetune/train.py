@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         run = setup(cfg)
         fit(run)
         finish(run)
-    except (ConfigError, DataError, CheckpointError) as exc:
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as exc:
         print(f"loupe train: {exc}", file=sys.stderr)
         return 2
     return 0
