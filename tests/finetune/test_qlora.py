@@ -67,3 +67,17 @@ def test_qlora_trains_lora_with_vision_and_heads_unquantised(dataset, tiny_base,
         a, b = lora_model(batch), merged_model(batch)
     assert torch.allclose(a.logits, b.logits, atol=1e-4)
     assert all(torch.allclose(x, y, atol=1e-4) for x, y in zip(a.mask_logits, b.mask_logits))
+
+
+def test_lora_trains_only_the_chosen_parts(dataset, tiny_base, tmp_path):
+    from finetune.train import parse_args, setup
+
+    cfg = parse_args(["--config", RECIPE, "--data", str(dataset), "--base", str(tiny_base), "--method", "lora",
+                      "--output", str(tmp_path / "run"), "--train_projector"])
+    model = setup(cfg).unwrapped
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert any(".visual.merger." in n for n in trainable)
+    assert not any(".visual." in n and ".merger." not in n for n in trainable)  # the tower itself stays frozen
+    assert all(n.startswith("vlm.") for n in frozen)  # the heads always train
+    assert not any(".language_model." in n and "lora_" not in n and "trainable_tokens" not in n for n in trainable)
