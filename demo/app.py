@@ -302,17 +302,17 @@ def build_demo(assistant: Assistant, lock: threading.Lock | None = None) -> gr.B
         chat_outputs = [chatbot, report, mask_view, mask_download, record, state, question]
         send.click(respond, chat_inputs, chat_outputs, api_name="chat",
                    concurrency_id=MODEL_CONCURRENCY_ID, concurrency_limit=1)
-        question.submit(respond, chat_inputs, chat_outputs, api_name=False,
+        question.submit(respond, chat_inputs, chat_outputs, api_visibility="private",
                         concurrency_id=MODEL_CONCURRENCY_ID, concurrency_limit=1)
         analyse_button = gr.Button(visible=False)
         analyse_button.click(analyse, [image, image_b, reference, mode, question], record, api_name="analyse",
                              concurrency_id=MODEL_CONCURRENCY_ID, concurrency_limit=1)
-        mode.change(on_mode, [mode, question], question, queue=False, api_name=False)
+        mode.change(on_mode, [mode, question], question, queue=False, api_visibility="private")
         resets = [chatbot, report, mask_view, mask_download, record, state]
         for comp in (image, image_b, reference):
-            comp.change(reset, None, resets, queue=False, api_name=False)
-        clear.click(reset, None, resets, queue=False, api_name=False)
-        gallery.select(pick_example, None, [image, image_b, mode], queue=False, api_name=False)
+            comp.change(reset, None, resets, queue=False, api_visibility="private")
+        clear.click(reset, None, resets, queue=False, api_visibility="private")
+        gallery.select(pick_example, None, [image, image_b, mode], queue=False, api_visibility="private")
     demo.queue(max_size=32, default_concurrency_limit=1)
     return demo
 

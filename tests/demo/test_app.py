@@ -107,3 +107,15 @@ def test_serve_main_exits_2_with_a_clear_message_without_a_model(tmp_path, capsy
     assert "loupe serve:" in capsys.readouterr().err
     assert main(["--allow-files", str(tmp_path / "nowhere")]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_model_calls_share_one_queue_slot_and_the_defaults_are_local(tiny_assistant):
+    from demo.app import MODEL_CONCURRENCY_ID, build_demo, build_parser
+
+    demo = build_demo(tiny_assistant)  # building loads nothing and starts nothing
+    model_fns = [fn for fn in demo.fns.values() if fn.name in ("respond", "analyse")]
+    assert len(model_fns) == 3  # Analyse button, Enter in the question box, the analyse API
+    assert all(fn.queue and fn.concurrency_id == MODEL_CONCURRENCY_ID and fn.concurrency_limit == 1
+               for fn in model_fns)
+    args = build_parser().parse_args([])
+    assert args.host == "127.0.0.1" and args.share is False and args.model is None
