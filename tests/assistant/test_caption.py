@@ -211,14 +211,18 @@ def test_csv_manifest_and_glob_inputs(tmp_path):
 
 def test_batched_output_equals_unbatched(tiny_checkpoint, tmp_path):
     folder = tmp_path / "imgs"
-    _copies(folder, 3, sizes=((128, 96), (112, 84)))  # two sizes: batches group them, padding stays small
+    folder.mkdir()
+    # prompts of 29 and 32 tokens: the batch of 8 left-pads the shorter one; tampered.png gives a mask
+    shutil.copy(ASSETS / "tampered.png", folder / "tampered.png")
+    Image.open(ASSETS / "noisy.png").resize((200, 40)).save(folder / "noisy_wide.png")
     outs = []
     for bs in ("1", "8"):
         outs.append(tmp_path / bs / "r.jsonl")
         assert _run(folder, outs[-1], tiny_checkpoint, "--task", "auto", "--batch-size", bs,
                     "--masks-dir", str(tmp_path / bs / "masks")) == 0
     one, eight = ({r["id"]: {k: v for k, v in r.items() if k != "seconds"} for r in _records(o)} for o in outs)
-    assert len(one) == 6 and one == eight
+    assert len(one) == 4 and one == eight
+    assert one["tampered.png#forgery"]["forgery"]["mask"] == "masks/tampered.png#forgery.png"
 
 
 class _FailingAssistant:
