@@ -773,6 +773,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if csv_path is not None:
         write_csv(read_done(out).values(), csv_path)
+    if world > 1:  # no barrier: a slow shard must not time out the others; merge waits for all instead
+        from accelerate import PartialState
+
+        PartialState().destroy_process_group()
     _print_summary(summary, out, csv_path, args.masks_dir, shard, world > 1)
     nothing = summary.processed > 0 and summary.ok == 0 and summary.ok_before == 0
     return 1 if nothing else 0
