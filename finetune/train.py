@@ -331,7 +331,7 @@ def fit(run: Run) -> None:
                 with acc.autocast():
                     out = run.model(batch.data)
                 acc.backward(out.loss / cfg.grad_accum)
-            add_losses(sums, out, batch.size)
+            add_losses(sums, out)
             samples += batch.size
             if not last:
                 continue
@@ -344,7 +344,7 @@ def fit(run: Run) -> None:
             micro = 0
             elapsed = time.perf_counter() - t0
             metrics = step_metrics(run, sums, samples * acc.num_processes / max(elapsed, 1e-9))
-            sums, samples, t0 = {}, 0, time.perf_counter()
+            sums, samples = {}, 0
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=f"{metrics['samples_per_s']:.1f}")
             if run.step % cfg.log_every == 0 or run.step == cfg.max_steps:
@@ -355,6 +355,7 @@ def fit(run: Run) -> None:
                 log_metrics(run, task_eval(run))
             if cfg.save_every and run.step % cfg.save_every == 0:
                 save_checkpoint(run)
+            t0 = time.perf_counter()  # throughput counts training only, not validation or saving
             if run.step >= cfg.max_steps:
                 break
         else:  # the epoch ran out before max_steps
@@ -363,7 +364,7 @@ def fit(run: Run) -> None:
     bar.close()
 
 
-def add_losses(sums: dict[str, float], out: Any, n: int) -> None:
+def add_losses(sums: dict[str, float], out: Any) -> None:
     """Accumulate one micro-batch's loss parts (mask losses only where the batch had masks)."""
     sums["loss"] = sums.get("loss", 0.0) + out.loss.item()
     sums["ce"] = sums.get("ce", 0.0) + out.ce_loss.item()
