@@ -284,9 +284,13 @@ def setup(cfg: TrainConfig) -> Run:
 # ==================================================================================================
 
 def loader(run: Run, batches: list[list[int]], split: Split) -> torch.utils.data.DataLoader:
-    """A DataLoader over a fixed list of batches (this process's share, from the data position on)."""
+    """A DataLoader over a fixed list of batches (this process's share, from the data position on).
+
+    It gets its own generator: a DataLoader iterator otherwise draws its worker seed from the global
+    RNG, and a resumed run (which makes one more iterator) would then see different dropout masks."""
     return torch.utils.data.DataLoader(LoupeDataset(split, run.lp, run.cfg.max_length), batch_sampler=batches,
-                                       collate_fn=Collator(run.lp), num_workers=run.cfg.num_workers)
+                                       collate_fn=Collator(run.lp), num_workers=run.cfg.num_workers,
+                                       generator=torch.Generator().manual_seed(run.cfg.seed))
 
 
 def sync_batch(run: Run, batch: Any) -> bool:
