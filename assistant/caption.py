@@ -646,6 +646,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "accelerate launch each process takes its own GPU)")
     p.add_argument("--batch-size", type=int, default=8, help="generations per batch (default: 8)")
     p.add_argument("--workers", type=int, default=2, help="image-decoding threads (default: 2)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch CPU threads (default: torch's choice); use 1 per process when several shards "
+                        "share a machine")
     p.add_argument("--max-new-tokens", type=int, default=160, help="answer length cap (default: 160)")
     p.add_argument("--shard", type=parse_shard, metavar="i/N",
                    help="process only shard i of N (0-based; a stable hash of the id), e.g. a SLURM array task")
@@ -759,6 +762,10 @@ def main(argv: list[str] | None = None) -> int:
         items = [it for it in items if shard_of(_base_id(it.id), shard[1]) == shard[0]]
 
     # ---- model ----
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         assistant = Assistant.from_pretrained(args.model, device=device, max_new_tokens=args.max_new_tokens)
     except (FileNotFoundError, RuntimeError, ValueError, OSError) as exc:

@@ -45,7 +45,8 @@ def _copies(folder: Path, n: int, sizes: tuple[tuple[int, int], ...] = ((128, 96
 
 
 def _run(folder: Path, out: Path, ckpt: Path, *extra: str) -> int:
-    return main([str(folder), "--out", str(out), "--model", str(ckpt), "--device", "cpu", "--no-progress", *extra])
+    return main([str(folder), "--out", str(out), "--model", str(ckpt), "--device", "cpu", "--threads", "1",
+                 "--no-progress", *extra])
 
 
 def test_mixed_folder_gives_one_record_per_file(tiny_checkpoint, tmp_path, capsys):
@@ -104,7 +105,7 @@ def test_sigkill_then_resume_gives_every_id_exactly_once(tiny_checkpoint, tmp_pa
     out = tmp_path / "r.jsonl"
     # batch size 1 makes one line per step, so the kill lands mid-run; short answers keep the test quick
     args = [str(folder), "--task", "quality", "--out", str(out), "--model", str(tiny_checkpoint), "--device", "cpu",
-            "--batch-size", "1", "--max-new-tokens", "3", "--no-progress"]
+            "--batch-size", "1", "--max-new-tokens", "3", "--threads", "1", "--no-progress"]
     proc = subprocess.Popen([sys.executable, "-m", "assistant.cli", "caption", *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
@@ -178,7 +179,7 @@ def test_manifest_paths_outside_the_roots_are_refused(tiny_checkpoint, tmp_path)
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{not json\n")
     out = tmp_path / "r.jsonl"
     assert main(["--manifest", str(manifest), "--out", str(out), "--model", str(tiny_checkpoint), "--device", "cpu",
-                 "--no-progress"]) == 0
+                 "--threads", "1", "--no-progress"]) == 0
     recs = _records(out)
     assert len(recs) == len(rows) + 1
     by_id = {r["id"]: r for r in recs}
