@@ -90,6 +90,9 @@ def test_mixed_folder_gives_one_record_per_file(tiny_checkpoint, tmp_path, capsy
     # the same command again resumes: nothing redone, nothing appended
     assert _run(folder, out, tiny_checkpoint, "--task", "forgery", "--masks-dir", str(masks)) == 0
     assert len(_records(out)) == 8 and "8 already done" in capsys.readouterr().out
+    # ... but not into a file holding another task's answers
+    assert _run(folder, out, tiny_checkpoint, "--task", "quality") == 2
+    assert "another task" in capsys.readouterr().err
 
     # only broken files: nothing could be processed -> non-zero exit
     broken = tmp_path / "broken"
@@ -146,7 +149,11 @@ def test_shards_are_disjoint_cover_everything_and_merge_restores_the_whole(tiny_
     for k in range(3):
         shards.append(tmp_path / f"s{k}.jsonl")
         assert _run(folder, shards[-1], tiny_checkpoint, *short, "--shard", f"{k}/3") == 0
+    with shards[0].open("a") as fh:  # --overwrite starts fresh: a stale line does not survive
+        fh.write(json.dumps({"id": "stale", "task": "quality"}) + "\n")
+    assert _run(folder, shards[0], tiny_checkpoint, *short, "--shard", "0/3", "--overwrite") == 0
     parts = [{r["id"] for r in _records(s)} for s in shards]
+    assert "stale" not in parts[0]
     assert sum(map(len, parts)) == len(set().union(*parts)) == len(expected)  # disjoint and covering
     for part in parts:  # auto's two records of one image stay together
         assert {i.split("#")[0] for i in part} == {i.split("#")[0] for i in part if i.endswith("#forgery")}
