@@ -21,11 +21,13 @@ from __future__ import annotations
 import argparse
 import html
 import logging
+import shutil
 import sys
 import tempfile
 import threading
 import time
 import uuid
+import weakref
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -314,6 +316,7 @@ def build_demo(assistant: Assistant, lock: threading.Lock | None = None) -> gr.B
         clear.click(reset, None, resets, queue=False, api_visibility="private")
         gallery.select(pick_example, None, [image, image_b, mode], queue=False, api_visibility="private")
     demo.queue(max_size=32, default_concurrency_limit=1)
+    weakref.finalize(demo, shutil.rmtree, mask_dir, True)  # mask PNGs go with the app (or at exit)
     return demo
 
 
