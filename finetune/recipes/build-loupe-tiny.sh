@@ -14,7 +14,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-
 
 $LOUPE build-data quality --out "$DATA/quality" --n 10000 --image-size 224 --seed 1 --no-progress
 $LOUPE build-data forgery --out "$DATA/forgery" --n 5000 --size 224 --seed 1
-$LOUPE train --config finetune/recipes/loupe-tiny.yaml --data "$DATA/quality" "$DATA/forgery" --output "$RUN"
+$LOUPE train --config finetune/recipes/loupe-tiny.yaml --data "$DATA/quality" "$DATA/forgery" --data_weights 1 1 --output "$RUN"
 rm -rf "$OUT"
 $LOUPE export --checkpoint "$RUN" --out "$OUT"
 $LOUPE eval --model "$OUT" --data "$DATA/quality/test.jsonl" --batch-size 8 --out runs/eval-loupe-tiny-quality --restart
