@@ -320,9 +320,7 @@ class Assistant:
             question = req.question or canonical_question(req.task, req.detail, "reference" in req.roles)
             messages = [{"role": "user", "content": user_content(req.roles, question)}]
         non_ref = [j for j, r in enumerate(req.roles) if r != "reference"]
-        enc = self.processor.encode(messages, images, train=False, mask_image=non_ref[0] if non_ref else 0)
-        enc.sizes = [im.size for im in images]  # (W, H) of each image, for masks at the image's size
-        return enc
+        return self.processor.encode(messages, images, train=False, mask_image=non_ref[0] if non_ref else 0)
 
     @torch.no_grad()
     def _generate(self, encoded: list[Any]) -> list[dict]:

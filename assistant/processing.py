@@ -154,6 +154,7 @@ class Encoded:
     lowlevel_pixels: list[torch.Tensor]  # per image (3, H', W')
     masks: torch.Tensor | None  # (M, H', W') float targets at the mask image's low-level size
     mask_image: int  # index (within this example's images) of the image the masks describe
+    sizes: list[tuple[int, int]]  # (W, H) of each image as given, so masks come back at that size
 
 
 class LoupeProcessor:
@@ -206,7 +207,7 @@ class LoupeProcessor:
             h, w = low[mask_image].shape[-2:]
             mask_t = torch.stack([torch.from_numpy(load_mask(m, (w, h)) if not isinstance(m, np.ndarray)
                                                    else _resize_bool(m, (w, h))).float() for m in masks])
-        return Encoded(input_ids, attention_mask, labels, extra, low, mask_t, mask_image)
+        return Encoded(input_ids, attention_mask, labels, extra, low, mask_t, mask_image, [im.size for im in pil])
 
     def encode_sample(self, sample: Sample, root: str | os.PathLike, train: bool = True) -> Encoded:
         """Encode a dataset record; paths resolve under ``root`` (the dataset folder)."""

@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from ._common import param, register, to_u8
+from ._common import param, register
 
 
 @register("compression_jpeg", (40, 26, 16, 9, 4))  # libjpeg quality

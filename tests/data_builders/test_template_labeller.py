@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_builders import distortions as D
 from data_builders.labellers.base import ImageTruth, LabelJob, check_text
 from data_builders.labellers.template import TemplateLabeller
 from data_builders.quality import _random_spec, _truth, pair_better, BuildConfig
