@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from prompts import LOWLEVEL_TOKEN, LOWLEVEL_TOKENS_PER_IMAGE, MASK_TOKEN, TAXONOMY_VERSION, TEMPLATE_VERSION
 
-from .processing import image_spans
+from .processing import AUX_DIM, image_spans
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,8 @@ class LoupeConfig:
     ce_weight: float = 1.0
     bce_weight: float = 2.0
     dice_weight: float = 0.5
+    aux_weight: float = 0.0
+    """Weight of the auxiliary per-image losses on the LowLevelEncoder (0: no auxiliary heads)."""
     lora: dict[str, Any] | None = None
     min_pixels: int = 56 * 56
     max_pixels: int = 448 * 448
@@ -128,7 +130,7 @@ class LowLevelEncoder(nn.Module):
     ``dense`` (C, H/4, W/4) for the mask decoder and ``tokens`` (K, lm_hidden) for the LM.
     """
 
-    def __init__(self, lm_hidden: int, width: int = 32, n_tokens: int = 4):
+    def __init__(self, lm_hidden: int, width: int = 32, n_tokens: int = 4, aux_dim: int = 0):
         super().__init__()
         side = int(round(n_tokens ** 0.5))
         if side * side != n_tokens:
@@ -139,8 +141,17 @@ class LowLevelEncoder(nn.Module):
         self.stem = nn.Sequential(_conv(3 + n_res, width, 2), _conv(width, width, 2), _conv(width, width, 1))
         self.dense_dim = width
         self.deep = nn.Sequential(_conv(width, 2 * width, 2), _conv(2 * width, 2 * width, 2))
+        # Auxiliary heads (aux_dim > 0): per-image category/severity/tampered logits from the pooled
+        # features and a per-pixel tampering map from the dense one, trained on the builders' labels.
+        # Their probabilities also feed every token, so the language model reads a distilled signal.
+        self.aux_dim = aux_dim
+        if aux_dim:
+            self.aux_head = nn.Sequential(nn.Linear(4 * width + n_res, 2 * width), nn.GELU(),
+                                          nn.Linear(2 * width, aux_dim))
+            self.aux_dense = nn.Conv2d(width, 1, 1)
+        self.last_aux: tuple[torch.Tensor, torch.Tensor] | None = None
         # tokens: per grid cell, mean and std of the deep features, plus global residual energies
-        self.to_tokens = nn.Sequential(nn.Linear(4 * width + n_res, lm_hidden), nn.GELU(),
+        self.to_tokens = nn.Sequential(nn.Linear(4 * width + n_res + aux_dim, lm_hidden), nn.GELU(),
                                        nn.Linear(lm_hidden, lm_hidden))
 
     def residuals(self, image: torch.Tensor) -> torch.Tensor:
@@ -159,7 +170,14 @@ class LowLevelEncoder(nn.Module):
         std = (sq - mean * mean).clamp_min(1e-6).sqrt()
         energy = res.abs().mean(dim=(1, 2))  # (12,) global residual energy: noise / blur level
         cells = torch.cat([mean, std], dim=1).flatten(2).transpose(1, 2)[0]  # (K, 4C)
-        tokens = self.to_tokens(torch.cat([cells, energy.expand(cells.shape[0], -1)], dim=1))  # (K, D)
+        glob = [cells, energy.expand(cells.shape[0], -1)]
+        if self.aux_dim:
+            gmean = deep.mean(dim=(2, 3))[0]
+            gstd = deep.std(dim=(2, 3))[0] if deep[0, 0].numel() > 1 else torch.zeros_like(gmean)
+            logits = self.aux_head(torch.cat([gmean, gstd, energy]))  # (aux_dim,)
+            self.last_aux = (logits, self.aux_dense(dense)[0, 0])
+            glob.append(logits.sigmoid().expand(cells.shape[0], -1))
+        tokens = self.to_tokens(torch.cat(glob, dim=1))  # (K, D)
         return dense[0], tokens
 
 
@@ -221,6 +239,7 @@ class LoupeOutput:
     dice_loss: torch.Tensor | None
     logits: torch.Tensor
     mask_logits: list[torch.Tensor]  # one (h, w) per mask token, in batch order
+    aux_loss: torch.Tensor | None = None  # the auxiliary LowLevelEncoder loss (config.aux_weight > 0)
 
 
 def _language_model(vlm: nn.Module) -> nn.Module:
@@ -246,6 +265,7 @@ class ExplainableVLM(nn.Module):
         self._pending_tokens: torch.Tensor | None = None
         self._recorded: list[torch.Tensor] = []
         self._recording = False
+        self._aux_out: list[Any] = []
         self._hooks: list[Any] = []
         self.install_hooks()
 
@@ -253,7 +273,8 @@ class ExplainableVLM(nn.Module):
     def from_parts(cls, vlm: nn.Module, config: LoupeConfig) -> "ExplainableVLM":
         """Wrap a base VLM with freshly initialised LowLevelEncoder and MaskDecoder."""
         hidden = vlm.config.get_text_config().hidden_size
-        low = LowLevelEncoder(hidden, config.lowlevel_width, config.n_lowlevel_tokens)
+        low = LowLevelEncoder(hidden, config.lowlevel_width, config.n_lowlevel_tokens,
+                              AUX_DIM if config.aux_weight > 0 else 0)
         dec = MaskDecoder(hidden, low.dense_dim, config.decoder_width)
         return cls(vlm, low, dec, config)
 
@@ -290,8 +311,32 @@ class ExplainableVLM(nn.Module):
         """Run the LowLevelEncoder on each image: dense maps and the concatenated tokens (N*K, D)."""
         if not images:
             return [], None
-        outs = [self.lowlevel(img.to(self.device)) for img in images]
+        outs, aux = [], []
+        for img in images:
+            outs.append(self.lowlevel(img.to(self.device)))
+            aux.append(self.lowlevel.last_aux)
+        self._aux_out = aux
         return [o[0] for o in outs], torch.cat([o[1] for o in outs])
+
+    def aux_loss(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        """Auxiliary loss of the last ``encode_lowlevel`` against ``batch["aux"]`` (None if nothing to learn):
+        BCE on the category bits, severity and tampered bit that are known, plus BCE + Dice of the
+        forensic map against each forgery image's tampered pixels."""
+        targets = batch.get("aux")
+        outs = getattr(self, "_aux_out", None)
+        if targets is None or not outs or outs[0] is None:
+            return None
+        logits = torch.stack([o[0] for o in outs])  # (N, AUX_DIM)
+        targets = targets.to(logits.device)
+        known = ~torch.isnan(targets)
+        terms = []
+        if known.any():
+            terms.append(F.binary_cross_entropy_with_logits(logits[known], targets[known]))
+        maps = [(o[1], m.to(logits.device)) for o, m in zip(outs, batch.get("aux_mask") or []) if m is not None]
+        if maps:
+            pairs = [mask_losses(lg, tg) for lg, tg in maps]
+            terms.append(torch.stack([b + d for b, d in pairs]).mean())
+        return sum(terms) if terms else None
 
     @property
     def device(self) -> torch.device:
@@ -299,7 +344,7 @@ class ExplainableVLM(nn.Module):
 
     def vlm_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The subset of a collated batch the transformers model takes."""
-        skip = {"lowlevel_pixels", "masks", "mask_image", "labels"}
+        skip = {"lowlevel_pixels", "masks", "mask_image", "labels", "aux", "aux_mask"}
         return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items() if k not in skip}
 
     def decode_masks(self, hidden: torch.Tensor, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None,
@@ -358,6 +403,7 @@ class ExplainableVLM(nn.Module):
             dice = torch.stack([p[1] for p in pairs]).mean()
 
         ce = out.loss
+        aux = self.aux_loss(batch) if self.config.aux_weight > 0 else None
         loss = None
         if ce is not None:
             loss = self.config.ce_weight * ce
@@ -366,7 +412,11 @@ class ExplainableVLM(nn.Module):
             else:
                 # keep the heads in the graph so DDP sees every parameter used each step
                 loss = loss + 0.0 * sum(p.sum() for p in self.mask_decoder.parameters())
-        return LoupeOutput(loss, ce, bce, dice, out.logits, mask_logits)
+            if aux is not None:
+                loss = loss + self.config.aux_weight * aux
+            elif self.config.aux_weight > 0:  # a batch without aux labels: keep the heads in the graph
+                loss = loss + 0.0 * sum(p.sum() for p in self.lowlevel.parameters())
+        return LoupeOutput(loss, ce, bce, dice, out.logits, mask_logits, aux)
 
     # ---- generation ----------------------------------------------------------------------------
     @torch.no_grad()

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from prompts import LOWLEVEL_TOKEN, MASK_TOKEN, Sample
+from prompts import CATEGORIES, LOWLEVEL_TOKEN, MASK_TOKEN, Sample
 
 # Refuse images above this many pixels before decoding them (decompression bombs).
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
@@ -155,6 +155,43 @@ class Encoded:
     masks: torch.Tensor | None  # (M, H', W') float targets at the mask image's low-level size
     mask_image: int  # index (within this example's images) of the image the masks describe
     sizes: list[tuple[int, int]]  # (W, H) of each image as given, so masks come back at that size
+    aux: torch.Tensor | None = None  # (N, AUX_DIM) per-image labels from Sample.meta, NaN = unknown
+    aux_mask: list[torch.Tensor | None] | None = None  # per image: tampered-pixel map (H', W') or None
+
+
+# Auxiliary per-image labels (see ``aux_labels``): one bit per distortion category, then the worst
+# severity / 5, then tampered. NaN marks a label the record does not give.
+AUX_CATEGORIES = tuple(CATEGORIES.ids)
+AUX_DIM = len(AUX_CATEGORIES) + 2
+
+
+def aux_labels(sample: Sample) -> torch.Tensor:
+    """Per-image labels read from a record's ``meta`` (the builders' ground truth), (N, AUX_DIM).
+
+    They supervise the LowLevelEncoder directly during training, so the visual branch learns to see
+    distortions and tampering long before the language model would teach it through the text alone.
+    Quality records give categories and severity (a reference image is clean); forgery records give
+    the tampered bit. Anything a record does not state is NaN and is left out of the loss.
+    """
+    out = torch.full((len(sample.images), AUX_DIM), float("nan"))
+    meta = sample.meta or {}
+    if sample.task.startswith("quality."):
+        per_role = {"reference": [], "A": meta.get("distortions_A", meta.get("distortions")),
+                    "B": meta.get("distortions_B")}
+        for i, role in enumerate(sample.image_roles):
+            ds = per_role.get(role)
+            if ds is None or not isinstance(ds, list):
+                continue
+            try:
+                cats = {d["category"] for d in ds}
+                worst = max((int(d["severity"]) for d in ds), default=0)
+            except (KeyError, TypeError, ValueError):
+                continue  # a record without the builders' distortion facts: no aux labels
+            out[i, : len(AUX_CATEGORIES)] = torch.tensor([float(c in cats) for c in AUX_CATEGORIES])
+            out[i, -2] = worst / 5.0
+    elif sample.task.startswith("forgery.") and isinstance(meta.get("tampered"), bool):
+        out[0, -1] = float(meta["tampered"])
+    return out
 
 
 class LoupeProcessor:
@@ -215,8 +252,16 @@ class LoupeProcessor:
         images = [root / p for p in sample.images]
         messages = sample.messages if train else _without_last_answer(sample.messages)
         non_ref = [i for i, r in enumerate(sample.image_roles) if r != "reference"]
-        return self.encode(messages, images, train=train, masks=[root / m for m in sample.masks],
-                           mask_image=non_ref[0] if non_ref else 0)
+        enc = self.encode(messages, images, train=train, masks=[root / m for m in sample.masks],
+                          mask_image=non_ref[0] if non_ref else 0)
+        enc.aux = aux_labels(sample)
+        # the forensic map target: the union of the tamper masks, or all zeros for an authentic image
+        enc.aux_mask = [None] * len(images)
+        if sample.task.startswith("forgery.") and not torch.isnan(enc.aux[enc.mask_image, -1]):
+            low = enc.lowlevel_pixels[enc.mask_image]
+            enc.aux_mask[enc.mask_image] = (enc.masks.amax(0) if enc.masks is not None and enc.masks.numel()
+                                            else torch.zeros(low.shape[-2:]))
+        return enc
 
     # ---- batches -------------------------------------------------------------------------------
     def collate(self, items: list[Encoded], padding_side: str = "right") -> dict[str, Any]:
@@ -244,6 +289,10 @@ class LoupeProcessor:
         # index into the flat image list of the image each example's masks describe
         offsets = np.cumsum([0] + [len(e.lowlevel_pixels) for e in items])[:-1]
         batch["mask_image"] = [int(o) + e.mask_image for o, e in zip(offsets, items)]
+        if any(e.aux is not None for e in items):
+            batch["aux"] = torch.cat([e.aux if e.aux is not None else torch.full((len(e.lowlevel_pixels), AUX_DIM),
+                                                                                 float("nan")) for e in items])
+            batch["aux_mask"] = [m for e in items for m in (e.aux_mask or [None] * len(e.lowlevel_pixels))]
         return batch
 
 

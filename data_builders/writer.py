@@ -32,6 +32,25 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 BUILD_FILE = ".build.json"
+LOCK_FILE = ".lock"
+
+
+def _lock_folder(out_dir: Path) -> Any:
+    """Hold an exclusive lock on ``out_dir/.lock`` for this writer's life, so a second build into the
+    same folder stops at once instead of interleaving (and duplicating) samples. POSIX only; where
+    ``fcntl`` does not exist the folder is not locked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    fh = (out_dir / LOCK_FILE).open("a")
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        raise ValueError(f"{out_dir}: another build is writing to this folder now; wait for it to finish, "
+                         "stop it, or choose another --out") from None
+    return fh
 
 
 class DatasetWriter:
@@ -52,15 +71,18 @@ class DatasetWriter:
         self._counts = {s: 0 for s in SPLITS}
         identity = {"builder": builder, "seed": seed, "labeller": labeller}
         build_file = self.out_dir / BUILD_FILE
-        if overwrite and self.out_dir.exists():
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fh = _lock_folder(self.out_dir)
+        if overwrite:
             for name in [f"{s}.jsonl" for s in SPLITS] + ["card.md", BUILD_FILE]:
                 (self.out_dir / name).unlink(missing_ok=True)
             for sub in ("images", "masks"):
                 shutil.rmtree(self.out_dir / sub, ignore_errors=True)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         if build_file.is_file():
             previous = json.loads(build_file.read_text(encoding="utf-8"))
             if previous != identity:
+                if self._lock_fh is not None:
+                    self._lock_fh.close()
                 raise ValueError(
                     f"{self.out_dir}: holds a dataset built with {previous}, not {identity}; resume with the "
                     f"same settings, choose another --out, or pass --overwrite")
@@ -183,6 +205,8 @@ class DatasetWriter:
         for fh in self._handles.values():
             if not fh.closed:
                 fh.close()
+        if self._lock_fh is not None and not self._lock_fh.closed:
+            self._lock_fh.close()  # closing the file releases the lock
 
     def __enter__(self) -> "DatasetWriter":
         return self

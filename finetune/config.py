@@ -75,6 +75,10 @@ class TrainConfig:
     """Weight of the mask binary cross-entropy."""
     dice_weight: float = 0.5
     """Weight of the mask Dice loss."""
+    aux_weight: float = 0.0
+    """Weight of the auxiliary losses that supervise the LowLevelEncoder directly with the builders'
+    per-image labels (Sample.meta: distortion categories, severity, tampered pixels). 0 turns the
+    auxiliary heads off; from-scratch models need them to learn to see (see loupe-tiny.yaml)."""
 
     # ---- data ----------------------------------------------------------------------------------
     data: list[str] = field(default_factory=list)
@@ -163,7 +167,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 p.append(f"{name}: must be > 0, got {getattr(self, name)}")
-        non_negative = ("lora_dropout", "ce_weight", "bce_weight", "dice_weight", "head_lr", "weight_decay",
+        non_negative = ("lora_dropout", "ce_weight", "bce_weight", "dice_weight", "aux_weight", "head_lr",
+                        "weight_decay",
                         "warmup_steps", "max_grad_norm", "max_bad_records", "val_samples", "num_workers",
                         "eval_every", "save_every", "task_eval_every", "task_eval_samples")
         for name in non_negative:

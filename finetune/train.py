@@ -162,7 +162,8 @@ def build_model(cfg: TrainConfig, device: torch.device, precision: str) -> tuple
     method = cfg.resolved_method
     loupe_fields = dict(decoder_width=cfg.decoder_width, lowlevel_width=cfg.lowlevel_width,
                         lowlevel_max_side=cfg.lowlevel_max_side, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
-                        ce_weight=cfg.ce_weight, bce_weight=cfg.bce_weight, dice_weight=cfg.dice_weight, name=cfg.name)
+                        ce_weight=cfg.ce_weight, bce_weight=cfg.bce_weight, dice_weight=cfg.dice_weight,
+                        aux_weight=cfg.aux_weight, name=cfg.name)
     if cfg.is_scratch:
         # a new model's tokenizer is trained on the texts it will learn to write
         model, processor = new_model(cfg.base, corpus=corpus_texts(cfg.data), seed=cfg.seed, **loupe_fields)
@@ -377,20 +378,26 @@ def add_losses(sums: dict[str, float], out: Any) -> None:
         sums["bce"] = sums.get("bce", 0.0) + out.bce_loss.item()
         sums["dice"] = sums.get("dice", 0.0) + out.dice_loss.item()
         sums["mask_micro"] = sums.get("mask_micro", 0) + 1
+    if out.aux_loss is not None:
+        sums["aux"] = sums.get("aux", 0.0) + out.aux_loss.item()
+        sums["aux_micro"] = sums.get("aux_micro", 0) + 1
 
 
 def step_metrics(run: Run, sums: dict[str, float], samples_per_s: float) -> dict[str, Any]:
     """The metrics of one optimizer step, averaged over micro-batches and processes."""
     parts = torch.tensor([sums["loss"], sums["ce"], sums["micro"], sums.get("bce", 0.0), sums.get("dice", 0.0),
-                          sums.get("mask_micro", 0)], dtype=torch.float64, device=run.accelerator.device)
+                          sums.get("mask_micro", 0), sums.get("aux", 0.0), sums.get("aux_micro", 0)],
+                         dtype=torch.float64, device=run.accelerator.device)
     if run.accelerator.num_processes > 1:
         parts = run.accelerator.reduce(parts, "sum")
-    loss, ce, n, bce, dice, nm = parts.tolist()
+    loss, ce, n, bce, dice, nm, aux, na = parts.tolist()
     metrics = {"step": run.step, "epoch": run.epoch, "loss": loss / n, "ce": ce / n,
                "lr": run.scheduler.get_last_lr()[0], "samples_per_s": samples_per_s, "bad_records": run.bad.count}
     if nm:
         metrics.update(bce=bce / nm, dice=dice / nm,
                        mask=(run.cfg.bce_weight * bce + run.cfg.dice_weight * dice) / nm)
+    if na:
+        metrics["aux"] = aux / na
     return metrics
 
 

@@ -62,3 +62,15 @@ def test_invalid_sample_is_not_written(tmp_path):
         w.write("dev", _sample(2), {"images/2.png": _img(2)})
     w.close()
     assert (tmp_path / "train.jsonl").read_text() == ""
+
+
+def test_a_second_writer_on_the_same_folder_is_refused_until_the_first_closes(tmp_path):
+    first = DatasetWriter(tmp_path, builder="quality", seed=1, labeller="template@1")
+    first.write("train", _sample(0), {"images/0.png": _img(0)})
+    with pytest.raises(ValueError, match="another build is writing"):
+        DatasetWriter(tmp_path, builder="quality", seed=1, labeller="template@1")
+    first.close()
+    second = DatasetWriter(tmp_path, builder="quality", seed=1, labeller="template@1")
+    assert second.done_ids() == {"t-0"}
+    second.close()
+    assert len(load_jsonl(tmp_path / "train.jsonl")) == 1

@@ -1,0 +1,103 @@
+"""Auxiliary supervision of the LowLevelEncoder: labels read from Sample.meta, the loss, save/load."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import torch
+
+from assistant.modeling import ExplainableVLM, new_model
+from assistant.processing import AUX_CATEGORIES, AUX_DIM, LoupeProcessor, aux_labels
+from prompts import Sample, canonical_question, user_content
+from tests.helpers import ASSETS, CORPUS
+
+
+def _sample(task: str, roles: list[str], meta: dict, masks: list[str] | None = None, answer: str = "ok") -> Sample:
+    images = [f"{r}.png" for r in roles]
+    return Sample(id=f"s-{task}", task=task, images=images, image_roles=roles,
+                  messages=[{"role": "user", "content": user_content(roles, canonical_question(task))},
+                            {"role": "assistant", "content": [{"type": "text", "text": answer}]}],
+                  masks=masks or [], meta=meta)
+
+
+COMPARE = _sample("quality.compare", ["reference", "A", "B"], {
+    "distortions_A": [{"name": "gaussian_blur", "category": "blur", "severity": 2}],
+    "distortions_B": [{"name": "gaussian_noise", "category": "noise", "severity": 4},
+                      {"name": "jpeg", "category": "compression", "severity": 1}],
+    "distortions": [{"name": "gaussian_blur", "category": "blur", "severity": 2}], "better": "A"})
+TAMPERED = _sample("forgery.detect", ["A"], {"tampered": True}, masks=["mask.png"],
+                   answer=CORPUS[1])
+AUTHENTIC = _sample("forgery.detect", ["A"], {"tampered": False})
+
+
+def test_aux_labels_follow_each_images_role():
+    y = aux_labels(COMPARE)
+    assert y.shape == (3, AUX_DIM)
+    cat = {c: i for i, c in enumerate(AUX_CATEGORIES)}
+    assert torch.equal(y[0, :-2], torch.zeros(len(AUX_CATEGORIES))) and y[0, -2] == 0  # the reference is clean
+    assert y[1, cat["blur"]] == 1 and y[1, :-2].sum() == 1 and math.isclose(float(y[1, -2]), 0.4, rel_tol=1e-6)
+    assert y[2, cat["noise"]] == 1 and y[2, cat["compression"]] == 1 and math.isclose(float(y[2, -2]), 0.8, rel_tol=1e-6)
+    assert torch.isnan(y[:, -1]).all()  # quality records say nothing about tampering
+    t, a = aux_labels(TAMPERED), aux_labels(AUTHENTIC)
+    assert t[0, -1] == 1 and a[0, -1] == 0 and torch.isnan(t[0, :-1]).all()
+    # a record without the builders' facts gives no labels at all
+    assert torch.isnan(aux_labels(_sample("quality.assess", ["A"], {}))).all()
+
+
+def _tiny(aux_weight: float) -> tuple[ExplainableVLM, LoupeProcessor]:
+    model, processor = new_model("scratch:test", corpus=CORPUS, seed=0, lowlevel_max_side=64, lowlevel_width=8,
+                                 decoder_width=16, min_pixels=28 * 28, max_pixels=64 * 64, aux_weight=aux_weight)
+    return model, LoupeProcessor(processor, model.config.n_lowlevel_tokens, model.config.lowlevel_max_side)
+
+
+def _batch(lp: LoupeProcessor, root) -> dict:
+    for name, src in (("reference", "clean"), ("A", "tampered"), ("B", "noisy"), ("mask", "tampered_mask")):
+        shutil.copy(ASSETS / f"{src}.png", root / f"{name}.png")
+    items = [lp.encode_sample(s, root) for s in (COMPARE, TAMPERED, AUTHENTIC)]
+    assert items[1].aux_mask[0].sum() > 0 and items[2].aux_mask[0].sum() == 0  # authentic: an all-zero map
+    assert items[0].aux_mask == [None, None, None]
+    return lp.collate(items)
+
+
+def test_aux_loss_trains_the_lowlevel_heads_and_goes_down(tmp_path):
+    torch.manual_seed(0)
+    model, lp = _tiny(aux_weight=1.0)
+    batch = _batch(lp, tmp_path)
+    assert batch["aux"].shape == (5, AUX_DIM) and len(batch["aux_mask"]) == 5
+    out = model(batch)
+    assert out.aux_loss is not None and torch.isfinite(out.aux_loss)
+    out.loss.backward()
+    for part in (model.lowlevel.aux_head, model.lowlevel.aux_dense, model.lowlevel.stem):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+    opt = torch.optim.AdamW(model.lowlevel.parameters(), lr=1e-2)
+    first = float(out.aux_loss.detach())
+    for _ in range(30):
+        opt.zero_grad()
+        o = model(batch)
+        o.aux_loss.backward()
+        opt.step()
+    assert float(model(batch).aux_loss.detach()) < 0.7 * first
+
+
+def test_without_aux_weight_there_are_no_aux_heads(tmp_path):
+    model, lp = _tiny(aux_weight=0.0)
+    assert not hasattr(model.lowlevel, "aux_head")
+    out = model(_batch(lp, tmp_path))
+    assert out.aux_loss is None
+
+
+def test_aux_heads_survive_save_and_load(tmp_path):
+    torch.manual_seed(0)
+    model, lp = _tiny(aux_weight=0.5)
+    (tmp_path / "d").mkdir()
+    batch = _batch(lp, tmp_path / "d")
+    model.eval()
+    with torch.no_grad():
+        before = model(batch)
+    model.save_pretrained(tmp_path / "ck", processor=lp.processor)
+    loaded, _ = ExplainableVLM.from_pretrained(tmp_path / "ck")
+    assert loaded.config.aux_weight == 0.5 and hasattr(loaded.lowlevel, "aux_head")
+    with torch.no_grad():
+        after = loaded(batch)
+    assert torch.equal(before.logits, after.logits) and torch.equal(before.aux_loss, after.aux_loss)
