@@ -119,6 +119,26 @@ def _highpass_kernels() -> torch.Tensor:
     return torch.stack([k1, k2, k3, k4]).unsqueeze(1)
 
 
+N_COLOUR_STATS = 13
+
+
+def colour_stats(image: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) in [0, 1] -> 13 global statistics: per-channel mean and std, luminance 2/50/98th
+    percentiles, saturation mean and std, and the fraction of clipped-dark and clipped-bright pixels.
+
+    The convolutions are group-normalised, which removes exactly what exposure, contrast and
+    saturation distortions change; these few numbers give it back to the tokens and the heads."""
+    mean = image.mean(dim=(1, 2))
+    std = image.std(dim=(1, 2)) if image[0].numel() > 1 else torch.zeros_like(mean)
+    lum = (0.299 * image[0] + 0.587 * image[1] + 0.114 * image[2]).flatten()
+    q = torch.quantile(lum[:: max(1, lum.numel() // 16384)], torch.tensor([0.02, 0.5, 0.98], device=image.device))
+    hi, lo = image.amax(0), image.amin(0)
+    sat = (hi - lo) / hi.clamp_min(1e-3)
+    clip = torch.stack([(lum < 0.02).float().mean(), (lum > 0.98).float().mean()])
+    return torch.cat([mean, std, q, sat.mean().view(1), sat.std().view(1) if sat.numel() > 1 else sat.new_zeros(1),
+                      clip]) * 2 - 1
+
+
 def _conv(cin: int, cout: int, stride: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(min(8, cout), cout), nn.GELU())
 
@@ -141,17 +161,20 @@ class LowLevelEncoder(nn.Module):
         self.stem = nn.Sequential(_conv(3 + n_res, width, 2), _conv(width, width, 2), _conv(width, width, 1))
         self.dense_dim = width
         self.deep = nn.Sequential(_conv(width, 2 * width, 2), _conv(2 * width, 2 * width, 2))
+        n_stats = n_res + N_COLOUR_STATS
         # Auxiliary heads (aux_dim > 0): per-image category/severity/tampered logits from the pooled
         # features and a per-pixel tampering map from the dense one, trained on the builders' labels.
         # Their probabilities also feed every token, so the language model reads a distilled signal.
         self.aux_dim = aux_dim
         if aux_dim:
-            self.aux_head = nn.Sequential(nn.Linear(4 * width + n_res, 2 * width), nn.GELU(),
+            self.aux_head = nn.Sequential(nn.Linear(4 * width + n_stats, 2 * width), nn.GELU(),
                                           nn.Linear(2 * width, aux_dim))
+            # the map sees both the 1/4 features and the wider context of the 1/16 ones
             self.aux_dense = nn.Conv2d(width, 1, 1)
+            self.aux_deep = nn.Conv2d(2 * width, 1, 1)
         self.last_aux: tuple[torch.Tensor, torch.Tensor] | None = None
         # tokens: per grid cell, mean and std of the deep features, plus global residual energies
-        self.to_tokens = nn.Sequential(nn.Linear(4 * width + n_res + aux_dim, lm_hidden), nn.GELU(),
+        self.to_tokens = nn.Sequential(nn.Linear(4 * width + n_stats + aux_dim, lm_hidden), nn.GELU(),
                                        nn.Linear(lm_hidden, lm_hidden))
 
     def residuals(self, image: torch.Tensor) -> torch.Tensor:
@@ -168,14 +191,17 @@ class LowLevelEncoder(nn.Module):
         mean = F.adaptive_avg_pool2d(deep, self.grid)  # (1, 2C, g, g)
         sq = F.adaptive_avg_pool2d(deep * deep, self.grid)
         std = (sq - mean * mean).clamp_min(1e-6).sqrt()
-        energy = res.abs().mean(dim=(1, 2))  # (12,) global residual energy: noise / blur level
+        # global statistics the normalised convs cannot keep: residual energy (noise / blur level)
+        # and the image's colour statistics (exposure, contrast, saturation)
+        stats = torch.cat([res.abs().mean(dim=(1, 2)), colour_stats(image)])  # (12 + N_COLOUR_STATS,)
         cells = torch.cat([mean, std], dim=1).flatten(2).transpose(1, 2)[0]  # (K, 4C)
-        glob = [cells, energy.expand(cells.shape[0], -1)]
+        glob = [cells, stats.expand(cells.shape[0], -1)]
         if self.aux_dim:
             gmean = deep.mean(dim=(2, 3))[0]
             gstd = deep.std(dim=(2, 3))[0] if deep[0, 0].numel() > 1 else torch.zeros_like(gmean)
-            logits = self.aux_head(torch.cat([gmean, gstd, energy]))  # (aux_dim,)
-            self.last_aux = (logits, self.aux_dense(dense)[0, 0])
+            logits = self.aux_head(torch.cat([gmean, gstd, stats]))  # (aux_dim,)
+            wide = F.interpolate(self.aux_deep(deep), size=dense.shape[-2:], mode="bilinear", align_corners=False)
+            self.last_aux = (logits, (self.aux_dense(dense) + wide)[0, 0])
             glob.append(logits.sigmoid().expand(cells.shape[0], -1))
         tokens = self.to_tokens(torch.cat(glob, dim=1))  # (K, D)
         return dense[0], tokens

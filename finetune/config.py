@@ -75,6 +75,10 @@ class TrainConfig:
     """Weight of the mask binary cross-entropy."""
     dice_weight: float = 0.5
     """Weight of the mask Dice loss."""
+    lowlevel_pretrain_steps: int = 0
+    """Before the main loop of a new run, train the LowLevelEncoder alone on the auxiliary labels
+    for N steps (no language model, so each step is cheap): the language model then starts from a
+    branch that already sees. Needs aux_weight > 0. A run resumed from a checkpoint skips it."""
     aux_weight: float = 0.0
     """Weight of the auxiliary losses that supervise the LowLevelEncoder directly with the builders'
     per-image labels (Sample.meta: distortion categories, severity, tampered pixels). 0 turns the
@@ -168,6 +172,7 @@ class TrainConfig:
             if getattr(self, name) <= 0:
                 p.append(f"{name}: must be > 0, got {getattr(self, name)}")
         non_negative = ("lora_dropout", "ce_weight", "bce_weight", "dice_weight", "aux_weight", "head_lr",
+                        "lowlevel_pretrain_steps",
                         "weight_decay",
                         "warmup_steps", "max_grad_norm", "max_bad_records", "val_samples", "num_workers",
                         "eval_every", "save_every", "task_eval_every", "task_eval_samples")
@@ -188,6 +193,9 @@ class TrainConfig:
             p.append(f"data_weights: {len(self.data_weights)} weight(s) for {len(self.data)} dataset folder(s)")
         if any(w <= 0 for w in self.data_weights):
             p.append("data_weights: every weight must be > 0")
+        if self.lowlevel_pretrain_steps and self.aux_weight <= 0:
+            p.append("lowlevel_pretrain_steps: the LowLevelEncoder is pretrained on the auxiliary labels; "
+                     "set aux_weight > 0 too")
         if self.ce_weight == 0 and self.bce_weight == 0 and self.dice_weight == 0:
             p.append("ce_weight: all loss weights are 0; nothing would be learnt")
         return p

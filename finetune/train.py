@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
         run = setup(cfg)
+        pretrain_lowlevel(run)
         fit(run)
         finish(run)
     except (ConfigError, DataError, CheckpointError, FileNotFoundError) as exc:
@@ -310,6 +311,64 @@ def sync_batch(run: Run, batch: Any) -> bool:
             run.bad.last = "a record seen by another process"
     run.bad.check()
     return has
+
+
+def pretrain_lowlevel(run: Run) -> None:
+    """Stage 1 of a new run (``lowlevel_pretrain_steps``): the LowLevelEncoder alone, on the auxiliary
+    labels, with its own AdamW at ``lr`` (linear warm-up, then constant). Only the encoder runs, so a
+    step costs a fraction of a full one. With several processes the encoder's gradients are averaged
+    by hand (it is outside DDP's bucketed all-reduce here). A run resumed from a checkpoint skips it;
+    one killed during it starts it again."""
+    cfg, acc = run.cfg, run.accelerator
+    if not cfg.lowlevel_pretrain_steps or run.step > 0 or run.batch > 0 or run.epoch > 0:
+        return
+    model = run.unwrapped
+    params = [p for p in model.lowlevel.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = max(1, min(cfg.warmup_steps, cfg.lowlevel_pretrain_steps // 10))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    bar = tqdm(total=cfg.lowlevel_pretrain_steps, desc="lowlevel", disable=not acc.is_main_process,
+               dynamic_ncols=True)
+    model.train()
+    step, epoch, total, n = 0, 0, 0.0, 0
+    while step < cfg.lowlevel_pretrain_steps:
+        # its own data order (seed + 1): the main loop's plan and position stay untouched
+        plan = epoch_batches(run.train, cfg.batch_size, epoch=epoch, seed=cfg.seed + 1,
+                             weights=cfg.data_weights or None, bucketing=False,
+                             world_size=acc.num_processes)[acc.process_index::acc.num_processes]
+        for batch in loader(run, plan, run.train):
+            if not sync_batch(run, batch):
+                continue
+            model.encode_lowlevel(batch.data.get("lowlevel_pixels", []))
+            loss = model.aux_loss(batch.data)
+            labelled = loss is not None
+            if not labelled:  # no aux labels in this batch: keep every process stepping together
+                loss = 0.0 * sum(p.sum() for p in params)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if acc.num_processes > 1:
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    p.grad = acc.reduce(p.grad, "mean")
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            step += 1
+            if labelled:
+                total, n = total + loss.item(), n + 1
+            bar.update(1)
+            if (step % cfg.log_every == 0 or step == cfg.lowlevel_pretrain_steps) and n:
+                log_metrics(run, {"step": step, "split": "lowlevel_pretrain", "aux": total / n,
+                                  "lr": sched.get_last_lr()[0]})
+                bar.set_postfix(aux=f"{total / n:.4f}")
+                total, n = 0.0, 0
+            if step >= cfg.lowlevel_pretrain_steps:
+                break
+        epoch += 1
+    bar.close()
+    model._aux_out = []
 
 
 def fit(run: Run) -> None:

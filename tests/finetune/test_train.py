@@ -92,3 +92,28 @@ def test_overfits_a_handful_of_samples(dataset, tmp_path):
     assert last["mask"] < first["mask"]
     assert val_rows[-1]["val_mask_iou"] > val_rows[0]["val_mask_iou"] + 0.2
     assert val_rows[-1]["val_token_accuracy"] > val_rows[0]["val_token_accuracy"]
+
+
+def test_lowlevel_pretraining_runs_first_and_learns_the_aux_labels(dataset, tmp_path):
+    out = tmp_path / "run"
+    args = ["--config", RECIPE, "--data", str(dataset), "--output", str(out), "--aux_weight", "1",
+            "--lowlevel_pretrain_steps", "10", "--max_steps", "2", "--log_every", "1", "--save_every", "0",
+            "--batch_size", "6",
+            "--lr", "1e-2", "--warmup_steps", "0"]
+    assert main(args) == 0
+    rows = metrics(out)
+    pre = [r for r in rows if r.get("split") == "lowlevel_pretrain"]
+    assert [r["step"] for r in pre] == list(range(1, 11))
+    assert rows.index(pre[-1]) < rows.index(next(r for r in rows if "split" not in r))  # before the main loop
+    assert pre[-1]["aux"] < 0.8 * pre[0]["aux"]
+    train_rows = [r for r in rows if "split" not in r]
+    assert all("aux" in r for r in train_rows)  # the aux loss goes on in the main loop
+    config = json.loads((out / "loupe_config.json").read_text())
+    assert config["aux_weight"] == 1.0
+
+
+def test_lowlevel_pretraining_needs_aux_weight(dataset, tmp_path, capsys):
+    args = ["--config", RECIPE, "--data", str(dataset), "--output", str(tmp_path / "run"),
+            "--lowlevel_pretrain_steps", "5"]
+    assert main(args) == 2
+    assert "aux_weight" in capsys.readouterr().err
