@@ -28,7 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from prompts import LOWLEVEL_TOKEN, LOWLEVEL_TOKENS_PER_IMAGE, MASK_TOKEN, TAXONOMY_VERSION, TEMPLATE_VERSION
+from prompts import (CATEGORIES, DISTORTIONS, LOCATIONS, LOWLEVEL_TOKEN, LOWLEVEL_TOKENS_PER_IMAGE, MANIPULATIONS,
+                     MASK_TOKEN, RATINGS, SEVERITIES, TAXONOMY_VERSION, TEMPLATE_VERSION, VERDICTS)
 
 from .processing import AUX_DIM, image_spans
 
@@ -64,6 +65,10 @@ class LoupeConfig:
     dice_weight: float = 0.5
     aux_weight: float = 0.0
     """Weight of the auxiliary per-image losses on the LowLevelEncoder (0: no auxiliary heads)."""
+    key_token_weight: float = 1.0
+    """Cross-entropy weight of the answer tokens in ``key_token_ids`` relative to the others."""
+    key_token_ids: list[int] = field(default_factory=list)
+    """First-token ids of the taxonomy's words and A/B (see ``key_token_ids``), set by ``new_model``."""
     lora: dict[str, Any] | None = None
     min_pixels: int = 56 * 56
     max_pixels: int = 448 * 448
@@ -243,6 +248,33 @@ class MaskDecoder(nn.Module):
         return logits
 
 
+def key_token_ids(tokenizer: Any) -> list[int]:
+    """First-token ids of every phrasing of the words an answer's verdict rests on: distortion
+    categories and names, severities, ratings, verdicts, manipulations, locations, and A/B. Ids that
+    also start common words are left out when the tokenizer shows them to be short fragments
+    (one or two characters, e.g. " a"), so ordinary text is not up-weighted by accident."""
+    words = [w for vocab in (CATEGORIES, DISTORTIONS, SEVERITIES, RATINGS, VERDICTS, MANIPULATIONS, LOCATIONS)
+             for term in vocab.terms for w in term.phrasings]
+    ids = {tokenizer.encode(" " + w, add_special_tokens=False)[0] for w in words if w.strip()}
+    ids = {i for i in ids if len(tokenizer.decode([i]).strip()) > 2}
+    ids |= {tokenizer.encode(" " + ab, add_special_tokens=False)[0] for ab in ("A", "B")}
+    return sorted(ids)
+
+
+def weighted_token_ce(logits: torch.Tensor, labels: torch.Tensor, key_ids: list[int], weight: float) -> torch.Tensor:
+    """Next-token cross-entropy (labels shifted as transformers does) where tokens in ``key_ids``
+    count ``weight`` times; the mean is over the weights, so weight 1 gives the plain mean."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:].to(logits.device)
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                         reduction="none")
+    flat = labels.reshape(-1)
+    w = (flat != -100).float()
+    if key_ids:
+        is_key = torch.isin(flat, torch.tensor(key_ids, device=flat.device))
+        w = torch.where(is_key, w * weight, w)
+    return (ce * w).sum() / w.sum().clamp_min(1.0)
+
+
 def mask_losses(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """BCE and Dice between logits (h, w) and a target mask (H, W) in [0, 1], at the logits' size."""
     if target.shape != logits.shape:
@@ -400,11 +432,14 @@ class ExplainableVLM(nn.Module):
         dense, tokens = self.encode_lowlevel(batch.get("lowlevel_pixels", []))
         inputs = self.vlm_inputs(batch)
         labels = batch.get("labels")
+        weighted = labels is not None and self.config.key_token_weight != 1.0
         self._pending_tokens, self._recorded, self._recording = tokens, [], True
         try:
-            out = self.vlm(**inputs, labels=labels.to(self.device) if labels is not None else None)
+            out = self.vlm(**inputs, labels=labels.to(self.device) if labels is not None and not weighted else None)
         finally:
             self._pending_tokens, self._recording = None, False
+        if weighted:
+            out.loss = weighted_token_ce(out.logits, labels, self.config.key_token_ids, self.config.key_token_weight)
         hidden = self._recorded[-1]
         self._recorded = []
 
@@ -587,5 +622,7 @@ def new_model(base: str, *, corpus: Any = (), seed: int = 0, load_kwargs: dict[s
         mask_token_id=tok.convert_tokens_to_ids(MASK_TOKEN), lowlevel_token_id=tok.convert_tokens_to_ids(LOWLEVEL_TOKEN),
         image_token_id=vlm.config.image_token_id, merge_size=getattr(image_processor, "merge_size", 2),
         **config_fields)
+    if cfg.key_token_weight != 1.0:
+        cfg.key_token_ids = key_token_ids(tok)
     torch.manual_seed(seed)
     return ExplainableVLM.from_parts(vlm, cfg), processor

@@ -121,17 +121,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-limit", type=int, default=3000, help="records read from each train split")
     p.add_argument("--val-limit", type=int, default=300, help="records read from each val split")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="measure this Loupe checkpoint's LowLevelEncoder (trained with aux_weight > 0) "
+                        "instead of training a fresh one; --side and --width come from it")
     args = p.parse_args(argv)
     if args.quality is None and args.forgery is None:
         p.error("give --quality and/or --forgery")
     torch.manual_seed(args.seed)
+    enc = None
+    if args.checkpoint is not None:
+        from safetensors.torch import load_file
+
+        from assistant.modeling import LoupeConfig
+
+        cfg = LoupeConfig.load(args.checkpoint / "loupe_config.json")
+        if cfg.aux_weight <= 0:
+            p.error(f"{args.checkpoint}: was trained without auxiliary heads (aux_weight 0); nothing to measure")
+        state = load_file(str(args.checkpoint / "heads.safetensors"))
+        low = {k[len("lowlevel."):]: v for k, v in state.items() if k.startswith("lowlevel.")}
+        enc = LowLevelEncoder(low["to_tokens.2.weight"].shape[0], cfg.lowlevel_width, cfg.n_lowlevel_tokens, AUX_DIM)
+        enc.load_state_dict(low)
+        args.side, args.minutes = cfg.lowlevel_max_side, 0.0
     rng = random.Random(args.seed)
     t0 = time.perf_counter()
-    train = items(args.quality, "train", args.side, args.train_limit) + items(args.forgery, "train", args.side,
-                                                                              args.train_limit)
+    train = [] if enc is not None else (items(args.quality, "train", args.side, args.train_limit) +
+                                        items(args.forgery, "train", args.side, args.train_limit))
     val = items(args.quality, "val", args.side, args.val_limit) + items(args.forgery, "val", args.side, args.val_limit)
     print(f"loaded {len(train)} train / {len(val)} val images in {time.perf_counter() - t0:.0f} s", flush=True)
-    enc = LowLevelEncoder(64, args.width, 4, AUX_DIM)
+    if enc is None:
+        enc = LowLevelEncoder(64, args.width, 4, AUX_DIM)
     opt = torch.optim.AdamW(enc.parameters(), lr=args.lr, weight_decay=0.01)
     start, step, report = time.perf_counter(), 0, 60.0
     while time.perf_counter() - start < args.minutes * 60:

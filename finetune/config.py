@@ -79,6 +79,13 @@ class TrainConfig:
     """Before the main loop of a new run, train the LowLevelEncoder alone on the auxiliary labels
     for N steps (no language model, so each step is cheap): the language model then starts from a
     branch that already sees. Needs aux_weight > 0. A run resumed from a checkpoint skips it."""
+    lowlevel_freeze: bool = False
+    """Keep the LowLevelEncoder's convolutions and auxiliary heads fixed in the main loop (its token
+    projection still trains): the language-model loss then cannot wash out what pretraining taught."""
+    key_token_weight: float = 1.0
+    """Weight of the answer tokens that carry the verdict (first tokens of the taxonomy's words:
+    distortions, severities, ratings, verdicts, manipulations, locations, A/B) in the token
+    cross-entropy, relative to the other answer tokens (1: plain mean)."""
     aux_weight: float = 0.0
     """Weight of the auxiliary losses that supervise the LowLevelEncoder directly with the builders'
     per-image labels (Sample.meta: distortion categories, severity, tampered pixels). 0 turns the
@@ -172,7 +179,7 @@ class TrainConfig:
             if getattr(self, name) <= 0:
                 p.append(f"{name}: must be > 0, got {getattr(self, name)}")
         non_negative = ("lora_dropout", "ce_weight", "bce_weight", "dice_weight", "aux_weight", "head_lr",
-                        "lowlevel_pretrain_steps",
+                        "lowlevel_pretrain_steps", "key_token_weight",
                         "weight_decay",
                         "warmup_steps", "max_grad_norm", "max_bad_records", "val_samples", "num_workers",
                         "eval_every", "save_every", "task_eval_every", "task_eval_samples")
@@ -193,6 +200,8 @@ class TrainConfig:
             p.append(f"data_weights: {len(self.data_weights)} weight(s) for {len(self.data)} dataset folder(s)")
         if any(w <= 0 for w in self.data_weights):
             p.append("data_weights: every weight must be > 0")
+        if self.lowlevel_freeze and not self.lowlevel_pretrain_steps:
+            p.append("lowlevel_freeze: would hold an untrained LowLevelEncoder fixed; set lowlevel_pretrain_steps > 0")
         if self.lowlevel_pretrain_steps and self.aux_weight <= 0:
             p.append("lowlevel_pretrain_steps: the LowLevelEncoder is pretrained on the auxiliary labels; "
                      "set aux_weight > 0 too")

@@ -164,7 +164,7 @@ def build_model(cfg: TrainConfig, device: torch.device, precision: str) -> tuple
     loupe_fields = dict(decoder_width=cfg.decoder_width, lowlevel_width=cfg.lowlevel_width,
                         lowlevel_max_side=cfg.lowlevel_max_side, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
                         ce_weight=cfg.ce_weight, bce_weight=cfg.bce_weight, dice_weight=cfg.dice_weight,
-                        aux_weight=cfg.aux_weight, name=cfg.name)
+                        aux_weight=cfg.aux_weight, key_token_weight=cfg.key_token_weight, name=cfg.name)
     if cfg.is_scratch:
         # a new model's tokenizer is trained on the texts it will learn to write
         model, processor = new_model(cfg.base, corpus=corpus_texts(cfg.data), seed=cfg.seed, **loupe_fields)
@@ -263,6 +263,8 @@ def setup(cfg: TrainConfig) -> Run:
                 cfg.resolved_method, cfg.base, len(train.records), len(val.records), n_train / 1e6, precision,
                 accelerator.num_processes)
 
+    if cfg.lowlevel_freeze:
+        set_lowlevel_frozen(model, True)  # before the optimizer and DDP see the parameters
     optimizer, scheduler = build_optimizer(model, cfg)
     # the scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it
     # once per process), and the DataLoader is sharded by hand so the data position is exact
@@ -313,6 +315,14 @@ def sync_batch(run: Run, batch: Any) -> bool:
     return has
 
 
+def set_lowlevel_frozen(model: ExplainableVLM, frozen: bool) -> None:
+    """Freeze (or unfreeze) the LowLevelEncoder's convolutions and auxiliary heads; its token projection
+    (``to_tokens``) always trains with the language model."""
+    for name, p in model.lowlevel.named_parameters():
+        if not name.startswith("to_tokens."):
+            p.requires_grad_(not frozen)
+
+
 def pretrain_lowlevel(run: Run) -> None:
     """Stage 1 of a new run (``lowlevel_pretrain_steps``): the LowLevelEncoder alone, on the auxiliary
     labels, with its own AdamW at ``lr`` (linear warm-up, then constant). Only the encoder runs, so a
@@ -323,6 +333,7 @@ def pretrain_lowlevel(run: Run) -> None:
     if not cfg.lowlevel_pretrain_steps or run.step > 0 or run.batch > 0 or run.epoch > 0:
         return
     model = run.unwrapped
+    set_lowlevel_frozen(model, False)  # trained here by its own optimizer, outside DDP
     params = [p for p in model.lowlevel.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = max(1, min(cfg.warmup_steps, cfg.lowlevel_pretrain_steps // 10))
@@ -369,6 +380,8 @@ def pretrain_lowlevel(run: Run) -> None:
         epoch += 1
     bar.close()
     model._aux_out = []
+    if cfg.lowlevel_freeze:
+        set_lowlevel_frozen(model, True)
 
 
 def fit(run: Run) -> None:
@@ -584,7 +597,8 @@ def save_checkpoint(run: Run) -> Path:
         (tmp / "trainer").mkdir(parents=True)
         model = run.unwrapped
         model.save_pretrained(tmp, processor=run.processor)
-        trainable = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        keep = resumable_names(model)
+        trainable = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if n in keep}
         save_file(trainable, str(tmp / "trainer" / "trainable.safetensors"))
         # optimizer/schedule/RNG states are nested Python containers of tensors: torch.save, read
         # back with weights_only=True (no pickle code execution)
@@ -621,6 +635,12 @@ def resolve_resume(resume: str, out: Path) -> Path:
     return path
 
 
+def resumable_names(model: ExplainableVLM) -> set[str]:
+    """Parameters a checkpoint must carry to resume: the trainable ones, plus the whole LowLevelEncoder,
+    which may be frozen after its pretraining stage yet cannot be rebuilt from the base."""
+    return {n for n, p in model.named_parameters() if p.requires_grad or n.startswith("lowlevel.")}
+
+
 def load_checkpoint(run: Run, path: Path) -> None:
     """Restore trainable weights, optimizer, schedule, RNG and data position from ``path``."""
     from safetensors.torch import load_file
@@ -632,7 +652,7 @@ def load_checkpoint(run: Run, path: Path) -> None:
                               f"{run.accelerator.num_processes}; the data position would not match")
     weights = load_file(str(trainer / "trainable.safetensors"))
     params = dict(run.unwrapped.named_parameters())
-    expected = {n for n, p in params.items() if p.requires_grad}
+    expected = resumable_names(run.unwrapped)
     if set(weights) != expected:
         diff = sorted(expected ^ set(weights))[:5]
         raise CheckpointError(f"{path}: its trainable parameters differ from this config's (e.g. {diff}); "

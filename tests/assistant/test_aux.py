@@ -101,3 +101,37 @@ def test_aux_heads_survive_save_and_load(tmp_path):
     with torch.no_grad():
         after = loaded(batch)
     assert torch.equal(before.logits, after.logits) and torch.equal(before.aux_loss, after.aux_loss)
+
+
+def test_weighted_token_ce_is_the_plain_mean_at_weight_one_and_leans_on_key_tokens():
+    from assistant.modeling import weighted_token_ce
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 11)
+    labels = torch.tensor([[-100, 3, 4, 5, -100, -100], [-100, -100, 7, 3, 2, 9]])
+    plain = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1))
+    assert torch.allclose(weighted_token_ce(logits, labels, [3], 1.0), plain)
+    # with weight w on id 3: sum(w_i ce_i) / sum(w_i) over the 7 labelled tokens (two of them are 3s)
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1),
+                                           reduction="none", ignore_index=-100)
+    flat = labels[:, 1:].reshape(-1)
+    w = (flat != -100).float() * torch.where(flat == 3, 5.0, 1.0)
+    assert torch.allclose(weighted_token_ce(logits, labels, [3], 5.0), (ce * w).sum() / w.sum())
+
+
+def test_key_token_weight_changes_the_ce_and_its_ids_are_taxonomy_words(tmp_path):
+    from assistant.modeling import key_token_ids
+
+    model, lp = _tiny(aux_weight=0.0)
+    ids = key_token_ids(lp.tokenizer)
+    words = {lp.tokenizer.decode([i]).strip() for i in ids}
+    assert {"A", "B"} <= words and all(len(w) > 2 for w in words - {"A", "B"})
+    batch = _batch(lp, tmp_path)
+    with torch.no_grad():
+        plain = model(batch).ce_loss
+        model.config.key_token_weight, model.config.key_token_ids = 1.0, ids
+        same = model(batch).ce_loss
+        model.config.key_token_weight = 10.0
+        weighted = model(batch).ce_loss
+    assert torch.allclose(plain, same, atol=1e-5)
+    assert not torch.allclose(plain, weighted, atol=1e-3)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from finetune import train as train_mod
 from finetune.train import main
@@ -117,3 +118,29 @@ def test_lowlevel_pretraining_needs_aux_weight(dataset, tmp_path, capsys):
             "--lowlevel_pretrain_steps", "5"]
     assert main(args) == 2
     assert "aux_weight" in capsys.readouterr().err
+
+
+def test_frozen_lowlevel_encoder_stays_fixed_but_its_token_projection_trains_and_resumes(dataset, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    args = ["--config", RECIPE, "--data", str(dataset), "--output", str(out), "--aux_weight", "1",
+            "--lowlevel_pretrain_steps", "2", "--lowlevel_freeze", "true", "--max_steps", "3", "--save_every", "1",
+            "--keep_last", "3", "--batch_size", "6", "--lr", "1e-2", "--warmup_steps", "0", "--key_token_weight", "3"]
+    assert main(args) == 0
+    heads = [load_file(str(out / "checkpoints" / f"step-{s:07d}" / "heads.safetensors")) for s in (1, 3)]
+    assert torch.equal(heads[0]["lowlevel.stem.0.0.weight"], heads[1]["lowlevel.stem.0.0.weight"])
+    assert torch.equal(heads[0]["lowlevel.aux_head.0.weight"], heads[1]["lowlevel.aux_head.0.weight"])
+    assert not torch.equal(heads[0]["lowlevel.to_tokens.0.weight"], heads[1]["lowlevel.to_tokens.0.weight"])
+    config = json.loads((out / "loupe_config.json").read_text())
+    assert config["key_token_weight"] == 3.0 and len(config["key_token_ids"]) > 10
+    # resuming from step 1 restores the frozen encoder too (it is not rebuilt from the base)
+    assert main(args + ["--resume", str(out / "checkpoints" / "step-0000001")]) == 0
+    again = load_file(str(out / "checkpoints" / "step-0000003" / "heads.safetensors"))
+    assert torch.equal(again["lowlevel.stem.0.0.weight"], heads[1]["lowlevel.stem.0.0.weight"])
+
+
+def test_freezing_an_untrained_encoder_is_refused(dataset, tmp_path, capsys):
+    args = ["--config", RECIPE, "--data", str(dataset), "--output", str(tmp_path / "run"), "--lowlevel_freeze", "true"]
+    assert main(args) == 2
+    assert "lowlevel_pretrain_steps" in capsys.readouterr().err
