@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from prompts import (CATEGORIES, DISTORTIONS, LOCATIONS, LOWLEVEL_TOKEN, LOWLEVEL_TOKENS_PER_IMAGE, MANIPULATIONS,
                      MASK_TOKEN, RATINGS, SEVERITIES, TAXONOMY_VERSION, TEMPLATE_VERSION, VERDICTS)
 
-from .processing import AUX_DIM, image_spans
+from .processing import AUX_CATEGORIES, AUX_DIM, image_spans
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,9 @@ class LoupeConfig:
     key_token_weight: float = 1.0
     """Cross-entropy weight of the answer tokens in ``key_token_ids`` relative to the others."""
     key_token_ids: list[int] = field(default_factory=list)
+    evidence_word_ids: list[list[list[int]]] = field(default_factory=list)
+    """Evidence tokens (see ``evidence_word_ids``): per group (category, severity, verdict), the token ids
+    of each class's words. Empty: none; otherwise one extra low-level token per group and image."""
     """First-token ids of the taxonomy's words and A/B (see ``key_token_ids``), set by ``new_model``."""
     lora: dict[str, Any] | None = None
     min_pixels: int = 56 * 56
@@ -261,6 +264,18 @@ def key_token_ids(tokenizer: Any) -> list[int]:
     return sorted(ids)
 
 
+def evidence_word_ids(tokenizer: Any) -> list[list[list[int]]]:
+    """Token ids of the words the evidence tokens are mixed from, in the auxiliary heads' order:
+    the 12 distortion categories' canonical phrases plus "no visible distortion"; the five
+    severities; "tampered" and "authentic"."""
+    def ids(text: str) -> list[int]:
+        return tokenizer.encode(" " + text, add_special_tokens=False)
+
+    categories = [ids(CATEGORIES[c].text) for c in AUX_CATEGORIES] + [ids("no visible distortion")]
+    return [categories, [ids(t.text) for t in SEVERITIES.terms], [ids(VERDICTS["tampered"].text),
+                                                                    ids(VERDICTS["authentic"].text)]]
+
+
 def weighted_token_ce(logits: torch.Tensor, labels: torch.Tensor, key_ids: list[int], weight: float) -> torch.Tensor:
     """Next-token cross-entropy (labels shifted as transformers does) where tokens in ``key_ids``
     count ``weight`` times; the mean is over the weights, so weight 1 gives the plain mean."""
@@ -331,8 +346,10 @@ class ExplainableVLM(nn.Module):
     def from_parts(cls, vlm: nn.Module, config: LoupeConfig) -> "ExplainableVLM":
         """Wrap a base VLM with freshly initialised LowLevelEncoder and MaskDecoder."""
         hidden = vlm.config.get_text_config().hidden_size
-        low = LowLevelEncoder(hidden, config.lowlevel_width, config.n_lowlevel_tokens,
-                              AUX_DIM if config.aux_weight > 0 else 0)
+        if config.evidence_word_ids and config.aux_weight <= 0:
+            raise ValueError("evidence tokens are read from the auxiliary heads; they need aux_weight > 0")
+        grid = config.n_lowlevel_tokens - len(config.evidence_word_ids)
+        low = LowLevelEncoder(hidden, config.lowlevel_width, grid, AUX_DIM if config.aux_weight > 0 else 0)
         dec = MaskDecoder(hidden, low.dense_dim, config.decoder_width)
         return cls(vlm, low, dec, config)
 
@@ -371,10 +388,37 @@ class ExplainableVLM(nn.Module):
             return [], None
         outs, aux = [], []
         for img in images:
-            outs.append(self.lowlevel(img.to(self.device)))
+            dense, tokens = self.lowlevel(img.to(self.device))
             aux.append(self.lowlevel.last_aux)
+            if self.config.evidence_word_ids:
+                tokens = torch.cat([tokens, self.evidence_tokens(aux[-1][0]).to(tokens.dtype)])
+            outs.append((dense, tokens))
         self._aux_out = aux
         return [o[0] for o in outs], torch.cat([o[1] for o in outs])
+
+    def evidence_tokens(self, logits: torch.Tensor) -> torch.Tensor:
+        """The auxiliary heads' verdicts as soft words: one token per group, the probability-weighted mean of
+        the LM's own embeddings of that group's words. (len(groups), D)
+
+        Category: each category's phrase weighted by its probability, plus "no visible distortion" by
+        1 - the largest; severity: the five severity words weighted around the predicted level;
+        verdict: "tampered" / "authentic". The language model (with tied embeddings) can then copy
+        what the forensic branch saw as it would copy a word of the prompt, instead of having to learn
+        to decode an arbitrary feature vector, which a small model trained from scratch did not manage.
+        """
+        emb = self.vlm.get_input_embeddings().weight
+        n_cat = len(AUX_CATEGORIES)
+        p_cat = logits[:n_cat].float().sigmoid()
+        w_cat = torch.cat([p_cat, (1 - p_cat.max()).view(1)])
+        level = logits[n_cat].float().sigmoid() * 5
+        w_sev = torch.softmax(-(level - torch.arange(1, 6, device=logits.device)) ** 2 / 0.5, dim=0)
+        p_t = logits[n_cat + 1].float().sigmoid()
+        weights = [w_cat / w_cat.sum(), w_sev, torch.stack([p_t, 1 - p_t])]
+        out = []
+        for w, group in zip(weights, self.config.evidence_word_ids):
+            words = torch.stack([emb[torch.tensor(ids, device=emb.device)].mean(0) for ids in group]).float()
+            out.append(w @ words)
+        return torch.stack(out)
 
     def aux_loss(self, batch: dict[str, Any]) -> torch.Tensor | None:
         """Auxiliary loss of the last ``encode_lowlevel`` against ``batch["aux"]`` (None if nothing to learn):
@@ -586,10 +630,11 @@ class ExplainableVLM(nn.Module):
 
 
 def new_model(base: str, *, corpus: Any = (), seed: int = 0, load_kwargs: dict[str, Any] | None = None,
-              **config_fields: Any) -> tuple[ExplainableVLM, Any]:
+              evidence_tokens: bool = False, **config_fields: Any) -> tuple[ExplainableVLM, Any]:
     """A fresh ``(ExplainableVLM, processor)`` around ``base``: ``scratch:<size>[:<family>]``, a hub id
     or a local folder. Loupe's tokens are added (new embedding rows start at the mean row).
-    ``load_kwargs`` (dtype, quantization_config, device_map) go to ``load_base`` for hub/folder bases."""
+    ``load_kwargs`` (dtype, quantization_config, device_map) go to ``load_base`` for hub/folder bases.
+    ``evidence_tokens`` adds the auxiliary heads' verdicts as soft-word tokens (needs ``aux_weight``)."""
     from .bases import add_loupe_tokens, build_scratch_base, family_of, is_scratch, load_base
 
     min_pixels = config_fields.get("min_pixels", LoupeConfig.min_pixels)
@@ -624,5 +669,8 @@ def new_model(base: str, *, corpus: Any = (), seed: int = 0, load_kwargs: dict[s
         **config_fields)
     if cfg.key_token_weight != 1.0:
         cfg.key_token_ids = key_token_ids(tok)
+    if evidence_tokens:
+        cfg.evidence_word_ids = evidence_word_ids(tok)
+        cfg.n_lowlevel_tokens = LOWLEVEL_TOKENS_PER_IMAGE + len(cfg.evidence_word_ids)
     torch.manual_seed(seed)
     return ExplainableVLM.from_parts(vlm, cfg), processor

@@ -119,8 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--train-limit", type=int, default=3000, help="records read from each train split")
-    p.add_argument("--val-limit", type=int, default=300, help="records read from each val split")
+    p.add_argument("--val-limit", type=int, default=300, help="records read from each measured split")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", default="val", choices=("val", "test"), help="the split measured")
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="measure this Loupe checkpoint's LowLevelEncoder (trained with aux_weight > 0) "
                         "instead of training a fresh one; --side and --width come from it")
@@ -146,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     train = [] if enc is not None else (items(args.quality, "train", args.side, args.train_limit) +
                                         items(args.forgery, "train", args.side, args.train_limit))
-    val = items(args.quality, "val", args.side, args.val_limit) + items(args.forgery, "val", args.side, args.val_limit)
-    print(f"loaded {len(train)} train / {len(val)} val images in {time.perf_counter() - t0:.0f} s", flush=True)
+    val = (items(args.quality, args.split, args.side, args.val_limit) +
+           items(args.forgery, args.split, args.side, args.val_limit))
+    print(f"loaded {len(train)} train / {len(val)} {args.split} images in {time.perf_counter() - t0:.0f} s", flush=True)
     if enc is None:
         enc = LowLevelEncoder(64, args.width, 4, AUX_DIM)
     opt = torch.optim.AdamW(enc.parameters(), lr=args.lr, weight_decay=0.01)

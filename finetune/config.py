@@ -79,6 +79,14 @@ class TrainConfig:
     """Before the main loop of a new run, train the LowLevelEncoder alone on the auxiliary labels
     for N steps (no language model, so each step is cheap): the language model then starts from a
     branch that already sees. Needs aux_weight > 0. A run resumed from a checkpoint skips it."""
+    evidence_tokens: bool = False
+    """Give the language model the auxiliary heads' verdicts as three extra tokens per image, each a
+    probability-weighted mix of the LM's own embeddings of the words (distortion category, severity,
+    tampered/authentic), so it can copy them like prompt words. Needs aux_weight > 0."""
+    lowlevel_init: str = ""
+    """A Loupe checkpoint folder whose LowLevelEncoder (heads.safetensors, same width and aux heads)
+    this run starts from, e.g. one pretrained by an earlier run; then lowlevel_freeze may be used
+    without lowlevel_pretrain_steps."""
     lowlevel_freeze: bool = False
     """Keep the LowLevelEncoder's convolutions and auxiliary heads fixed in the main loop (its token
     projection still trains): the language-model loss then cannot wash out what pretraining taught."""
@@ -200,8 +208,13 @@ class TrainConfig:
             p.append(f"data_weights: {len(self.data_weights)} weight(s) for {len(self.data)} dataset folder(s)")
         if any(w <= 0 for w in self.data_weights):
             p.append("data_weights: every weight must be > 0")
-        if self.lowlevel_freeze and not self.lowlevel_pretrain_steps:
-            p.append("lowlevel_freeze: would hold an untrained LowLevelEncoder fixed; set lowlevel_pretrain_steps > 0")
+        if self.lowlevel_freeze and not (self.lowlevel_pretrain_steps or self.lowlevel_init):
+            p.append("lowlevel_freeze: would hold an untrained LowLevelEncoder fixed; set lowlevel_pretrain_steps > 0 "
+                     "or lowlevel_init")
+        if self.evidence_tokens and self.aux_weight <= 0:
+            p.append("evidence_tokens: they are read from the auxiliary heads; set aux_weight > 0 too")
+        if self.lowlevel_init and not (Path(self.lowlevel_init) / "heads.safetensors").is_file():
+            p.append(f"lowlevel_init: {self.lowlevel_init} has no heads.safetensors; give a Loupe checkpoint folder")
         if self.lowlevel_pretrain_steps and self.aux_weight <= 0:
             p.append("lowlevel_pretrain_steps: the LowLevelEncoder is pretrained on the auxiliary labels; "
                      "set aux_weight > 0 too")

@@ -164,7 +164,8 @@ def build_model(cfg: TrainConfig, device: torch.device, precision: str) -> tuple
     loupe_fields = dict(decoder_width=cfg.decoder_width, lowlevel_width=cfg.lowlevel_width,
                         lowlevel_max_side=cfg.lowlevel_max_side, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
                         ce_weight=cfg.ce_weight, bce_weight=cfg.bce_weight, dice_weight=cfg.dice_weight,
-                        aux_weight=cfg.aux_weight, key_token_weight=cfg.key_token_weight, name=cfg.name)
+                        aux_weight=cfg.aux_weight, key_token_weight=cfg.key_token_weight,
+                        evidence_tokens=cfg.evidence_tokens, name=cfg.name)
     if cfg.is_scratch:
         # a new model's tokenizer is trained on the texts it will learn to write
         model, processor = new_model(cfg.base, corpus=corpus_texts(cfg.data), seed=cfg.seed, **loupe_fields)
@@ -263,6 +264,8 @@ def setup(cfg: TrainConfig) -> Run:
                 cfg.resolved_method, cfg.base, len(train.records), len(val.records), n_train / 1e6, precision,
                 accelerator.num_processes)
 
+    if cfg.lowlevel_init:
+        load_lowlevel(model, Path(cfg.lowlevel_init))
     if cfg.lowlevel_freeze:
         set_lowlevel_frozen(model, True)  # before the optimizer and DDP see the parameters
     optimizer, scheduler = build_optimizer(model, cfg)
@@ -313,6 +316,20 @@ def sync_batch(run: Run, batch: Any) -> bool:
             run.bad.last = "a record seen by another process"
     run.bad.check()
     return has
+
+
+def load_lowlevel(model: ExplainableVLM, checkpoint: Path) -> None:
+    """Start the LowLevelEncoder from another checkpoint's (its heads.safetensors, sizes must match)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(checkpoint / "heads.safetensors"))
+    sub = {k[len("lowlevel."):]: v for k, v in state.items() if k.startswith("lowlevel.")}
+    try:
+        model.lowlevel.load_state_dict(sub)
+    except RuntimeError as exc:
+        raise ConfigError([f"lowlevel_init: {checkpoint}'s LowLevelEncoder does not match this recipe's "
+                           f"(lowlevel_width, aux_weight > 0): {str(exc).splitlines()[0]}"]) from None
+    logger.info("LowLevelEncoder initialised from %s", checkpoint)
 
 
 def set_lowlevel_frozen(model: ExplainableVLM, frozen: bool) -> None:

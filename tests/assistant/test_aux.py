@@ -135,3 +135,32 @@ def test_key_token_weight_changes_the_ce_and_its_ids_are_taxonomy_words(tmp_path
         weighted = model(batch).ce_loss
     assert torch.allclose(plain, same, atol=1e-5)
     assert not torch.allclose(plain, weighted, atol=1e-3)
+
+
+def test_evidence_tokens_are_soft_words_the_lm_can_copy(tmp_path):
+    torch.manual_seed(0)
+    model, processor = new_model("scratch:test", corpus=CORPUS, seed=0, lowlevel_max_side=64, lowlevel_width=8,
+                                 decoder_width=16, min_pixels=28 * 28, max_pixels=64 * 64, aux_weight=1.0,
+                                 evidence_tokens=True)
+    lp = LoupeProcessor(processor, model.config.n_lowlevel_tokens, model.config.lowlevel_max_side)
+    groups = model.config.evidence_word_ids
+    assert [len(g) for g in groups] == [len(AUX_CATEGORIES) + 1, 5, 2]
+    assert model.config.n_lowlevel_tokens == 4 + 3 and model.lowlevel.grid == 2
+    emb = model.vlm.get_input_embeddings().weight
+    sure = torch.full((AUX_DIM,), -30.0)
+    sure[-1] = 30.0  # certain: tampered, no distortion, severity ~0 (the lowest word dominates)
+    ev = model.evidence_tokens(sure)
+    assert torch.allclose(ev[2], emb[torch.tensor(groups[2][0])].mean(0), atol=1e-5)  # "tampered"
+    assert torch.allclose(ev[0], emb[torch.tensor(groups[0][-1])].mean(0), atol=1e-5)  # "no visible distortion"
+    sure[-1] = -30.0
+    assert torch.allclose(model.evidence_tokens(sure)[2], emb[torch.tensor(groups[2][1])].mean(0), atol=1e-5)
+    batch = _batch(lp, tmp_path)
+    model.eval()
+    with torch.no_grad():
+        before = model(batch)
+    assert torch.isfinite(before.loss)
+    model.save_pretrained(tmp_path / "ck", processor=lp.processor)
+    loaded, _ = ExplainableVLM.from_pretrained(tmp_path / "ck")
+    assert loaded.config.evidence_word_ids == groups
+    with torch.no_grad():
+        assert torch.equal(loaded(batch).logits, before.logits)

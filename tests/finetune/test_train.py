@@ -144,3 +144,22 @@ def test_freezing_an_untrained_encoder_is_refused(dataset, tmp_path, capsys):
     args = ["--config", RECIPE, "--data", str(dataset), "--output", str(tmp_path / "run"), "--lowlevel_freeze", "true"]
     assert main(args) == 2
     assert "lowlevel_pretrain_steps" in capsys.readouterr().err
+
+
+def test_lowlevel_init_starts_from_another_runs_encoder(dataset, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    first = tmp_path / "first"
+    base = ["--config", RECIPE, "--data", str(dataset), "--aux_weight", "1", "--save_every", "0", "--batch_size", "6",
+            "--warmup_steps", "0"]
+    assert main(base + ["--output", str(first), "--lowlevel_pretrain_steps", "2", "--max_steps", "1"]) == 0
+    second = tmp_path / "second"
+    assert main(base + ["--output", str(second), "--lowlevel_init", str(first), "--lowlevel_freeze", "true",
+                        "--max_steps", "1", "--evidence_tokens", "true"]) == 0
+    a, b = (load_file(str(d / "heads.safetensors")) for d in (first, second))
+    assert torch.equal(a["lowlevel.stem.0.0.weight"], b["lowlevel.stem.0.0.weight"])
+    assert json.loads((second / "loupe_config.json").read_text())["n_lowlevel_tokens"] == 7
+    # an encoder of another width is refused with the field named
+    assert main(base + ["--output", str(tmp_path / "third"), "--lowlevel_init", str(first), "--lowlevel_width", "16",
+                        "--max_steps", "1"]) == 2
+    assert "lowlevel_init" in capsys.readouterr().err
