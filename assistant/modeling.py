@@ -68,6 +68,8 @@ class LoupeConfig:
     key_token_weight: float = 1.0
     """Cross-entropy weight of the answer tokens in ``key_token_ids`` relative to the others."""
     key_token_ids: list[int] = field(default_factory=list)
+    evidence_fusion: bool = False
+    """Add a learned bias from the auxiliary heads' probabilities to the logits of ``key_token_ids``."""
     evidence_word_ids: list[list[list[int]]] = field(default_factory=list)
     """Evidence tokens (see ``evidence_word_ids``): per group (category, severity, verdict), the token ids
     of each class's words. Empty: none; otherwise one extra low-level token per group and image."""
@@ -339,6 +341,16 @@ class ExplainableVLM(nn.Module):
         self._recorded: list[torch.Tensor] = []
         self._recording = False
         self._aux_out: list[Any] = []
+        self._pending_bias: torch.Tensor | None = None
+        self.fusion: nn.Linear | None = None
+        if config.evidence_fusion:
+            if config.aux_weight <= 0 or not config.key_token_ids:
+                raise ValueError("evidence_fusion reads the auxiliary heads and biases key_token_ids: it needs "
+                                 "aux_weight > 0 and key tokens")
+            # starts at zero: the language model alone, until the data shows what the evidence is worth
+            self.fusion = nn.Linear(2 * AUX_DIM, len(config.key_token_ids))
+            nn.init.zeros_(self.fusion.weight)
+            nn.init.zeros_(self.fusion.bias)
         self._hooks: list[Any] = []
         self.install_hooks()
 
@@ -362,6 +374,38 @@ class ExplainableVLM(nn.Module):
             self.vlm.get_input_embeddings().register_forward_hook(self._fill_lowlevel),
             _language_model(self.vlm).norm.register_forward_hook(self._record_hidden),
         ]
+        if self.fusion is not None:
+            self._hooks.append(self.vlm.get_output_embeddings().register_forward_hook(self._add_bias))
+
+    def _add_bias(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        if self._pending_bias is None:
+            return output
+        ids = torch.tensor(self.config.key_token_ids, device=output.device)
+        bias = torch.zeros(output.shape[0], output.shape[-1], device=output.device, dtype=output.dtype)
+        bias = bias.index_add(1, ids, self._pending_bias.to(output.dtype))
+        return output + bias.unsqueeze(1)
+
+    def fusion_bias(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None) -> torch.Tensor | None:
+        """Per batch row, the evidence-fusion bias over ``key_token_ids`` (B, K), from the auxiliary
+        probabilities of the row's last image and the one before it (zeros when absent): the judged
+        image of a one-image task, or images A and B of a pair (a reference, if any, comes first).
+
+        A late-fusion path (hand-written: no library has one for this model): the forensic branch's
+        verdict reaches the verdict words' logits directly, where the language model trained from scratch
+        did not learn to read it through attention; the language model still writes every word."""
+        if self.fusion is None or image_grid_thw is None or not self._aux_out:
+            return None
+        spans = image_spans(input_ids, image_grid_thw, self.config.image_token_id, self.config.merge_size)
+        probs = [a[0].sigmoid() for a in self._aux_out]
+        feats = torch.zeros(input_ids.shape[0], 2 * AUX_DIM, device=probs[0].device)
+        per_row: dict[int, list[int]] = {}
+        for i, (row, _, _) in enumerate(spans):
+            per_row.setdefault(row, []).append(i)
+        for row, imgs in per_row.items():
+            feats[row, :AUX_DIM] = probs[imgs[-1]]
+            if len(imgs) > 1:
+                feats[row, AUX_DIM:] = probs[imgs[-2]]
+        return self.fusion(feats)
 
     def _fill_lowlevel(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         input_ids = args[0] if args else None
@@ -477,11 +521,12 @@ class ExplainableVLM(nn.Module):
         inputs = self.vlm_inputs(batch)
         labels = batch.get("labels")
         weighted = labels is not None and self.config.key_token_weight != 1.0
+        self._pending_bias = self.fusion_bias(inputs["input_ids"], inputs.get("image_grid_thw"))
         self._pending_tokens, self._recorded, self._recording = tokens, [], True
         try:
             out = self.vlm(**inputs, labels=labels.to(self.device) if labels is not None and not weighted else None)
         finally:
-            self._pending_tokens, self._recording = None, False
+            self._pending_tokens, self._recording, self._pending_bias = None, False, None
         if weighted:
             out.loss = weighted_token_ce(out.logits, labels, self.config.key_token_ids, self.config.key_token_weight)
         hidden = self._recorded[-1]
@@ -531,13 +576,14 @@ class ExplainableVLM(nn.Module):
         dense, tokens = self.encode_lowlevel(batch.get("lowlevel_pixels", []))
         inputs = self.vlm_inputs(batch)
         tok = self.vlm.generation_config
+        self._pending_bias = self.fusion_bias(inputs["input_ids"], inputs.get("image_grid_thw"))
         self._pending_tokens, self._recorded, self._recording = tokens, [], True
         try:
             out = self.vlm.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                     output_logits=True, return_dict_in_generate=True,
                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kwargs)
         finally:
-            self._pending_tokens, self._recording = None, False
+            self._pending_tokens, self._recording, self._pending_bias = None, False, None
         hidden = torch.cat(self._recorded, dim=1)  # (B, L + T - 1, D): the last new token is never fed back
         self._recorded = []
         prompt_len = inputs["input_ids"].shape[1]
@@ -580,6 +626,8 @@ class ExplainableVLM(nn.Module):
             self.vlm.save_pretrained(path / "base", safe_serialization=True)
         heads = {f"lowlevel.{k}": v for k, v in self.lowlevel.state_dict().items()}
         heads.update({f"mask_decoder.{k}": v for k, v in self.mask_decoder.state_dict().items()})
+        if self.fusion is not None:
+            heads.update({f"fusion.{k}": v for k, v in self.fusion.state_dict().items()})
         save_file({k: v.detach().contiguous().cpu() for k, v in heads.items()}, str(path / "heads.safetensors"))
         if processor is not None:
             processor.save_pretrained(path)
@@ -619,7 +667,10 @@ class ExplainableVLM(nn.Module):
         if not heads_file.is_file():
             raise CheckpointError(f"{path}: heads.safetensors is missing; the checkpoint is incomplete")
         state = load_file(str(heads_file))
-        for prefix, module in (("lowlevel.", model.lowlevel), ("mask_decoder.", model.mask_decoder)):
+        parts = [("lowlevel.", model.lowlevel), ("mask_decoder.", model.mask_decoder)]
+        if model.fusion is not None:
+            parts.append(("fusion.", model.fusion))
+        for prefix, module in parts:
             sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             try:
                 module.load_state_dict(sub)
@@ -667,7 +718,7 @@ def new_model(base: str, *, corpus: Any = (), seed: int = 0, load_kwargs: dict[s
         mask_token_id=tok.convert_tokens_to_ids(MASK_TOKEN), lowlevel_token_id=tok.convert_tokens_to_ids(LOWLEVEL_TOKEN),
         image_token_id=vlm.config.image_token_id, merge_size=getattr(image_processor, "merge_size", 2),
         **config_fields)
-    if cfg.key_token_weight != 1.0:
+    if cfg.key_token_weight != 1.0 or cfg.evidence_fusion:
         cfg.key_token_ids = key_token_ids(tok)
     if evidence_tokens:
         cfg.evidence_word_ids = evidence_word_ids(tok)

@@ -83,6 +83,10 @@ class TrainConfig:
     """Give the language model the auxiliary heads' verdicts as three extra tokens per image, each a
     probability-weighted mix of the LM's own embeddings of the words (distortion category, severity,
     tampered/authentic), so it can copy them like prompt words. Needs aux_weight > 0."""
+    evidence_fusion: bool = False
+    """Late fusion: a learned linear map from the auxiliary heads' probabilities (the judged image, and
+    the other image of a pair) to a bias on the verdict words' logits (key_token_ids), starting at
+    zero. Needs aux_weight > 0."""
     lowlevel_init: str = ""
     """A Loupe checkpoint folder whose LowLevelEncoder (heads.safetensors, same width and aux heads)
     this run starts from, e.g. one pretrained by an earlier run; then lowlevel_freeze may be used
@@ -211,6 +215,8 @@ class TrainConfig:
         if self.lowlevel_freeze and not (self.lowlevel_pretrain_steps or self.lowlevel_init):
             p.append("lowlevel_freeze: would hold an untrained LowLevelEncoder fixed; set lowlevel_pretrain_steps > 0 "
                      "or lowlevel_init")
+        if self.evidence_fusion and self.aux_weight <= 0:
+            p.append("evidence_fusion: it reads the auxiliary heads; set aux_weight > 0 too")
         if self.evidence_tokens and self.aux_weight <= 0:
             p.append("evidence_tokens: they are read from the auxiliary heads; set aux_weight > 0 too")
         if self.lowlevel_init and not (Path(self.lowlevel_init) / "heads.safetensors").is_file():

@@ -165,7 +165,7 @@ def build_model(cfg: TrainConfig, device: torch.device, precision: str) -> tuple
                         lowlevel_max_side=cfg.lowlevel_max_side, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
                         ce_weight=cfg.ce_weight, bce_weight=cfg.bce_weight, dice_weight=cfg.dice_weight,
                         aux_weight=cfg.aux_weight, key_token_weight=cfg.key_token_weight,
-                        evidence_tokens=cfg.evidence_tokens, name=cfg.name)
+                        evidence_tokens=cfg.evidence_tokens, evidence_fusion=cfg.evidence_fusion, name=cfg.name)
     if cfg.is_scratch:
         # a new model's tokenizer is trained on the texts it will learn to write
         model, processor = new_model(cfg.base, corpus=corpus_texts(cfg.data), seed=cfg.seed, **loupe_fields)

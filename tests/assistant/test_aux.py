@@ -164,3 +164,39 @@ def test_evidence_tokens_are_soft_words_the_lm_can_copy(tmp_path):
     assert loaded.config.evidence_word_ids == groups
     with torch.no_grad():
         assert torch.equal(loaded(batch).logits, before.logits)
+
+
+def test_evidence_fusion_biases_only_the_key_words_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    model, processor = new_model("scratch:test", corpus=CORPUS, seed=0, lowlevel_max_side=64, lowlevel_width=8,
+                                 decoder_width=16, min_pixels=28 * 28, max_pixels=64 * 64, aux_weight=1.0,
+                                 evidence_fusion=True)
+    lp = LoupeProcessor(processor, model.config.n_lowlevel_tokens, model.config.lowlevel_max_side)
+    keys = model.config.key_token_ids
+    assert model.fusion is not None and model.fusion.out_features == len(keys) > 10
+    batch = _batch(lp, tmp_path)
+    model.eval()
+    with torch.no_grad():
+        neutral = model(batch).logits  # zero-initialised: the language model alone
+        model.fusion.bias.fill_(2.0)
+        shifted = model(batch).logits
+    delta = shifted - neutral
+    others = torch.ones(delta.shape[-1], dtype=torch.bool)
+    others[keys] = False
+    assert torch.allclose(delta[..., keys], torch.full_like(delta[..., keys], 2.0), atol=1e-4)
+    assert delta[..., others].abs().max() < 1e-4
+    # the bias depends on each row's images: a weight on the last image's tampered probability
+    with torch.no_grad():
+        model.fusion.bias.zero_()
+        model.fusion.weight.zero_()
+        model.fusion.weight[0, AUX_DIM - 1] = 10.0
+        per_row = model(batch).logits[:, -1, keys[0]] - neutral[:, -1, keys[0]]
+        p_t = torch.stack([model._aux_out[i][0][-1].sigmoid() for i in (2, 3, 4)]) * 10
+    assert torch.allclose(per_row, p_t, atol=1e-4)  # rows 0..2 end with images 2, 3 and 4
+    gen = model.generate(lp.collate([lp.encode_sample(TAMPERED, tmp_path, train=False)], padding_side="left"),
+                         max_new_tokens=3)
+    assert gen["new_tokens"].shape[1] >= 1
+    model.save_pretrained(tmp_path / "ck", processor=lp.processor)
+    loaded, _ = ExplainableVLM.from_pretrained(tmp_path / "ck")
+    with torch.no_grad():
+        assert torch.equal(loaded(batch).logits, model(batch).logits)
