@@ -45,9 +45,10 @@ def test_aux_labels_follow_each_images_role():
     assert torch.isnan(aux_labels(_sample("quality.assess", ["A"], {}))).all()
 
 
-def _tiny(aux_weight: float) -> tuple[ExplainableVLM, LoupeProcessor]:
+def _tiny(aux_weight: float, **fields) -> tuple[ExplainableVLM, LoupeProcessor]:
     model, processor = new_model("scratch:test", corpus=CORPUS, seed=0, lowlevel_max_side=64, lowlevel_width=8,
-                                 decoder_width=16, min_pixels=28 * 28, max_pixels=64 * 64, aux_weight=aux_weight)
+                                 decoder_width=16, min_pixels=28 * 28, max_pixels=64 * 64, aux_weight=aux_weight,
+                                 **fields)
     return model, LoupeProcessor(processor, model.config.n_lowlevel_tokens, model.config.lowlevel_max_side)
 
 
@@ -139,10 +140,7 @@ def test_key_token_weight_changes_the_ce_and_its_ids_are_taxonomy_words(tmp_path
 
 def test_evidence_tokens_are_soft_words_the_lm_can_copy(tmp_path):
     torch.manual_seed(0)
-    model, processor = new_model("scratch:test", corpus=CORPUS, seed=0, lowlevel_max_side=64, lowlevel_width=8,
-                                 decoder_width=16, min_pixels=28 * 28, max_pixels=64 * 64, aux_weight=1.0,
-                                 evidence_tokens=True)
-    lp = LoupeProcessor(processor, model.config.n_lowlevel_tokens, model.config.lowlevel_max_side)
+    model, lp = _tiny(1.0, evidence_tokens=True)
     groups = model.config.evidence_word_ids
     assert [len(g) for g in groups] == [len(AUX_CATEGORIES) + 1, 5, 2]
     assert model.config.n_lowlevel_tokens == 4 + 3 and model.lowlevel.grid == 2
@@ -168,10 +166,7 @@ def test_evidence_tokens_are_soft_words_the_lm_can_copy(tmp_path):
 
 def test_evidence_fusion_biases_only_the_key_words_and_round_trips(tmp_path):
     torch.manual_seed(0)
-    model, processor = new_model("scratch:test", corpus=CORPUS, seed=0, lowlevel_max_side=64, lowlevel_width=8,
-                                 decoder_width=16, min_pixels=28 * 28, max_pixels=64 * 64, aux_weight=1.0,
-                                 evidence_fusion=True)
-    lp = LoupeProcessor(processor, model.config.n_lowlevel_tokens, model.config.lowlevel_max_side)
+    model, lp = _tiny(1.0, evidence_fusion=True)
     keys = model.config.key_token_ids
     assert model.fusion is not None and model.fusion.out_features == len(keys) > 10
     batch = _batch(lp, tmp_path)
