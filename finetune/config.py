@@ -87,6 +87,8 @@ class TrainConfig:
     """Late fusion: a learned linear map from the auxiliary heads' probabilities (the judged image, and
     the other image of a pair) to a bias on the verdict words' logits (key_token_ids), starting at
     zero. Needs aux_weight > 0."""
+    fusion_lr: float = 0.0
+    """Learning rate of the evidence-fusion map (0: lr). It has no weight decay."""
     lowlevel_init: str = ""
     """A Loupe checkpoint folder whose LowLevelEncoder (heads.safetensors, same width and aux heads)
     this run starts from, e.g. one pretrained by an earlier run; then lowlevel_freeze may be used
@@ -191,7 +193,7 @@ class TrainConfig:
             if getattr(self, name) <= 0:
                 p.append(f"{name}: must be > 0, got {getattr(self, name)}")
         non_negative = ("lora_dropout", "ce_weight", "bce_weight", "dice_weight", "aux_weight", "head_lr",
-                        "lowlevel_pretrain_steps", "key_token_weight",
+                        "lowlevel_pretrain_steps", "key_token_weight", "fusion_lr",
                         "weight_decay",
                         "warmup_steps", "max_grad_norm", "max_bad_records", "val_samples", "num_workers",
                         "eval_every", "save_every", "task_eval_every", "task_eval_samples")

@@ -230,9 +230,13 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 def build_optimizer(model: ExplainableVLM, cfg: TrainConfig) -> tuple[Any, Any]:
     """AdamW over the trainable parameters (heads may get their own lr) and the warmup + decay schedule."""
     heads = {id(p) for m in (model.lowlevel, model.mask_decoder) for p in m.parameters()}
-    body = [p for p in model.parameters() if p.requires_grad and id(p) not in heads]
+    fusion = {id(p) for p in model.fusion.parameters()} if model.fusion is not None else set()
+    body = [p for p in model.parameters() if p.requires_grad and id(p) not in heads | fusion]
     head = [p for p in model.parameters() if p.requires_grad and id(p) in heads]
-    groups = [{"params": body, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr or cfg.lr}]
+    groups = [{"params": body, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr or cfg.lr},
+              # the fusion map is small and starts at zero: its own lr, and no decay pulling it back
+              {"params": [p for p in model.parameters() if id(p) in fusion], "lr": cfg.fusion_lr or cfg.lr,
+               "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, cfg=cfg))
     return optimizer, scheduler

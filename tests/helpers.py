@@ -32,21 +32,29 @@ def tiny_model(family: str = "qwen2_5_vl", seed: int = 0) -> tuple[ExplainableVL
     return model, LoupeProcessor(processor, model.config.n_lowlevel_tokens, model.config.lowlevel_max_side)
 
 
-def chat(task: str, answer: str, n_images: int = 1) -> list[dict]:
+def chat(task: str, answer: str, n_images: int = 1, detail: bool = False) -> list[dict]:
     roles = ["A", "B"][:n_images]
-    return [{"role": "user", "content": user_content(roles, canonical_question(task))},
+    return [{"role": "user", "content": user_content(roles, canonical_question(task, detail))},
             {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+
+
+def _forgery_items(lp: LoupeProcessor, detail: bool = False) -> list:
+    return [lp.encode(chat("forgery.detect", TAMPERED_ANSWER, detail=detail), [ASSETS / "tampered.png"], train=True,
+                      masks=[ASSETS / "tampered_mask.png"]),
+            lp.encode(chat("forgery.detect", AUTHENTIC_ANSWER, detail=detail), [ASSETS / "clean.png"], train=True)]
 
 
 def training_batch(lp: LoupeProcessor) -> dict:
     """Three examples: noisy -> poor; tampered -> mask; clean -> authentic."""
-    items = [
-        lp.encode(chat("quality.assess", QUALITY_ANSWER), [ASSETS / "noisy.png"], train=True),
-        lp.encode(chat("forgery.detect", TAMPERED_ANSWER), [ASSETS / "tampered.png"], train=True,
-                  masks=[ASSETS / "tampered_mask.png"]),
-        lp.encode(chat("forgery.detect", AUTHENTIC_ANSWER), [ASSETS / "clean.png"], train=True),
-    ]
-    return lp.collate(items)
+    quality = lp.encode(chat("quality.assess", QUALITY_ANSWER), [ASSETS / "noisy.png"], train=True)
+    return lp.collate([quality] + _forgery_items(lp))
+
+
+def checkpoint_batch(lp: LoupeProcessor) -> dict:
+    """``training_batch`` plus the two forgery examples asked with the detailed question, which is what
+    ``Assistant.detect_forgery`` asks by default; without them that answer depends on chance."""
+    quality = lp.encode(chat("quality.assess", QUALITY_ANSWER), [ASSETS / "noisy.png"], train=True)
+    return lp.collate([quality] + _forgery_items(lp) + _forgery_items(lp, detail=True))
 
 
 def overfit(model: ExplainableVLM, batch: dict, steps: int, lr: float = 3e-3) -> list[dict]:
@@ -69,7 +77,7 @@ def build_tiny_checkpoint(path: Path, family: str = "qwen2_5_vl", steps: int = 1
     """Overfit a tiny model on the three examples and save it as a Loupe checkpoint at ``path``."""
     torch.manual_seed(0)
     model, lp = tiny_model(family)
-    overfit(model, training_batch(lp), steps)
+    overfit(model, checkpoint_batch(lp), steps)
     model.config.name = "tiny-test"
     model.save_pretrained(path, processor=lp.processor)
     return path
