@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{args.checkpoint}: was trained without auxiliary heads (aux_weight 0); nothing to measure")
         state = load_file(str(args.checkpoint / "heads.safetensors"))
         low = {k[len("lowlevel."):]: v for k, v in state.items() if k.startswith("lowlevel.")}
-        enc = LowLevelEncoder(low["to_tokens.2.weight"].shape[0], cfg.lowlevel_width, cfg.n_lowlevel_tokens, AUX_DIM)
+        grid = cfg.n_lowlevel_tokens - len(cfg.evidence_word_ids)
+        enc = LowLevelEncoder(low["to_tokens.2.weight"].shape[0], cfg.lowlevel_width, grid, AUX_DIM)
         enc.load_state_dict(low)
         args.side, args.minutes = cfg.lowlevel_max_side, 0.0
     rng = random.Random(args.seed)

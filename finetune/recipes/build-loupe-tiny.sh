@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Rebuild the embedded default model loupe-tiny from nothing, on a CPU machine:
 #   data (built-in photo pool, template labeller) -> loupe train -> loupe export -> loupe eval.
-# Run it through `make loupe-tiny`. About an hour on 2 idle cores: data ~25 min, training
-# ~35 min (2500 steps of 8 at ~0.8 s/step on one thread), evaluation ~10 min.
+# Run it through `make loupe-tiny`. About an hour on 2 idle cores: data ~2 min; training in two
+# stages, the LowLevelEncoder alone on the builders' labels (5000 cheap steps, ~12 min) then the
+# whole model with that encoder frozen (3000 steps of 8, ~25 min); evaluation ~10 min.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 LOUPE=${LOUPE:-.venv/bin/loupe}
@@ -19,4 +20,7 @@ rm -rf "$OUT"
 $LOUPE export --checkpoint "$RUN" --out "$OUT"
 $LOUPE eval --model "$OUT" --data "$DATA/quality/test.jsonl" --batch-size 8 --out runs/eval-loupe-tiny-quality --restart
 $LOUPE eval --model "$OUT" --data "$DATA/forgery/test.jsonl" --batch-size 8 --out runs/eval-loupe-tiny-forgery --restart
+# what the forensic branch alone sees on the same test splits (its auxiliary heads)
+.venv/bin/python benchmarks/lowlevel_probe.py --checkpoint "$OUT" --quality "$DATA/quality" --forgery "$DATA/forgery" \
+  --split test --val-limit 100000 | tee runs/eval-loupe-tiny-lowlevel.txt
 echo "loupe-tiny rebuilt in $OUT; reports in runs/eval-loupe-tiny-*/report.md"
