@@ -380,13 +380,11 @@ class ExplainableVLM(nn.Module):
     def _add_bias(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         if self._pending_bias is None:
             return output
-        ids = torch.tensor(self.config.key_token_ids, device=output.device)
-        bias = torch.zeros(output.shape[0], output.shape[-1], device=output.device, dtype=output.dtype)
-        bias = bias.index_add(1, ids, self._pending_bias.to(output.dtype))
-        return output + bias.unsqueeze(1)
+        return output + self._pending_bias.to(output.dtype).unsqueeze(1)
 
     def fusion_bias(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None) -> torch.Tensor | None:
-        """Per batch row, the evidence-fusion bias over ``key_token_ids`` (B, K), from the auxiliary
+        """Per batch row, the evidence-fusion bias over the vocabulary (B, V), nonzero at ``key_token_ids``
+        only (built once per pass, so the per-token hook is a plain add), from the auxiliary
         probabilities of the row's last image and the one before it (zeros when absent): the judged
         image of a one-image task, or images A and B of a pair (a reference, if any, comes first).
 
@@ -405,7 +403,9 @@ class ExplainableVLM(nn.Module):
             feats[row, :AUX_DIM] = probs[imgs[-1]]
             if len(imgs) > 1:
                 feats[row, AUX_DIM:] = probs[imgs[-2]]
-        return self.fusion(feats)
+        vocab = self.vlm.get_output_embeddings().weight.shape[0]
+        ids = torch.tensor(self.config.key_token_ids, device=feats.device)
+        return torch.zeros(feats.shape[0], vocab, device=feats.device).index_add(1, ids, self.fusion(feats))
 
     def _fill_lowlevel(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         input_ids = args[0] if args else None
