@@ -68,12 +68,12 @@ class LoupeConfig:
     key_token_weight: float = 1.0
     """Cross-entropy weight of the answer tokens in ``key_token_ids`` relative to the others."""
     key_token_ids: list[int] = field(default_factory=list)
+    """First-token ids of the taxonomy's words and A/B (see ``key_token_ids``), set by ``new_model``."""
     evidence_fusion: bool = False
     """Add a learned bias from the auxiliary heads' probabilities to the logits of ``key_token_ids``."""
     evidence_word_ids: list[list[list[int]]] = field(default_factory=list)
     """Evidence tokens (see ``evidence_word_ids``): per group (category, severity, verdict), the token ids
     of each class's words. Empty: none; otherwise one extra low-level token per group and image."""
-    """First-token ids of the taxonomy's words and A/B (see ``key_token_ids``), set by ``new_model``."""
     lora: dict[str, Any] | None = None
     min_pixels: int = 56 * 56
     max_pixels: int = 448 * 448
@@ -292,6 +292,28 @@ def weighted_token_ce(logits: torch.Tensor, labels: torch.Tensor, key_ids: list[
     return (ce * w).sum() / w.sum().clamp_min(1.0)
 
 
+def lowlevel_aux_loss(outs: list[tuple[torch.Tensor, torch.Tensor]], targets: torch.Tensor,
+                      maps: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """Per image: the auxiliary heads' ``(logits (AUX_DIM,), tamper-map logits (h, w))``, the labels
+    (N, AUX_DIM) with NaN for unknown, and a tampered-pixel target or None. BCE on the known labels
+    plus BCE + Dice of each map with a target; None if nothing is known."""
+    logits = torch.stack([o[0] for o in outs])  # (N, AUX_DIM)
+    targets = targets.to(logits.device)
+    known = ~torch.isnan(targets)
+    terms = []
+    if known.any():
+        terms.append(F.binary_cross_entropy_with_logits(logits[known], targets[known]))
+    pairs = [mask_losses(o[1], m.to(logits.device)) for o, m in zip(outs, maps) if m is not None]
+    if pairs:
+        terms.append(torch.stack([b + d for b, d in pairs]).mean())
+    return sum(terms) if terms else None
+
+
+def load_prefixed(module: nn.Module, state: dict[str, torch.Tensor], prefix: str) -> None:
+    """Load the ``prefix``-ed entries of a heads.safetensors ``state`` into ``module`` (strict)."""
+    module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+
+
 def mask_losses(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """BCE and Dice between logits (h, w) and a target mask (H, W) in [0, 1], at the logits' size."""
     if target.shape != logits.shape:
@@ -465,24 +487,12 @@ class ExplainableVLM(nn.Module):
         return torch.stack(out)
 
     def aux_loss(self, batch: dict[str, Any]) -> torch.Tensor | None:
-        """Auxiliary loss of the last ``encode_lowlevel`` against ``batch["aux"]`` (None if nothing to learn):
-        BCE on the category bits, severity and tampered bit that are known, plus BCE + Dice of the
-        forensic map against each forgery image's tampered pixels."""
+        """Auxiliary loss of the last ``encode_lowlevel`` against ``batch["aux"]`` and ``batch["aux_mask"]``
+        (see ``lowlevel_aux_loss``); None if there is nothing to learn."""
         targets = batch.get("aux")
-        outs = getattr(self, "_aux_out", None)
-        if targets is None or not outs or outs[0] is None:
+        if targets is None or not self._aux_out or self._aux_out[0] is None:
             return None
-        logits = torch.stack([o[0] for o in outs])  # (N, AUX_DIM)
-        targets = targets.to(logits.device)
-        known = ~torch.isnan(targets)
-        terms = []
-        if known.any():
-            terms.append(F.binary_cross_entropy_with_logits(logits[known], targets[known]))
-        maps = [(o[1], m.to(logits.device)) for o, m in zip(outs, batch.get("aux_mask") or []) if m is not None]
-        if maps:
-            pairs = [mask_losses(lg, tg) for lg, tg in maps]
-            terms.append(torch.stack([b + d for b, d in pairs]).mean())
-        return sum(terms) if terms else None
+        return lowlevel_aux_loss(self._aux_out, targets, batch.get("aux_mask") or [])
 
     @property
     def device(self) -> torch.device:
@@ -671,9 +681,8 @@ class ExplainableVLM(nn.Module):
         if model.fusion is not None:
             parts.append(("fusion.", model.fusion))
         for prefix, module in parts:
-            sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             try:
-                module.load_state_dict(sub)
+                load_prefixed(module, state, prefix)
             except RuntimeError as exc:
                 raise CheckpointError(f"{heads_file}: does not match the config's head sizes ({exc})") from None
         model.eval()

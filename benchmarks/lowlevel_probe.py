@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from assistant.modeling import LowLevelEncoder, mask_losses  # noqa: E402
+from assistant.modeling import ExplainableVLM, LowLevelEncoder, lowlevel_aux_loss  # noqa: E402
 from assistant.processing import AUX_DIM, aux_labels, load_image, load_mask, to_lowlevel_tensor  # noqa: E402
 from finetune.metrics import roc_auc  # noqa: E402
 from prompts import load_jsonl  # noqa: E402
@@ -55,17 +55,11 @@ def items(root: Path | None, split: str, side: int, limit: int | None = None) ->
 
 
 def loss_of(enc: LowLevelEncoder, batch: list[tuple]) -> torch.Tensor:
-    terms = []
-    for img, y, target in batch:
+    outs = []
+    for img, _, _ in batch:
         enc(img)
-        logits, dense = enc.last_aux
-        known = ~torch.isnan(y)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits[known], y[known])
-        if target is not None:
-            bce, dice = mask_losses(dense, target)
-            loss = loss + bce + dice
-        terms.append(loss)
-    return torch.stack(terms).mean()
+        outs.append(enc.last_aux)
+    return lowlevel_aux_loss(outs, torch.stack([y for _, y, _ in batch]), [t for _, _, t in batch])
 
 
 @torch.no_grad()
@@ -131,18 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     enc = None
     if args.checkpoint is not None:
-        from safetensors.torch import load_file
-
-        from assistant.modeling import LoupeConfig
-
-        cfg = LoupeConfig.load(args.checkpoint / "loupe_config.json")
-        if cfg.aux_weight <= 0:
+        model, _ = ExplainableVLM.from_pretrained(args.checkpoint)
+        if model.config.aux_weight <= 0:
             p.error(f"{args.checkpoint}: was trained without auxiliary heads (aux_weight 0); nothing to measure")
-        state = load_file(str(args.checkpoint / "heads.safetensors"))
-        low = {k[len("lowlevel."):]: v for k, v in state.items() if k.startswith("lowlevel.")}
-        grid = cfg.n_lowlevel_tokens - len(cfg.evidence_word_ids)
-        enc = LowLevelEncoder(low["to_tokens.2.weight"].shape[0], cfg.lowlevel_width, grid, AUX_DIM)
-        enc.load_state_dict(low)
+        enc = model.lowlevel
+        cfg = model.config
         args.side, args.minutes = cfg.lowlevel_max_side, 0.0
     rng = random.Random(args.seed)
     t0 = time.perf_counter()

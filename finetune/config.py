@@ -193,8 +193,7 @@ class TrainConfig:
             if getattr(self, name) <= 0:
                 p.append(f"{name}: must be > 0, got {getattr(self, name)}")
         non_negative = ("lora_dropout", "ce_weight", "bce_weight", "dice_weight", "aux_weight", "head_lr",
-                        "lowlevel_pretrain_steps", "key_token_weight", "fusion_lr",
-                        "weight_decay",
+                        "lowlevel_pretrain_steps", "key_token_weight", "fusion_lr", "weight_decay",
                         "warmup_steps", "max_grad_norm", "max_bad_records", "val_samples", "num_workers",
                         "eval_every", "save_every", "task_eval_every", "task_eval_samples")
         for name in non_negative:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from assistant.modeling import CheckpointError, ExplainableVLM, new_model
+from assistant.modeling import CheckpointError, ExplainableVLM, load_prefixed, new_model
 from assistant.processing import IGNORE_INDEX, LoupeProcessor
 
 from .config import ConfigError, TrainConfig, build_config, field_docs, is_bool_field, is_list_field, load_recipe
@@ -326,10 +326,8 @@ def load_lowlevel(model: ExplainableVLM, checkpoint: Path) -> None:
     """Start the LowLevelEncoder from another checkpoint's (its heads.safetensors, sizes must match)."""
     from safetensors.torch import load_file
 
-    state = load_file(str(checkpoint / "heads.safetensors"))
-    sub = {k[len("lowlevel."):]: v for k, v in state.items() if k.startswith("lowlevel.")}
     try:
-        model.lowlevel.load_state_dict(sub)
+        load_prefixed(model.lowlevel, load_file(str(checkpoint / "heads.safetensors")), "lowlevel.")
     except RuntimeError as exc:
         raise ConfigError([f"lowlevel_init: {checkpoint}'s LowLevelEncoder does not match this recipe's "
                            f"(lowlevel_width, aux_weight > 0): {str(exc).splitlines()[0]}"]) from None
