@@ -38,6 +38,9 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1  # bump when the checkpoint layout changes incompatibly
 
 
+FUSION_SCOPES = ("key", "vocab")
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint folder that cannot be read by this version of Loupe."""
 
@@ -59,6 +62,12 @@ class LoupeConfig:
     lowlevel_width: int = 32
     lowlevel_max_side: int = 448
     """Long side (px) at which the LowLevelEncoder sees an image."""
+    lowlevel_context: int = 0
+    """Residual dilated context convs in the LowLevelEncoder at 1/4 resolution (wider view per pixel)."""
+    lowlevel_pool_map: bool = False
+    """The LowLevelEncoder's image-level heads also read the peak of its tampering map (needs aux_weight)."""
+    mask_prior: bool = False
+    """The MaskDecoder adds the LowLevelEncoder's tampering map to its logits, with a learned scale."""
     decoder_width: int = 64
     ce_weight: float = 1.0
     bce_weight: float = 2.0
@@ -71,6 +80,9 @@ class LoupeConfig:
     """First-token ids of the taxonomy's words and A/B (see ``key_token_ids``), set by ``new_model``."""
     evidence_fusion: bool = False
     """Add a learned bias from the auxiliary heads' probabilities to the logits of ``key_token_ids``."""
+    fusion_scope: str = "key"
+    """Which logits the fusion bias reaches: "key" (``key_token_ids``) or "vocab" (every token, so the
+    answer's opening words, e.g. "Yes"/"No" or "has"/"appears", can carry the verdict too)."""
     evidence_word_ids: list[list[list[int]]] = field(default_factory=list)
     """Evidence tokens (see ``evidence_word_ids``): per group (category, severity, verdict), the token ids
     of each class's words. Empty: none; otherwise one extra low-level token per group and image."""
@@ -149,8 +161,22 @@ def colour_stats(image: torch.Tensor) -> torch.Tensor:
                       clip]) * 2 - 1
 
 
-def _conv(cin: int, cout: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(min(8, cout), cout), nn.GELU())
+def _conv(cin: int, cout: int, stride: int, dilation: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, dilation, dilation=dilation),
+                         nn.GroupNorm(min(8, cout), cout), nn.GELU())
+
+
+class _Residual(nn.Sequential):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + super().forward(x)
+
+
+def map_pool(logits: torch.Tensor) -> torch.Tensor:
+    """A tampering map's logits (h, w) -> (max, mean of the top 5%): its strongest evidence, which a
+    global mean over a small edited region (a few % of the image) would dilute."""
+    flat = logits.flatten()
+    k = max(1, flat.numel() // 20)
+    return torch.stack([flat.max(), flat.topk(k).values.mean()])
 
 
 class LowLevelEncoder(nn.Module):
@@ -160,7 +186,8 @@ class LowLevelEncoder(nn.Module):
     ``dense`` (C, H/4, W/4) for the mask decoder and ``tokens`` (K, lm_hidden) for the LM.
     """
 
-    def __init__(self, lm_hidden: int, width: int = 32, n_tokens: int = 4, aux_dim: int = 0):
+    def __init__(self, lm_hidden: int, width: int = 32, n_tokens: int = 4, aux_dim: int = 0, context: int = 0,
+                 pool_map: bool = False):
         super().__init__()
         side = int(round(n_tokens ** 0.5))
         if side * side != n_tokens:
@@ -170,14 +197,19 @@ class LowLevelEncoder(nn.Module):
         n_res = 3 * self.highpass.shape[0]
         self.stem = nn.Sequential(_conv(3 + n_res, width, 2), _conv(width, width, 2), _conv(width, width, 1))
         self.dense_dim = width
+        # ``context`` residual dilated convs (dilation 2, 4, 8, ...) at 1/4 resolution: each pixel of the
+        # dense map (and so the tampering map) sees a wider neighbourhood to compare itself with
+        self.context = nn.Sequential(*(_Residual(_conv(width, width, 1, 2 ** (i + 1))) for i in range(context)))
         self.deep = nn.Sequential(_conv(width, 2 * width, 2), _conv(2 * width, 2 * width, 2))
         n_stats = n_res + N_COLOUR_STATS
+        # ``pool_map``: the image-level heads also read the tampering map's strongest evidence (map_pool)
+        self.pool_map = bool(pool_map and aux_dim)
         # Auxiliary heads (aux_dim > 0): per-image category/severity/tampered logits from the pooled
         # features and a per-pixel tampering map from the dense one, trained on the builders' labels.
         # Their probabilities also feed every token, so the language model reads a distilled signal.
         self.aux_dim = aux_dim
         if aux_dim:
-            self.aux_head = nn.Sequential(nn.Linear(4 * width + n_stats, 2 * width), nn.GELU(),
+            self.aux_head = nn.Sequential(nn.Linear(4 * width + n_stats + 2 * self.pool_map, 2 * width), nn.GELU(),
                                           nn.Linear(2 * width, aux_dim))
             # the map sees both the 1/4 features and the wider context of the 1/16 ones
             self.aux_dense = nn.Conv2d(width, 1, 1)
@@ -196,7 +228,7 @@ class LowLevelEncoder(nn.Module):
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         res = self.residuals(image)  # (12, H, W)
         x = torch.cat([image * 2 - 1, res]).unsqueeze(0)  # (1, 15, H, W)
-        dense = self.stem(x)  # (1, C, H/4, W/4)
+        dense = self.context(self.stem(x))  # (1, C, H/4, W/4)
         deep = self.deep(dense)  # (1, 2C, H/16, W/16)
         mean = F.adaptive_avg_pool2d(deep, self.grid)  # (1, 2C, g, g)
         sq = F.adaptive_avg_pool2d(deep * deep, self.grid)
@@ -209,9 +241,11 @@ class LowLevelEncoder(nn.Module):
         if self.aux_dim:
             gmean = deep.mean(dim=(2, 3))[0]
             gstd = deep.std(dim=(2, 3))[0] if deep[0, 0].numel() > 1 else torch.zeros_like(gmean)
-            logits = self.aux_head(torch.cat([gmean, gstd, stats]))  # (aux_dim,)
             wide = F.interpolate(self.aux_deep(deep), size=dense.shape[-2:], mode="bilinear", align_corners=False)
-            self.last_aux = (logits, (self.aux_dense(dense) + wide)[0, 0])
+            tamper_map = (self.aux_dense(dense) + wide)[0, 0]
+            pooled = [map_pool(tamper_map)] if self.pool_map else []
+            logits = self.aux_head(torch.cat([gmean, gstd, stats, *pooled]))  # (aux_dim,)
+            self.last_aux = (logits, tamper_map)
             glob.append(logits.sigmoid().expand(cells.shape[0], -1))
         tokens = self.to_tokens(torch.cat(glob, dim=1))  # (K, D)
         return dense[0], tokens
@@ -224,9 +258,12 @@ class LowLevelEncoder(nn.Module):
 class MaskDecoder(nn.Module):
     """Mask-token hidden state -> query over dense features -> mask logits at 1/4 resolution."""
 
-    def __init__(self, lm_hidden: int, lowlevel_dim: int, width: int = 64, heads: int = 4):
+    def __init__(self, lm_hidden: int, lowlevel_dim: int, width: int = 64, heads: int = 4, prior: bool = False):
         super().__init__()
         self.width = width
+        # ``prior``: the LowLevelEncoder's own tampering map (its auxiliary head) is added to the logits with
+        # a learned scale, so the decoder starts from what the branch was trained to see and learns the rest
+        self.prior_scale = nn.Parameter(torch.ones(())) if prior else None
         self.query = nn.Sequential(nn.Linear(lm_hidden, width), nn.GELU(), nn.Linear(width, width))
         self.patch_proj = nn.Linear(lm_hidden, width)
         self.low_proj = nn.Conv2d(lowlevel_dim, width, 1)
@@ -235,8 +272,10 @@ class MaskDecoder(nn.Module):
         self.film = nn.Linear(width, 2 * width)
         self.head = nn.Sequential(nn.Conv2d(width, width // 2, 3, 1, 1), nn.GELU(), nn.Conv2d(width // 2, 1, 1))
 
-    def forward(self, hidden: torch.Tensor, patch: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        """hidden (D,) at the mask token; patch (gh, gw, D) image-token states; dense (C, h, w).
+    def forward(self, hidden: torch.Tensor, patch: torch.Tensor, dense: torch.Tensor,
+                prior: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden (D,) at the mask token; patch (gh, gw, D) image-token states; dense (C, h, w); prior
+        (h, w) the branch's tampering-map logits (used when built with ``prior=True``).
 
         Returns mask logits (h, w) at the LowLevelEncoder's 1/4 resolution.
         """
@@ -250,6 +289,10 @@ class MaskDecoder(nn.Module):
         gamma, beta = self.film(q[0, 0]).chunk(2)
         modulated = feats * (1 + gamma.view(1, -1, 1, 1)) + beta.view(1, -1, 1, 1)
         logits = self.head(modulated)[0, 0] + (flat[0] @ q[0, 0]).view(h, w) / self.width ** 0.5
+        if self.prior_scale is not None:
+            if prior is None:
+                raise ValueError("this MaskDecoder adds the LowLevelEncoder's tampering map; none was given")
+            logits = logits + self.prior_scale * prior.to(logits.dtype)
         return logits
 
 
@@ -366,11 +409,15 @@ class ExplainableVLM(nn.Module):
         self._pending_bias: torch.Tensor | None = None
         self.fusion: nn.Linear | None = None
         if config.evidence_fusion:
-            if config.aux_weight <= 0 or not config.key_token_ids:
+            if config.fusion_scope not in FUSION_SCOPES:
+                raise ValueError(f"fusion_scope: {config.fusion_scope!r} is not one of {', '.join(FUSION_SCOPES)}")
+            if config.aux_weight <= 0 or (config.fusion_scope == "key" and not config.key_token_ids):
                 raise ValueError("evidence_fusion reads the auxiliary heads and biases key_token_ids: it needs "
                                  "aux_weight > 0 and key tokens")
+            out = (vlm.get_output_embeddings().weight.shape[0] if config.fusion_scope == "vocab"
+                   else len(config.key_token_ids))
             # starts at zero: the language model alone, until the data shows what the evidence is worth
-            self.fusion = nn.Linear(2 * AUX_DIM, len(config.key_token_ids))
+            self.fusion = nn.Linear(2 * AUX_DIM, out)
             nn.init.zeros_(self.fusion.weight)
             nn.init.zeros_(self.fusion.bias)
         self._hooks: list[Any] = []
@@ -383,8 +430,11 @@ class ExplainableVLM(nn.Module):
         if config.evidence_word_ids and config.aux_weight <= 0:
             raise ValueError("evidence tokens are read from the auxiliary heads; they need aux_weight > 0")
         grid = config.n_lowlevel_tokens - len(config.evidence_word_ids)
-        low = LowLevelEncoder(hidden, config.lowlevel_width, grid, AUX_DIM if config.aux_weight > 0 else 0)
-        dec = MaskDecoder(hidden, low.dense_dim, config.decoder_width)
+        low = LowLevelEncoder(hidden, config.lowlevel_width, grid, AUX_DIM if config.aux_weight > 0 else 0,
+                              context=config.lowlevel_context, pool_map=config.lowlevel_pool_map)
+        if config.mask_prior and not config.aux_weight > 0:
+            raise ValueError("mask_prior adds the LowLevelEncoder's tampering map; it needs aux_weight > 0")
+        dec = MaskDecoder(hidden, low.dense_dim, config.decoder_width, prior=config.mask_prior)
         return cls(vlm, low, dec, config)
 
     # ---- hooks ---------------------------------------------------------------------------------
@@ -406,7 +456,8 @@ class ExplainableVLM(nn.Module):
 
     def fusion_bias(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None) -> torch.Tensor | None:
         """Per batch row, the evidence-fusion bias over the vocabulary (B, V), nonzero at ``key_token_ids``
-        only (built once per pass, so the per-token hook is a plain add), from the auxiliary
+        only unless ``fusion_scope`` is "vocab" (built once per pass, so the per-token hook is a plain
+        add), from the auxiliary
         probabilities of the row's last image and the one before it (zeros when absent): the judged
         image of a one-image task, or images A and B of a pair (a reference, if any, comes first).
 
@@ -425,6 +476,8 @@ class ExplainableVLM(nn.Module):
             feats[row, :AUX_DIM] = probs[imgs[-1]]
             if len(imgs) > 1:
                 feats[row, AUX_DIM:] = probs[imgs[-2]]
+        if self.config.fusion_scope == "vocab":
+            return self.fusion(feats)
         vocab = self.vlm.get_output_embeddings().weight.shape[0]
         ids = torch.tensor(self.config.key_token_ids, device=feats.device)
         return torch.zeros(feats.shape[0], vocab, device=feats.device).index_add(1, ids, self.fusion(feats))
@@ -520,8 +573,10 @@ class ExplainableVLM(nn.Module):
             if r != row:
                 raise ValueError(f"row {row}: its mask image belongs to row {r}")
             patch = src[row, img_pos].reshape(gh, gw, -1)
+            # the tampering map of the same image, from the encode_lowlevel of this pass
+            prior = self._aux_out[mask_image[row]][1] if self.config.mask_prior else None
             for p in pos.tolist():
-                out.append(self.mask_decoder(hidden[row, p], patch, dense[mask_image[row]]))
+                out.append(self.mask_decoder(hidden[row, p], patch, dense[mask_image[row]], prior))
         return out
 
     # ---- training forward ----------------------------------------------------------------------

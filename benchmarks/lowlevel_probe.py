@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--forgery", type=Path, help="a forgery dataset folder (from loupe build-data forgery)")
     p.add_argument("--side", type=int, default=192, help="long side the encoder sees (loupe-tiny: 192)")
     p.add_argument("--width", type=int, default=32, help="encoder width (loupe-tiny: 32)")
+    p.add_argument("--context", type=int, default=0, help="dilated context convs at 1/4 resolution")
+    p.add_argument("--pool-map", action="store_true", help="image-level heads also read the tampering map's peak")
     p.add_argument("--minutes", type=float, default=5.0, help="training time budget")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
            items(args.forgery, args.split, args.side, args.val_limit))
     print(f"loaded {len(train)} train / {len(val)} {args.split} images in {time.perf_counter() - t0:.0f} s", flush=True)
     if enc is None:
-        enc = LowLevelEncoder(64, args.width, 4, AUX_DIM)
+        enc = LowLevelEncoder(64, args.width, 4, AUX_DIM, context=args.context, pool_map=args.pool_map)
     opt = torch.optim.AdamW(enc.parameters(), lr=args.lr, weight_decay=0.01)
     start, step, report = time.perf_counter(), 0, 60.0
     while time.perf_counter() - start < args.minutes * 60:

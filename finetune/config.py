@@ -75,6 +75,15 @@ class TrainConfig:
     """Weight of the mask binary cross-entropy."""
     dice_weight: float = 0.5
     """Weight of the mask Dice loss."""
+    lowlevel_context: int = 0
+    """Residual dilated convs (dilation 2, 4, ...) in the LowLevelEncoder at 1/4 resolution: a wider view
+    for each pixel of the tampering map and the mask decoder's features."""
+    lowlevel_pool_map: bool = False
+    """The LowLevelEncoder's image-level heads (tampered, categories) also read the peak of its tampering
+    map, not only globally pooled features that a small edited region barely moves. Needs aux_weight > 0."""
+    mask_prior: bool = False
+    """The mask decoder starts from the LowLevelEncoder's own tampering map (added to its logits with a
+    learned scale) and learns the rest. Needs aux_weight > 0."""
     lowlevel_pretrain_steps: int = 0
     """Before the main loop of a new run, train the LowLevelEncoder alone on the auxiliary labels
     for N steps (no language model, so each step is cheap): the language model then starts from a
@@ -87,6 +96,10 @@ class TrainConfig:
     """Late fusion: a learned linear map from the auxiliary heads' probabilities (the judged image, and
     the other image of a pair) to a bias on the verdict words' logits (key_token_ids), starting at
     zero. Needs aux_weight > 0."""
+    fusion_scope: str = "key"
+    """Which logits evidence fusion biases: "key" (the verdict words only) or "vocab" (every token).
+    "vocab" lets the answer's opening words carry the verdict, where a template commits to it before
+    the verdict word itself ("Yes, this picture ..." / "This image appears ...")."""
     fusion_lr: float = 0.0
     """Learning rate of the evidence-fusion map (0: lr). It has no weight decay."""
     lowlevel_init: str = ""
@@ -193,7 +206,7 @@ class TrainConfig:
             if getattr(self, name) <= 0:
                 p.append(f"{name}: must be > 0, got {getattr(self, name)}")
         non_negative = ("lora_dropout", "ce_weight", "bce_weight", "dice_weight", "aux_weight", "head_lr",
-                        "lowlevel_pretrain_steps", "key_token_weight", "fusion_lr", "weight_decay",
+                        "lowlevel_pretrain_steps", "lowlevel_context", "key_token_weight", "fusion_lr", "weight_decay",
                         "warmup_steps", "max_grad_norm", "max_bad_records", "val_samples", "num_workers",
                         "eval_every", "save_every", "task_eval_every", "task_eval_samples")
         for name in non_negative:
@@ -216,6 +229,14 @@ class TrainConfig:
         if self.lowlevel_freeze and not (self.lowlevel_pretrain_steps or self.lowlevel_init):
             p.append("lowlevel_freeze: would hold an untrained LowLevelEncoder fixed; set lowlevel_pretrain_steps > 0 "
                      "or lowlevel_init")
+        from assistant.modeling import FUSION_SCOPES
+
+        if self.fusion_scope not in FUSION_SCOPES:
+            p.append(f"fusion_scope: {self.fusion_scope!r} is not one of {', '.join(FUSION_SCOPES)}")
+        if self.mask_prior and self.aux_weight <= 0:
+            p.append("mask_prior: the tampering map is an auxiliary head; set aux_weight > 0 too")
+        if self.lowlevel_pool_map and self.aux_weight <= 0:
+            p.append("lowlevel_pool_map: the tampering map is an auxiliary head; set aux_weight > 0 too")
         if self.evidence_fusion and self.aux_weight <= 0:
             p.append("evidence_fusion: it reads the auxiliary heads; set aux_weight > 0 too")
         if self.evidence_tokens and self.aux_weight <= 0:

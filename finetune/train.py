@@ -162,10 +162,13 @@ def build_model(cfg: TrainConfig, device: torch.device, precision: str) -> tuple
     """The model for ``cfg.resolved_method``, with exactly the intended parameters trainable."""
     method = cfg.resolved_method
     loupe_fields = dict(decoder_width=cfg.decoder_width, lowlevel_width=cfg.lowlevel_width,
-                        lowlevel_max_side=cfg.lowlevel_max_side, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
+                        lowlevel_max_side=cfg.lowlevel_max_side, lowlevel_context=cfg.lowlevel_context,
+                        lowlevel_pool_map=cfg.lowlevel_pool_map, mask_prior=cfg.mask_prior,
+                        min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
                         ce_weight=cfg.ce_weight, bce_weight=cfg.bce_weight, dice_weight=cfg.dice_weight,
                         aux_weight=cfg.aux_weight, key_token_weight=cfg.key_token_weight,
-                        evidence_tokens=cfg.evidence_tokens, evidence_fusion=cfg.evidence_fusion, name=cfg.name)
+                        evidence_tokens=cfg.evidence_tokens, evidence_fusion=cfg.evidence_fusion,
+                        fusion_scope=cfg.fusion_scope, name=cfg.name)
     if cfg.is_scratch:
         # a new model's tokenizer is trained on the texts it will learn to write
         model, processor = new_model(cfg.base, corpus=corpus_texts(cfg.data), seed=cfg.seed, **loupe_fields)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import shutil
 
+import pytest
 import torch
 
 from assistant.modeling import ExplainableVLM, new_model
@@ -195,3 +196,70 @@ def test_evidence_fusion_biases_only_the_key_words_and_round_trips(tmp_path):
     loaded, _ = ExplainableVLM.from_pretrained(tmp_path / "ck")
     with torch.no_grad():
         assert torch.equal(loaded(batch).logits, model(batch).logits)
+
+
+def test_vocab_fusion_reaches_any_token_per_row_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    model, lp = _tiny(1.0, evidence_fusion=True, fusion_scope="vocab")
+    vocab = model.vlm.get_output_embeddings().weight.shape[0]
+    assert model.fusion.out_features == vocab
+    other = next(i for i in range(vocab) if i not in set(model.config.key_token_ids))  # not a key word
+    batch = _batch(lp, tmp_path)
+    model.eval()
+    with torch.no_grad():
+        neutral = model(batch).logits
+        model.fusion.weight[other, AUX_DIM - 1] = 10.0  # that token follows the judged image's P(tampered)
+        shifted = model(batch).logits
+        p_t = torch.stack([model._aux_out[i][0][-1].sigmoid() for i in (2, 3, 4)]) * 10
+    delta = shifted - neutral
+    assert torch.allclose(delta[:, -1, other], p_t, atol=1e-4)
+    delta[..., other] = 0
+    assert delta.abs().max() < 1e-4
+    model.save_pretrained(tmp_path / "ck", processor=lp.processor)
+    loaded, _ = ExplainableVLM.from_pretrained(tmp_path / "ck")
+    assert loaded.config.fusion_scope == "vocab"
+    with torch.no_grad():
+        assert torch.equal(loaded(batch).logits, shifted)
+    with pytest.raises(ValueError, match="fusion_scope"):
+        _tiny(1.0, evidence_fusion=True, fusion_scope="all")
+
+
+def test_context_convs_and_map_pooling_train_and_round_trip(tmp_path):
+    from assistant.modeling import map_pool
+
+    assert torch.equal(map_pool(torch.tensor([[0.0, 5.0], [1.0, -2.0]])), torch.tensor([5.0, 5.0]))
+    torch.manual_seed(0)
+    model, lp = _tiny(1.0, lowlevel_context=2, lowlevel_pool_map=True)
+    assert len(model.lowlevel.context) == 2 and model.lowlevel.pool_map
+    batch = _batch(lp, tmp_path)
+    out = model(batch)
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.lowlevel.context.parameters())
+    # the tampered logit reads the map's peak: its first layer has weights for the two pooled inputs
+    first = model.lowlevel.aux_head[0]
+    assert first.weight.grad[:, -2:].abs().sum() > 0
+    model.save_pretrained(tmp_path / "ck", processor=lp.processor)
+    loaded, _ = ExplainableVLM.from_pretrained(tmp_path / "ck")
+    assert loaded.config.lowlevel_context == 2 and loaded.lowlevel.pool_map
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(batch).logits, model(batch).logits)
+
+
+def test_mask_prior_adds_the_branch_tampering_map_with_a_learned_scale(tmp_path):
+    torch.manual_seed(0)
+    model, lp = _tiny(1.0, mask_prior=True)
+    batch = _batch(lp, tmp_path)
+    out = model(batch)
+    assert len(out.mask_logits) == 1  # the tampered sample's one mask token
+    tamper_map = model._aux_out[3][1]  # row 1 (the tampered sample): the fourth image of the batch
+    out.loss.backward()
+    assert model.mask_decoder.prior_scale.grad is not None and model.mask_decoder.prior_scale.grad != 0
+    with torch.no_grad():
+        model.mask_decoder.prior_scale.fill_(3.0)
+        three = model(batch).mask_logits[0]
+        model.mask_decoder.prior_scale.zero_()
+        zero = model(batch).mask_logits[0]
+    assert torch.allclose(three - zero, 3.0 * tamper_map.detach(), atol=1e-5)
+    with pytest.raises(ValueError, match="mask_prior"):
+        _tiny(0.0, mask_prior=True)
