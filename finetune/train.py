@@ -216,16 +216,21 @@ def build_model(cfg: TrainConfig, device: torch.device, precision: str) -> tuple
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of the peak lr at ``step``: linear warmup, then cosine / linear decay to 0, or constant.
+    """Multiplier of the peak lr at ``step`` of the main loop (see ``lr_curve``)."""
+    return lr_curve(step, cfg.warmup_steps, cfg.max_steps, cfg.schedule)
+
+
+def lr_curve(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine / linear decay to 0 at ``total``, or constant.
 
     Written out (the same curves as transformers' schedules) because importing
     ``transformers.optimization`` pulls in peft, bitsandbytes and torch.compile: ~12 s per start."""
-    if step < cfg.warmup_steps:
-        return step / cfg.warmup_steps
-    if cfg.schedule == "constant":
+    if step < warmup:
+        return step / warmup
+    if schedule == "constant":
         return 1.0
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    if cfg.schedule == "linear":
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
         return max(0.0, 1.0 - progress)
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
@@ -347,7 +352,8 @@ def set_lowlevel_frozen(model: ExplainableVLM, frozen: bool) -> None:
 
 def pretrain_lowlevel(run: Run) -> None:
     """Stage 1 of a new run (``lowlevel_pretrain_steps``): the LowLevelEncoder alone, on the auxiliary
-    labels, with its own AdamW at ``lr`` (linear warm-up, then constant). Only the encoder runs, so a
+    labels, with its own AdamW at ``lr`` and the run's ``schedule`` over its own steps (warm-up of a tenth
+    of them at most, then the decay of the main loop). Only the encoder runs, so a
     step costs a fraction of a full one. With several processes the encoder's gradients are averaged
     by hand (it is outside DDP's bucketed all-reduce here). A run resumed from a checkpoint skips it;
     one killed during it starts it again."""
@@ -359,7 +365,9 @@ def pretrain_lowlevel(run: Run) -> None:
     params = [p for p in model.lowlevel.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = max(1, min(cfg.warmup_steps, cfg.lowlevel_pretrain_steps // 10))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    # (step + 1): the first step already trains, as it did under the warm-up-then-constant schedule
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_curve(s + 1, warmup, cfg.lowlevel_pretrain_steps + 1, cfg.schedule))
     bar = tqdm(total=cfg.lowlevel_pretrain_steps, desc="lowlevel", disable=not acc.is_main_process,
                dynamic_ncols=True)
     model.train()

@@ -14,7 +14,7 @@ OUT=${OUT:-assistant/weights/loupe-tiny}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
 
 $LOUPE build-data quality --out "$DATA/quality" --n 10000 --image-size 224 --seed 1 --no-progress
-$LOUPE build-data forgery --out "$DATA/forgery" --n 5000 --size 224 --seed 1
+$LOUPE build-data forgery --out "$DATA/forgery" --n 10000 --size 224 --seed 1
 $LOUPE train --config finetune/recipes/loupe-tiny.yaml --data "$DATA/quality" "$DATA/forgery" --data_weights 1 1 --output "$RUN"
 rm -rf "$OUT"
 $LOUPE export --checkpoint "$RUN" --out "$OUT"

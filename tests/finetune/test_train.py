@@ -100,11 +100,13 @@ def test_lowlevel_pretraining_runs_first_and_learns_the_aux_labels(dataset, tmp_
     args = ["--config", RECIPE, "--data", str(dataset), "--output", str(out), "--aux_weight", "1",
             "--lowlevel_pretrain_steps", "10", "--max_steps", "2", "--log_every", "1", "--save_every", "0",
             "--batch_size", "6",
-            "--lr", "1e-2", "--warmup_steps", "0"]
+            "--lr", "1e-2", "--warmup_steps", "0", "--schedule", "cosine"]
     assert main(args) == 0
     rows = metrics(out)
     pre = [r for r in rows if r.get("split") == "lowlevel_pretrain"]
     assert [r["step"] for r in pre] == list(range(1, 11))
+    lrs = [r["lr"] for r in pre]  # the run's schedule, over the stage's own steps: cosine decay
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] > 0.9e-2 and lrs[-1] < 0.1e-2
     assert rows.index(pre[-1]) < rows.index(next(r for r in rows if "split" not in r))  # before the main loop
     assert pre[-1]["aux"] < 0.8 * pre[0]["aux"]
     train_rows = [r for r in rows if "split" not in r]
