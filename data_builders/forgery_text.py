@@ -25,23 +25,27 @@ import numpy as np
 from prompts import CUES, DOMAINS, LOCATIONS, MANIPULATIONS, MASK_TOKEN
 
 # Bump when any wording below changes; recorded as meta["labeller"] = "template@<version>".
-FORGERY_TEXT_VERSION = "2"
+FORGERY_TEXT_VERSION = "3"
 LABELLER_ID = f"template@{FORGERY_TEXT_VERSION}"
 
 _GRID_IDS = [t.id for t in LOCATIONS]  # row-major 3x3
 _NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five"}
 
+# Both verdicts share the openers' first words, so an answer commits to its verdict at the verdict word
+# itself: that word's probability (what Loupe reports as P(tampered)) then carries the model's whole
+# belief. With openers that committed earlier ("Yes, ..." / "This image appears ...") it was always ~0 or
+# ~1, and the model's confidence said nothing (template@2).
 _TAMPERED_OPENERS = (
-    "This image has been tampered with.",
-    "This image has been manipulated.",
+    "This image is tampered.",
+    "This image is manipulated.",
+    "The image is edited.",
     "The image is tampered.",
-    "Yes, this picture has been edited.",
 )
 _AUTHENTIC_OPENERS = (
-    "This image appears authentic.",
-    "This image looks authentic.",
-    "No, this picture appears unedited.",
-    "This image appears to be original.",
+    "This image is authentic.",
+    "This image is original.",
+    "The image is unedited.",
+    "The image is authentic.",
 )
 # Manipulation sentence; {m} is a MANIPULATIONS phrasing, {d} a DOMAINS phrasing.
 _MANIP_SENTENCES = (

@@ -99,7 +99,8 @@ class TrainConfig:
     fusion_scope: str = "key"
     """Which logits evidence fusion biases: "key" (the verdict words only) or "vocab" (every token).
     "vocab" lets the answer's opening words carry the verdict, where a template commits to it before
-    the verdict word itself ("Yes, this picture ..." / "This image appears ...")."""
+    the verdict word itself (the forgery templates up to template@2: "Yes, this picture ..." / "This image
+    appears ...")."""
     fusion_lr: float = 0.0
     """Learning rate of the evidence-fusion map (0: lr). It has no weight decay."""
     lowlevel_init: str = ""
