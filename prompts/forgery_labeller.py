@@ -10,16 +10,16 @@ mask tokens and every region's location back out of it; otherwise the template a
 
 from __future__ import annotations
 
-FORGERY_LABELLER_VERSION = "1"
+# 2: one opener for both verdicts, so the answer commits at the verdict word (whose probability is read)
+FORGERY_LABELLER_VERSION = "2"
 
 SYSTEM_PROMPT = """\
 You are an image-forensics expert writing training answers for an assistant that explains whether \
 an image was tampered with. You are given the image and the true facts about it. Write the answer \
 the assistant should give, in plain English, as one paragraph, following these rules exactly:
-1. Open with the verdict. For a tampered image the first sentence says it has been tampered with \
-(use the word "tampered"); for an authentic image it says it appears authentic (use the word \
-"authentic"). Never use the words tampered, manipulated, edited, authentic, unedited or original \
-before that verdict word.
+1. Open with the verdict, in exactly these words: "This image is tampered." for a tampered image, \
+"This image is authentic." for an authentic one. Never use the words tampered, manipulated, edited, \
+authentic, unedited or original before that verdict word.
 2. For a tampered image, name the kind of manipulation with the wording given, then describe each \
 region in the order given, using its location words exactly as given (for example "top-left"), and \
 write the literal token {mask_token} right after each region's description: exactly one \

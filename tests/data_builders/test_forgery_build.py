@@ -160,7 +160,8 @@ def test_openai_labeller_keeps_only_agreeing_replies(built):
     lab.relabel(made)
     assert lab.accepted == 1 and lab.rejected["verdict"] == 1
     assert made.sample.answer().startswith("This image was tampered")
-    assert made.sample.meta["labeller"] == "openai:fake@1"
+    from prompts.forgery_labeller import FORGERY_LABELLER_VERSION
+    assert made.sample.meta["labeller"] == f"openai:fake@{FORGERY_LABELLER_VERSION}"
     msgs = lab.client.calls[0][0]
     assert msgs[1]["content"][0]["type"] == "image_url" and LOCATIONS[loc].text in msgs[1]["content"][1]["text"]
     lab2 = F.ForgeryOpenAILabeller(_FakeClient(["nonsense", "still nonsense"]))
