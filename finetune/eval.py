@@ -357,10 +357,12 @@ def compute_metrics(records: list[dict], root: Path,
     table.put("run.errors", len(records) - len(ok), "records whose images failed to load (left out of every metric)",
               len(records))
     correct_for_calibration: list[tuple[float, bool, str]] = []
+    verdicts: list[tuple[float, bool, str]] = []  # (probability of the chosen verdict, correct, task)
     _quality(ok, table, details, correct_for_calibration)
-    _comparison(ok, table, correct_for_calibration)
-    _forgery(ok, root, predicted_mask, table, details, correct_for_calibration)
+    _comparison(ok, table, correct_for_calibration, verdicts)
+    _forgery(ok, root, predicted_mask, table, details, correct_for_calibration, verdicts)
     _calibration(correct_for_calibration, table, details)
+    _verdict_calibration(verdicts, table, details)
     judged = [r["judge_score"] for r in ok if r.get("judge_score") is not None]
     table.put("explanations.judge_score", M._mean(judged),
               "LLM judge, 0-10 against the reference answer and ground truth (DepictQA-style GPT scoring)", len(judged))
@@ -456,7 +458,7 @@ def _quality(ok: list[dict], table: _Table, details: dict, calib: list) -> None:
             calib.append((r["confidence"], row["consistent"], "quality.identify"))
 
 
-def _comparison(ok: list[dict], table: _Table, calib: list) -> None:
+def _comparison(ok: list[dict], table: _Table, calib: list, verdicts: list) -> None:
     recs = [r for r in ok if r["sample_task"] in ("quality.rate", "quality.compare") and r["gt"].get("better")]
     if not recs:
         return
@@ -472,6 +474,8 @@ def _comparison(ok: list[dict], table: _Table, calib: list) -> None:
     for r, c in zip(recs, comp):
         if r.get("confidence") is not None:
             calib.append((r["confidence"], c.get("better") == r["gt"]["better"], r["sample_task"]))
+        if c.get("probability") is not None:  # P(the image named better), both orders averaged
+            verdicts.append((c["probability"], c.get("better") == r["gt"]["better"], r["sample_task"]))
 
 
 def _load_truth_mask(root: Path, rels: Sequence[str], shape: tuple[int, int] | None) -> np.ndarray | None:
@@ -494,7 +498,8 @@ def _fit(mask: np.ndarray | None, shape: tuple[int, int], binary: bool) -> np.nd
     return np.asarray(img)
 
 
-def _forgery(ok: list[dict], root: Path, predicted_mask: Callable, table: _Table, details: dict, calib: list) -> None:
+def _forgery(ok: list[dict], root: Path, predicted_mask: Callable, table: _Table, details: dict, calib: list,
+             verdicts: list) -> None:
     recs = [r for r in ok if r["sample_task"] == "forgery.detect" and r["gt"].get("tampered") is not None]
     if not recs:
         return
@@ -521,6 +526,9 @@ def _forgery(ok: list[dict], root: Path, predicted_mask: Callable, table: _Table
         per.append(row)
         if r.get("confidence") is not None and pred is not None:
             calib.append((r["confidence"], bool(pred) == truth, "forgery.detect"))
+        if pred is not None and fr.get("probability") is not None:  # P(the verdict given)
+            p_t = float(fr["probability"])
+            verdicts.append((p_t if pred else 1.0 - p_t, bool(pred) == truth, "forgery.detect"))
         v = M.forgery_text_consistency(parse_verdict(r.get("text") or ""), int(fr.get("regions") or 0),
                                        parse_locations(r.get("text") or ""), truth, gt.get("locations") or [])
         row["text"] = v
@@ -588,6 +596,26 @@ def _calibration(items: list[tuple[float, bool, str]], table: _Table, details: d
             per = M.calibration([c for c, _ in sub], [y for _, y in sub])
             table.put(f"calibration[task={task}].ece", per["ece"], f"expected calibration error, {task} answers only",
                       per["n"])
+
+
+def _verdict_calibration(items: list[tuple[float, bool, str]], table: _Table, details: dict) -> None:
+    """Calibration of the verdicts' own probabilities (what a result reports as ``probability``), per
+    task: P(tampered) for the verdict given, and P(better) for the image named better."""
+    if not items:
+        return
+    details["verdict_calibration"] = {}
+    for task in sorted({t for _, _, t in items}):
+        sub = [(c, y) for c, y, t in items if t == task]
+        cal = M.calibration([c for c, _ in sub], [y for _, y in sub])
+        details["verdict_calibration"][task] = cal
+        table.put(f"calibration[task={task}].verdict_ece", cal["ece"],
+                  f"expected calibration error of the verdict's own probability ({_VERDICT_PROB.get(task, task)}), "
+                  "10 equal-width bins", cal["n"])
+
+
+_VERDICT_PROB = {"forgery.detect": "P(tampered) or 1 - P(tampered), for the verdict given",
+                 "quality.compare": "P(better) of the image named better, both orders averaged",
+                 "quality.rate": "P(better) of the image named better, both orders averaged"}
 
 
 # ---- LLM judge ------------------------------------------------------------------------------

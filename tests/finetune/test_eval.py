@@ -100,6 +100,7 @@ def test_loupe_eval_writes_a_complete_report(tiny_checkpoint, dataset, tmp_path,
                  "forgery.pixel_f1_best_threshold", "forgery[manipulation=splice].pixel_f1@0.5",
                  "forgery[post=jpeg<70].accuracy", "explanations.forgery_verdict", "explanations.quality_names_true",
                  "calibration.ece", "calibration[task=forgery.detect].ece", "cost.seconds_per_sample",
+                 "calibration[task=forgery.detect].verdict_ece", "calibration[task=quality.rate].verdict_ece",
                  "cost.peak_rss_mb", "explanations.judge_score"):
         assert name in m, name
         assert m[name]["protocol"] and m[name]["n"] >= 1
@@ -232,6 +233,8 @@ def test_compute_metrics_on_synthetic_records(tmp_path):
     assert m["forgery.manipulation_accuracy"] == 1.0
     assert m["explanations.forgery_consistent"] == pytest.approx(2 / 3)
     assert m["calibration.ece"] == pytest.approx((abs(1 - 0.95) + abs(1 - 0.85) + abs(0 - 0.65)) / 3)
+    # the verdicts' own probabilities: a 0.9 (right), b 1 - 0.2 (right), c 0.7 (wrong), one bin each
+    assert m["calibration[task=forgery.detect].verdict_ece"] == pytest.approx((0.1 + 0.2 + 0.7) / 3)
     assert m["cost.seconds_per_sample"] == 0.5
     assert "calibration[task=forgery.detect].ece" not in m  # one task: the pooled figure is the per-task one
 
