@@ -100,7 +100,7 @@ def test_loupe_eval_writes_a_complete_report(tiny_checkpoint, dataset, tmp_path,
                  "forgery.pixel_f1_best_threshold", "forgery[manipulation=splice].pixel_f1@0.5",
                  "forgery[post=jpeg<70].accuracy", "explanations.forgery_verdict", "explanations.quality_names_true",
                  "calibration.ece", "calibration[task=forgery.detect].ece", "cost.seconds_per_sample",
-                 "calibration[task=forgery.detect].verdict_ece", "calibration[task=quality.rate].verdict_ece",
+                 "calibration[task=forgery.detect].verdict_ece",
                  "cost.peak_rss_mb", "explanations.judge_score"):
         assert name in m, name
         assert m[name]["protocol"] and m[name]["n"] >= 1
@@ -237,6 +237,23 @@ def test_compute_metrics_on_synthetic_records(tmp_path):
     assert m["calibration[task=forgery.detect].verdict_ece"] == pytest.approx((0.1 + 0.2 + 0.7) / 3)
     assert m["cost.seconds_per_sample"] == 0.5
     assert "calibration[task=forgery.detect].ece" not in m  # one task: the pooled figure is the per-task one
+
+
+def test_verdict_calibration_of_ab_uses_the_probability_of_the_image_named_better(tmp_path):
+    from finetune.eval import compute_metrics
+
+    def rec(id_, better, prob, truth):
+        return {"id": id_, "sample_task": "quality.compare", "images": ["a.png", "b.png"], "error": None,
+                "text": f"Image {better} is better.", "confidence": 0.5, "seconds": 0.1,
+                "comparison": {"better": better, "probability": prob, "p_a": prob if better == "A" else 1 - prob,
+                               "p_a_swapped": None, "consistent": None},
+                "gt": {"task": "quality.compare", "better": truth}}
+
+    out = compute_metrics([rec("x", "A", 0.95, "A"), rec("y", "B", 0.65, "A")], tmp_path, lambda r: (None, None))
+    m = {k: v["value"] for k, v in out["metrics"].items()}
+    assert m["compare.accuracy"] == 0.5
+    assert m["calibration[task=quality.compare].verdict_ece"] == pytest.approx((0.05 + 0.65) / 2)
+    assert m["calibration.ece"] == pytest.approx(0.0)  # the answer confidence, 0.5 for both: a different figure
 
 
 def test_compare_flags_different_data_and_protocols(tmp_path, capsys):
