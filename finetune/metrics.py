@@ -25,7 +25,7 @@ from collections import Counter
 from typing import Any, Iterable, Sequence
 
 import numpy as np
-from scipy import optimize, stats
+from scipy import optimize, special, stats
 
 from prompts import SEVERITIES
 
@@ -130,7 +130,8 @@ def binary_classification(y_true: Sequence[bool], y_pred: Sequence[bool],
 
 
 def _logistic4(x: np.ndarray, b1: float, b2: float, b3: float, b4: float) -> np.ndarray:
-    return (b1 - b2) / (1 + np.exp(-(x - b3) / (abs(b4) + 1e-9))) + b2
+    # expit, not 1 / (1 + exp(-z)): the same curve without overflow warnings while the fit explores
+    return (b1 - b2) * special.expit((x - b3) / (abs(b4) + 1e-9)) + b2
 
 
 def plcc_logistic(pred: Sequence[float], true: Sequence[float]) -> float | None:
