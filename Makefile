@@ -31,7 +31,7 @@ system-deps:          ## Debian packages (skipped when present or when not root)
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  else echo "note: missing Debian packages:$$missing (tests that need them will skip)"; fi; fi
 
-loupe-tiny: $(STAMP) system-deps   ## rebuild the default model's data and weights from nothing (about 2 h on 2 cores)
+loupe-tiny: $(STAMP) system-deps   ## rebuild the default model's data and weights from nothing (about 1 h on 2 cores)
 	bash finetune/recipes/build-loupe-tiny.sh
 
 clean:

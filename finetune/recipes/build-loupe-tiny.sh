@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Rebuild the embedded default model loupe-tiny from nothing, on a CPU machine:
 #   data (built-in photo pool, template labeller) -> loupe train -> loupe export -> loupe eval.
-# Run it through `make loupe-tiny`. About an hour on 2 idle cores: data ~2 min; training in two
-# stages, the LowLevelEncoder alone on the builders' labels (5000 cheap steps, ~12 min) then the
-# whole model with that encoder frozen (3000 steps of 8, ~25 min); evaluation ~10 min.
+# Run it through `make loupe-tiny`. About an hour on 2 cores: data ~2 min; training in two stages,
+# the LowLevelEncoder alone on the builders' labels (10000 cheap steps, ~25 min) then the whole
+# model with that encoder frozen (3000 steps of 8, ~23 min); evaluation and the probe ~3 min.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 LOUPE=${LOUPE:-.venv/bin/loupe}
