@@ -203,13 +203,15 @@ class LowLevelEncoder(nn.Module):
         self.deep = nn.Sequential(_conv(width, 2 * width, 2), _conv(2 * width, 2 * width, 2))
         n_stats = n_res + N_COLOUR_STATS
         # ``pool_map``: the image-level heads also read the tampering map's strongest evidence (map_pool)
-        self.pool_map = bool(pool_map and aux_dim)
+        if pool_map and not aux_dim:
+            raise ValueError("pool_map reads the tampering map, an auxiliary head: it needs aux_dim > 0")
+        self.pool_map = pool_map
         # Auxiliary heads (aux_dim > 0): per-image category/severity/tampered logits from the pooled
         # features and a per-pixel tampering map from the dense one, trained on the builders' labels.
         # Their probabilities also feed every token, so the language model reads a distilled signal.
         self.aux_dim = aux_dim
         if aux_dim:
-            self.aux_head = nn.Sequential(nn.Linear(4 * width + n_stats + 2 * self.pool_map, 2 * width), nn.GELU(),
+            self.aux_head = nn.Sequential(nn.Linear(4 * width + n_stats + 2 * int(pool_map), 2 * width), nn.GELU(),
                                           nn.Linear(2 * width, aux_dim))
             # the map sees both the 1/4 features and the wider context of the 1/16 ones
             self.aux_dense = nn.Conv2d(width, 1, 1)
@@ -429,11 +431,12 @@ class ExplainableVLM(nn.Module):
         hidden = vlm.config.get_text_config().hidden_size
         if config.evidence_word_ids and config.aux_weight <= 0:
             raise ValueError("evidence tokens are read from the auxiliary heads; they need aux_weight > 0")
+        for name in ("mask_prior", "lowlevel_pool_map"):
+            if getattr(config, name) and not config.aux_weight > 0:
+                raise ValueError(f"{name} reads the LowLevelEncoder's tampering map; it needs aux_weight > 0")
         grid = config.n_lowlevel_tokens - len(config.evidence_word_ids)
         low = LowLevelEncoder(hidden, config.lowlevel_width, grid, AUX_DIM if config.aux_weight > 0 else 0,
                               context=config.lowlevel_context, pool_map=config.lowlevel_pool_map)
-        if config.mask_prior and not config.aux_weight > 0:
-            raise ValueError("mask_prior adds the LowLevelEncoder's tampering map; it needs aux_weight > 0")
         dec = MaskDecoder(hidden, low.dense_dim, config.decoder_width, prior=config.mask_prior)
         return cls(vlm, low, dec, config)
 

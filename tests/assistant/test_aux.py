@@ -244,6 +244,8 @@ def test_context_convs_and_map_pooling_train_and_round_trip(tmp_path):
     model.eval()
     with torch.no_grad():
         assert torch.equal(loaded(batch).logits, model(batch).logits)
+    with pytest.raises(ValueError, match="lowlevel_pool_map"):
+        _tiny(0.0, lowlevel_pool_map=True)
 
 
 def test_mask_prior_adds_the_branch_tampering_map_with_a_learned_scale(tmp_path):
