@@ -32,7 +32,7 @@ from transformers import (
     Qwen3VLProcessor,
 )
 
-from prompts import SPECIAL_TOKENS, all_vocabulary_text
+from loupe_vlm.prompts import SPECIAL_TOKENS, all_vocabulary_text
 
 logger = logging.getLogger(__name__)
 

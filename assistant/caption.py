@@ -622,7 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  loupe caption 'shots/**/*.jpg' --task forgery --masks-dir masks/ --out f.jsonl\n"
                "  loupe caption --manifest pairs.jsonl --task compare --out c.jsonl\n"
                "  loupe caption photos/ --task auto --out r.jsonl --shard 0/4   # one of 4 workers\n"
-               "  accelerate launch -m assistant.cli caption photos/ --out r.jsonl  # one process per GPU\n"
+               "  accelerate launch -m loupe_vlm.cli caption photos/ --out r.jsonl  # one process per GPU\n"
                "  loupe caption merge all.jsonl r.shard*.jsonl --csv all.csv\n\n"
                "--task auto writes two records per image, ids suffixed #quality and #forgery.",
         formatter_class=argparse.RawDescriptionHelpFormatter)

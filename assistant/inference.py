@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from prompts import (
+from loupe_vlm.prompts import (
     MANIPULATIONS,
     RATINGS,
     SEVERITIES,
@@ -37,7 +37,7 @@ from prompts import (
     rating_value,
     user_content,
 )
-from prompts.parsing import find_terms, parse_distortions, parse_manipulation, strip_mask_tokens
+from loupe_vlm.prompts.parsing import find_terms, parse_distortions, parse_manipulation, strip_mask_tokens
 
 from .modeling import ExplainableVLM
 from .processing import ImageError, LoupeProcessor, load_image, resize_logits

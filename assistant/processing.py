@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from prompts import CATEGORIES, LOWLEVEL_TOKEN, MASK_TOKEN, Sample
+from loupe_vlm.prompts import CATEGORIES, LOWLEVEL_TOKEN, MASK_TOKEN, Sample
 
 # Refuse images above this many pixels before decoding them (decompression bombs).
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000

@@ -27,7 +27,7 @@ import cv2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_builders import forgery as F  # noqa: E402
+from loupe_vlm.data_builders import forgery as F  # noqa: E402
 
 
 def rate(cfg: F.BuildConfig, n: int) -> tuple[float, float, int]:

@@ -18,7 +18,7 @@ import time
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data_builders.quality import BuildConfig, build  # noqa: E402
+from loupe_vlm.data_builders.quality import BuildConfig, build  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

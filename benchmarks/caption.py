@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from assistant.caption import caption_items, items_from_paths  # noqa: E402
-from assistant.inference import Assistant  # noqa: E402
+from loupe_vlm.assistant.caption import caption_items, items_from_paths  # noqa: E402
+from loupe_vlm.assistant.inference import Assistant  # noqa: E402
 
 SIZES = ((128, 96), (96, 128), (160, 120), (128, 128))
 

@@ -22,7 +22,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from assistant.inference import Assistant  # noqa: E402
+from loupe_vlm.assistant.inference import Assistant  # noqa: E402
 from tests.helpers import ASSETS, build_tiny_checkpoint, chat, TAMPERED_ANSWER  # noqa: E402
 
 

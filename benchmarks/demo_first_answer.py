@@ -18,8 +18,8 @@ import socket
 import statistics
 import time
 
-from assistant.inference import Assistant
-from demo.app import build_demo, launch_options
+from loupe_vlm.assistant.inference import Assistant
+from loupe_vlm.demo.app import build_demo, launch_options
 
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]

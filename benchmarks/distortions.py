@@ -22,9 +22,9 @@ import numpy as np  # noqa: E402
 
 cv2.setNumThreads(1)
 
-from data_builders import distortions as D  # noqa: E402
-from prompts import DISTORTIONS  # noqa: E402
-from data_builders import sources as S  # noqa: E402
+from loupe_vlm.data_builders import distortions as D  # noqa: E402
+from loupe_vlm.prompts import DISTORTIONS  # noqa: E402
+from loupe_vlm.data_builders import sources as S  # noqa: E402
 
 
 def views(n: int, size: int, seed: int = 0) -> list[np.ndarray]:

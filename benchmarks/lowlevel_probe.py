@@ -27,10 +27,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from assistant.modeling import ExplainableVLM, LowLevelEncoder, lowlevel_aux_loss  # noqa: E402
-from assistant.processing import AUX_DIM, aux_labels, load_image, load_mask, to_lowlevel_tensor  # noqa: E402
-from finetune.metrics import roc_auc  # noqa: E402
-from prompts import load_jsonl  # noqa: E402
+from loupe_vlm.assistant.modeling import ExplainableVLM, LowLevelEncoder, lowlevel_aux_loss  # noqa: E402
+from loupe_vlm.assistant.processing import AUX_DIM, aux_labels, load_image, load_mask, to_lowlevel_tensor  # noqa: E402
+from loupe_vlm.finetune.metrics import roc_auc  # noqa: E402
+from loupe_vlm.prompts import load_jsonl  # noqa: E402
 
 
 def items(root: Path | None, split: str, side: int, limit: int | None = None) -> list[tuple]:

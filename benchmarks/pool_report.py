@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from data_builders import sources as S  # noqa: E402
+from loupe_vlm.data_builders import sources as S  # noqa: E402
 
 
 def stats(img: np.ndarray) -> tuple[float, float, float, float]:

@@ -64,7 +64,7 @@ GB = 1024 ** 3
 
 def build_data(work: Path) -> list[Path]:
     """A small quality + forgery dataset from the project's own builders."""
-    loupe = [sys.executable, "-m", "assistant.cli", "build-data"]
+    loupe = [sys.executable, "-m", "loupe_vlm.cli", "build-data"]
     q, f = work / "quality", work / "forgery"
     subprocess.run(loupe + ["quality", "--out", str(q), "--n", "240", "--no-progress"], check=True, cwd=ROOT)
     subprocess.run(loupe + ["forgery", "--out", str(f), "--n", "120"], check=True, cwd=ROOT)
@@ -74,7 +74,7 @@ def build_data(work: Path) -> list[Path]:
 def measure_tiny(data: list[Path], steps: int, work: Path, threads: int | None = None) -> dict:
     """Run the loupe-tiny recipe for ``steps`` steps in a child process: samples/s and peak RSS."""
     out = work / "tiny-run"
-    cmd = [sys.executable, "-m", "finetune.train", "--config", str(ROOT / "finetune/recipes/loupe-tiny.yaml"),
+    cmd = [sys.executable, "-m", "loupe_vlm.finetune.train", "--config", str(ROOT / "finetune/recipes/loupe-tiny.yaml"),
            "--data", *map(str, data), "--output", str(out), "--max_steps", str(steps), "--eval_every", "0",
            "--save_every", "0", "--val_samples", "8", "--log_every", "1", "--cpu", "true",
            "--warmup_steps", "2"]
@@ -94,10 +94,10 @@ def measure_tiny(data: list[Path], steps: int, work: Path, threads: int | None =
 
 def padding(data: list[Path]) -> dict:
     """Padding fraction with and without bucketing (estimated and real lengths), batch 8, tiny recipe."""
-    from assistant.modeling import new_model
-    from assistant.processing import LoupeProcessor
-    from finetune.config import load_config
-    from finetune.data import BadRecords, LoupeDataset, corpus_texts, epoch_batches, padding_fraction, read_split
+    from loupe_vlm.assistant.modeling import new_model
+    from loupe_vlm.assistant.processing import LoupeProcessor
+    from loupe_vlm.finetune.config import load_config
+    from loupe_vlm.finetune.data import BadRecords, LoupeDataset, corpus_texts, epoch_batches, padding_fraction, read_split
 
     cfg = load_config(ROOT / "finetune/recipes/loupe-tiny.yaml", {"data": [str(d) for d in data]})
     model, processor = new_model(cfg.base, corpus=corpus_texts(cfg.data), lowlevel_max_side=cfg.lowlevel_max_side,
@@ -149,7 +149,7 @@ def lora_params(text: dict, r: int) -> int:
 
 def head_params(hidden: int, cfg) -> int:
     """LowLevelEncoder + MaskDecoder parameters at the recipe's widths (built for real, they are small)."""
-    from assistant.modeling import LowLevelEncoder, MaskDecoder
+    from loupe_vlm.assistant.modeling import LowLevelEncoder, MaskDecoder
 
     low = LowLevelEncoder(hidden, cfg.lowlevel_width, 4)
     dec = MaskDecoder(hidden, low.dense_dim, cfg.decoder_width)
@@ -158,7 +158,7 @@ def head_params(hidden: int, cfg) -> int:
 
 def estimate(recipe: str) -> dict:
     """GPU memory estimate for one recipe at its settings (see the module docstring for the method)."""
-    from finetune.config import load_config
+    from loupe_vlm.finetune.config import load_config
 
     cfg = load_config(ROOT / "finetune/recipes" / recipe, {"data": ["-"]})
     counts = count_params(cfg.base)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from prompts.parsing import find_terms, parse_distortions
-from prompts import RATINGS, SEVERITIES
+from loupe_vlm.prompts.parsing import find_terms, parse_distortions
+from loupe_vlm.prompts import RATINGS, SEVERITIES
 
 from .sources import SourceImage
 

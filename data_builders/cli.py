@@ -6,13 +6,13 @@ import importlib
 import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "quality": ("data_builders.quality:main", "distorted images -> quality instruction data"),
-    "forgery": ("data_builders.forgery:main", "tamper synthesis -> forgery instruction data with masks"),
-    "import-forgery": ("data_builders.importers:main",
+    "quality": ("loupe_vlm.data_builders.quality:main", "distorted images -> quality instruction data"),
+    "forgery": ("loupe_vlm.data_builders.forgery:main", "tamper synthesis -> forgery instruction data with masks"),
+    "import-forgery": ("loupe_vlm.data_builders.importers:main",
                        "convert a downloaded forgery dataset (CASIA, Columbia, ...) to Loupe's format"),
-    "import-quality": ("data_builders.quality_readers:main",
+    "import-quality": ("loupe_vlm.data_builders.quality_readers:main",
                        "convert a downloaded quality dataset (KADID-10k, TID2013, KonIQ-10k) to Loupe's format"),
-    "contact-sheet": ("data_builders.contact_sheet:main",
+    "contact-sheet": ("loupe_vlm.data_builders.contact_sheet:main",
                       "one PNG grid: every distortion x 5 severities, or forgery examples with masks"),
 }
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from prompts import DISTORTIONS, SEVERITIES
+from loupe_vlm.prompts import DISTORTIONS, SEVERITIES
 
 from . import distortions as D
 from .sources import builtin_photos, load_rgb, procedural, random_view, save_png

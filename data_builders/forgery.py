@@ -34,9 +34,9 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from prompts import (MANIPULATION_DOMAIN, MANIPULATIONS, MASK_TOKEN, Sample, image_roles_for, training_question,
+from loupe_vlm.prompts import (MANIPULATION_DOMAIN, MANIPULATIONS, MASK_TOKEN, Sample, image_roles_for, training_question,
                      user_content)
-from prompts.parsing import count_mask_tokens, parse_locations, parse_manipulation, parse_verdict
+from loupe_vlm.prompts.parsing import count_mask_tokens, parse_locations, parse_manipulation, parse_verdict
 
 from . import forgery_text
 from . import tamper as T
@@ -413,11 +413,11 @@ class ForgeryOpenAILabeller:
 
     @property
     def id(self) -> str:
-        from prompts.forgery_labeller import FORGERY_LABELLER_VERSION
+        from loupe_vlm.prompts.forgery_labeller import FORGERY_LABELLER_VERSION
         return f"openai:{self.client.model}@{FORGERY_LABELLER_VERSION}"
 
     def messages(self, made: Made) -> list[dict[str, Any]]:
-        from prompts import forgery_labeller as P
+        from loupe_vlm.prompts import forgery_labeller as P
 
         from .labellers.openai_client import image_part
         meta = made.sample.meta
@@ -426,7 +426,7 @@ class ForgeryOpenAILabeller:
         style = P.DETAILED_STYLE if meta.get("detail") == "detailed" else P.BRIEF_STYLE
         system = P.SYSTEM_PROMPT.format(mask_token=MASK_TOKEN, style=style)
         if meta["tampered"]:
-            from prompts import CUES, DOMAINS, LOCATIONS
+            from loupe_vlm.prompts import CUES, DOMAINS, LOCATIONS
             regions = "\n".join(P.FACTS_REGION.format(index=i + 1, location=LOCATIONS[r["location"]].text,
                                                       area=max(1, round(100 * r["area"])))
                                 for i, r in enumerate(meta["regions"]))
@@ -608,7 +608,7 @@ def forgery_contact_sheet(dataset: str | Path, out_png: str | Path, n: int = 24,
 
     Picks up to ``n`` samples, tampered ones of each manipulation first, then authentic ones.
     """
-    from prompts import load_jsonl
+    from loupe_vlm.prompts import load_jsonl
     from .sources import load_rgb, save_png
 
     dataset = Path(dataset)

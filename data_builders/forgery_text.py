@@ -22,7 +22,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from prompts import CUES, DOMAINS, LOCATIONS, MANIPULATIONS, MASK_TOKEN
+from loupe_vlm.prompts import CUES, DOMAINS, LOCATIONS, MANIPULATIONS, MASK_TOKEN
 
 # Bump when any wording below changes; recorded as meta["labeller"] = "template@<version>".
 FORGERY_TEXT_VERSION = "3"

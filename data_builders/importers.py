@@ -46,7 +46,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from prompts import MANIPULATION_DOMAIN, Sample, image_roles_for, training_question, user_content
+from loupe_vlm.prompts import MANIPULATION_DOMAIN, Sample, image_roles_for, training_question, user_content
 
 from . import forgery_text
 

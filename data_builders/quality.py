@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from prompts import DISTORTIONS, SEVERITIES, Sample, category_of, image_roles_for, training_question, user_content
+from loupe_vlm.prompts import DISTORTIONS, SEVERITIES, Sample, category_of, image_roles_for, training_question, user_content
 
 from . import distortions as D
 from .captions import caption

@@ -44,7 +44,7 @@ from typing import Any, Callable
 
 from tqdm import tqdm
 
-from prompts import (
+from loupe_vlm.prompts import (
     CATEGORIES,
     DISTORTIONS,
     RATINGS,

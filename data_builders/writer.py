@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from prompts import TAXONOMY_VERSION, TEMPLATE_VERSION, Sample, SampleError
+from loupe_vlm.prompts import TAXONOMY_VERSION, TEMPLATE_VERSION, Sample, SampleError
 
 from .sources import encode_png
 
@@ -195,7 +195,7 @@ class DatasetWriter:
 
     def samples(self, split: str) -> list[Sample]:
         """Every sample written to ``split`` so far (this run and earlier ones)."""
-        from prompts import load_jsonl
+        from loupe_vlm.prompts import load_jsonl
         path = self.out_dir / f"{split}.jsonl"
         with self._lock:
             self._handles[split].flush()

@@ -33,9 +33,9 @@ from typing import Any, Iterator
 
 import gradio as gr
 
-from assistant.inference import Assistant, Request, Result
-from prompts import canonical_question, user_content
-from prompts.parsing import strip_mask_tokens
+from loupe_vlm.assistant.inference import Assistant, Request, Result
+from loupe_vlm.prompts import canonical_question, user_content
+from loupe_vlm.prompts.parsing import strip_mask_tokens
 
 from .common import (
     CANONICAL_QUESTIONS,

@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from assistant.ask import _pick_task as _ask_pick_task  # one routing word list for ask, demo and serve
-from assistant.inference import Assistant, Request, Result
-from assistant.processing import load_image
-from prompts import TASKS, canonical_question, image_roles_for
+from loupe_vlm.assistant.ask import _pick_task as _ask_pick_task  # one routing word list for ask, demo and serve
+from loupe_vlm.assistant.inference import Assistant, Request, Result
+from loupe_vlm.assistant.processing import load_image
+from loupe_vlm.prompts import TASKS, canonical_question, image_roles_for
 
 # Uploads larger than these are refused before the model sees them. 10 MB covers phone photos;
 # 16 MP (e.g. 4000x4000) keeps decoding and resizing cheap on a laptop.

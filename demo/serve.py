@@ -47,7 +47,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from assistant.inference import Assistant, Request, Result
+from loupe_vlm.assistant.inference import Assistant, Request, Result
 
 from .common import (
     MAX_IMAGE_BYTES,

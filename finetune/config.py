@@ -230,7 +230,7 @@ class TrainConfig:
         if self.lowlevel_freeze and not (self.lowlevel_pretrain_steps or self.lowlevel_init):
             p.append("lowlevel_freeze: would hold an untrained LowLevelEncoder fixed; set lowlevel_pretrain_steps > 0 "
                      "or lowlevel_init")
-        from assistant.modeling import FUSION_SCOPES
+        from loupe_vlm.assistant.modeling import FUSION_SCOPES
 
         if self.fusion_scope not in FUSION_SCOPES:
             p.append(f"fusion_scope: {self.fusion_scope!r} is not one of {', '.join(FUSION_SCOPES)}")

@@ -26,8 +26,8 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
-from assistant.processing import Encoded, ImageError, LoupeProcessor
-from prompts import Sample, iter_jsonl
+from loupe_vlm.assistant.processing import Encoded, ImageError, LoupeProcessor
+from loupe_vlm.prompts import Sample, iter_jsonl
 
 logger = logging.getLogger(__name__)
 

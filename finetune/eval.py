@@ -40,9 +40,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from assistant.inference import Assistant, Request, Result
-from prompts import CATEGORIES, RATINGS, TASKS, Sample, SampleError, canonical_question, iter_jsonl, rating_value
-from prompts.parsing import parse_locations, parse_verdict
+from loupe_vlm.assistant.inference import Assistant, Request, Result
+from loupe_vlm.prompts import CATEGORIES, RATINGS, TASKS, Sample, SampleError, canonical_question, iter_jsonl, rating_value
+from loupe_vlm.prompts.parsing import parse_locations, parse_verdict
 
 from . import metrics as M
 

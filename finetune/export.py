@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from assistant.modeling import CheckpointError, ExplainableVLM
+from loupe_vlm.assistant.modeling import CheckpointError, ExplainableVLM
 
-logger = logging.getLogger("finetune.export")
+logger = logging.getLogger("loupe_vlm.finetune.export")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -27,7 +27,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from scipy import optimize, special, stats
 
-from prompts import SEVERITIES
+from loupe_vlm.prompts import SEVERITIES
 
 # ---- small helpers -----------------------------------------------------------------------------
 

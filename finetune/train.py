@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from assistant.modeling import CheckpointError, ExplainableVLM, load_prefixed, new_model
-from assistant.processing import IGNORE_INDEX, LoupeProcessor
+from loupe_vlm.assistant.modeling import CheckpointError, ExplainableVLM, load_prefixed, new_model
+from loupe_vlm.assistant.processing import IGNORE_INDEX, LoupeProcessor
 
 from .config import ConfigError, TrainConfig, build_config, field_docs, is_bool_field, is_list_field, load_recipe
 from .data import (
@@ -51,7 +51,7 @@ from .data import (
     read_split,
 )
 
-logger = logging.getLogger("finetune.train")
+logger = logging.getLogger("loupe_vlm.finetune.train")
 
 # Modules kept in full precision under 4-bit QLoRA. transformers 5 matches full prefixes only (a bare
 # "visual" no longer matches and the vision tower would be quantised). The Loupe heads live outside
@@ -61,8 +61,8 @@ KEEP_FULL_PRECISION = ["model.visual", "model.vision_tower", "model.multi_modal_
 LAUNCH_HELP = """\
 launch lines:
   loupe train --config finetune/recipes/tiny-smoke.yaml --data DATASET          # one CPU or GPU
-  accelerate launch --num_processes 4 -m finetune.train --config R.yaml         # 4 GPUs, DDP
-  ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 -m finetune.train ...     # 2 CPU processes
+  accelerate launch --num_processes 4 -m loupe_vlm.finetune.train --config R.yaml         # 4 GPUs, DDP
+  ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 -m loupe_vlm.finetune.train ...     # 2 CPU processes
   loupe train --config R.yaml --resume latest                                   # continue a run
 """
 
@@ -569,7 +569,7 @@ def validate(run: Run) -> dict[str, Any]:
 def task_eval(run: Run) -> dict[str, Any]:
     """The task metrics of ``loupe eval`` (generation through ``Assistant``, the same code as the CLI)
     on the first ``task_eval_samples`` val records of each dataset folder. Runs on the main process."""
-    from assistant.inference import Assistant
+    from loupe_vlm.assistant.inference import Assistant
 
     from .eval import evaluate
 

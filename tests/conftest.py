@@ -21,6 +21,6 @@ def tiny_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_assistant(tiny_checkpoint):
-    from assistant.inference import Assistant
+    from loupe_vlm.assistant.inference import Assistant
 
     return Assistant.from_pretrained(tiny_checkpoint)

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from assistant.modeling import ExplainableVLM, new_model
-from assistant.processing import LoupeProcessor
-from prompts import canonical_question, user_content
+from loupe_vlm.assistant.modeling import ExplainableVLM, new_model
+from loupe_vlm.assistant.processing import LoupeProcessor
+from loupe_vlm.prompts import canonical_question, user_content
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from prompts import (
+from loupe_vlm.prompts import (
     CATEGORIES,
     DISTORTIONS,
     MASK_TOKEN,
@@ -21,9 +21,9 @@ from prompts import (
     save_jsonl,
     user_content,
 )
-from prompts.parsing import find_terms, parse_better, parse_distortions, parse_rating, parse_verdict
-from prompts.taxonomy import ALL_VOCABULARIES
-from prompts.templates import QUESTIONS, all_questions
+from loupe_vlm.prompts.parsing import find_terms, parse_better, parse_distortions, parse_rating, parse_verdict
+from loupe_vlm.prompts.taxonomy import ALL_VOCABULARIES
+from loupe_vlm.prompts.templates import QUESTIONS, all_questions
 
 
 def test_taxonomy_shape():
@@ -119,7 +119,7 @@ def test_bad_jsonl_line_names_file_line_and_field(tmp_path):
     with pytest.raises(SampleError) as info:
         load_jsonl(path)
     assert str(path) in str(info.value) and "line 2" in str(info.value) and "'task'" in str(info.value)
-    from prompts import iter_jsonl
+    from loupe_vlm.prompts import iter_jsonl
 
     errors: list = []
     assert [n for n, _ in iter_jsonl(path, errors=errors)] == [1]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from prompts import CATEGORIES, DISTORTIONS, category_of
+from loupe_vlm.prompts import CATEGORIES, DISTORTIONS, category_of
 
 from . import blur, compression, noise, spatial, tone  # noqa: F401  (registers the functions)
 from ._common import LADDERS, REGISTRY, param

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from prompts.parsing import parse_better, parse_distortions, parse_rating
+from loupe_vlm.prompts.parsing import parse_better, parse_distortions, parse_rating
 
 
 @dataclass
@@ -66,7 +66,7 @@ def _same_distortions(found: list[dict], truth: list[dict], check_severity: bool
         if g["name"] is not None and g["name"] != want[cat]["name"]:
             return f"names {g['name']!r} but the image has {want[cat]['name']!r}"
         if check_severity and g["severity"] is not None:
-            from prompts import severity_name
+            from loupe_vlm.prompts import severity_name
             if g["severity"] != severity_name(want[cat]["severity"]):
                 return f"says {g['severity']} {cat} but the severity is {severity_name(want[cat]['severity'])}"
     return None

@@ -18,8 +18,8 @@ from typing import Any
 
 import yaml
 
-import prompts
-from prompts import DISTORTIONS, SEVERITIES, canonical_question
+from loupe_vlm import prompts
+from loupe_vlm.prompts import DISTORTIONS, SEVERITIES, canonical_question
 
 from .base import LabelJob, check_text
 from .openai_client import LabellerError, OpenAILabeller, image_part

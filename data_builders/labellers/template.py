@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 
-from prompts import DISTORTIONS, SEVERITIES, TEMPLATE_VERSION
+from loupe_vlm.prompts import DISTORTIONS, SEVERITIES, TEMPLATE_VERSION
 
 from .base import ImageTruth, LabelJob, check_text
 

@@ -9,8 +9,8 @@ import sys
 import numpy as np
 from PIL import Image
 
-from assistant.ask import main
-from assistant.cli import main as loupe
+from loupe_vlm.assistant.ask import main
+from loupe_vlm.cli import main as loupe
 from tests.helpers import ASSETS
 
 
@@ -52,7 +52,7 @@ def test_loupe_dispatcher_help_and_unknown_verb(capsys):
 
 
 def test_console_script_runs(tiny_checkpoint):
-    proc = subprocess.run([sys.executable, "-m", "assistant.cli", "ask", str(ASSETS / "noisy.png"), "--model",
+    proc = subprocess.run([sys.executable, "-m", "loupe_vlm.cli", "ask", str(ASSETS / "noisy.png"), "--model",
                            str(tiny_checkpoint), "--json"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["quality"]["rating"] == "poor"

@@ -8,9 +8,9 @@ import shutil
 import pytest
 import torch
 
-from assistant.modeling import ExplainableVLM, new_model
-from assistant.processing import AUX_CATEGORIES, AUX_DIM, LoupeProcessor, aux_labels
-from prompts import Sample, canonical_question, user_content
+from loupe_vlm.assistant.modeling import ExplainableVLM, new_model
+from loupe_vlm.assistant.processing import AUX_CATEGORIES, AUX_DIM, LoupeProcessor, aux_labels
+from loupe_vlm.prompts import Sample, canonical_question, user_content
 from tests.helpers import ASSETS, CORPUS
 
 
@@ -106,7 +106,7 @@ def test_aux_heads_survive_save_and_load(tmp_path):
 
 
 def test_weighted_token_ce_is_the_plain_mean_at_weight_one_and_leans_on_key_tokens():
-    from assistant.modeling import weighted_token_ce
+    from loupe_vlm.assistant.modeling import weighted_token_ce
 
     torch.manual_seed(0)
     logits = torch.randn(2, 6, 11)
@@ -122,7 +122,7 @@ def test_weighted_token_ce_is_the_plain_mean_at_weight_one_and_leans_on_key_toke
 
 
 def test_key_token_weight_changes_the_ce_and_its_ids_are_taxonomy_words(tmp_path):
-    from assistant.modeling import key_token_ids
+    from loupe_vlm.assistant.modeling import key_token_ids
 
     model, lp = _tiny(aux_weight=0.0)
     ids = key_token_ids(lp.tokenizer)
@@ -225,7 +225,7 @@ def test_vocab_fusion_reaches_any_token_per_row_and_round_trips(tmp_path):
 
 
 def test_context_convs_and_map_pooling_train_and_round_trip(tmp_path):
-    from assistant.modeling import map_pool
+    from loupe_vlm.assistant.modeling import map_pool
 
     assert torch.equal(map_pool(torch.tensor([[0.0, 5.0], [1.0, -2.0]])), torch.tensor([5.0, 5.0]))
     torch.manual_seed(0)

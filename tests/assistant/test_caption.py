@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from assistant.caption import (Item, answer_batch, collect_paths, main, read_manifest, resolve_in_roots,
+from loupe_vlm.assistant.caption import (Item, answer_batch, collect_paths, main, read_manifest, resolve_in_roots,
                                safe_mask_name, shard_of)
-from assistant.inference import Result
-from assistant.processing import ImageError
+from loupe_vlm.assistant.inference import Result
+from loupe_vlm.assistant.processing import ImageError
 from tests.helpers import ASSETS
 
 GOOD = ("noisy.png", "clean.png", "tampered.png")
@@ -109,7 +109,7 @@ def test_sigkill_then_resume_gives_every_id_exactly_once(tiny_checkpoint, tmp_pa
     # batch size 1 makes one line per step, so the kill lands mid-run; short answers keep the test quick
     args = [str(folder), "--task", "quality", "--out", str(out), "--model", str(tiny_checkpoint), "--device", "cpu",
             "--batch-size", "1", "--max-new-tokens", "3", "--threads", "1", "--no-progress"]
-    proc = subprocess.Popen([sys.executable, "-m", "assistant.cli", "caption", *args],
+    proc = subprocess.Popen([sys.executable, "-m", "loupe_vlm.cli", "caption", *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     try:

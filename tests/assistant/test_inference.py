@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from assistant.inference import Request
-from assistant.processing import ImageError
-from prompts import RATINGS
+from loupe_vlm.assistant.inference import Request
+from loupe_vlm.assistant.processing import ImageError
+from loupe_vlm.prompts import RATINGS
 from tests.helpers import ASSETS
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from assistant.modeling import CheckpointError, ExplainableVLM
-from assistant.processing import LoupeProcessor
+from loupe_vlm.assistant.modeling import CheckpointError, ExplainableVLM
+from loupe_vlm.assistant.processing import LoupeProcessor
 from tests.helpers import ASSETS, TAMPERED_ANSWER, chat, overfit, tiny_model, training_batch
 
 FAMILIES = ["qwen2_5_vl", "qwen3_vl"]
@@ -137,7 +137,7 @@ def test_lowlevel_encoder_sees_noise():
     """The fixed high-pass residuals separate a clean and a noisy version of the same image."""
     from PIL import Image
 
-    from assistant.processing import to_lowlevel_tensor
+    from loupe_vlm.assistant.processing import to_lowlevel_tensor
 
     model, _ = tiny_model()
     clean = to_lowlevel_tensor(Image.open(ASSETS / "clean.png").convert("RGB"), 64)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from assistant.processing import ImageError, load_image, lowlevel_size
+from loupe_vlm.assistant.processing import ImageError, load_image, lowlevel_size
 from tests.helpers import ASSETS
 
 

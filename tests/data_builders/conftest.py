@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from data_builders.sources import fractal_texture, save_png
+from loupe_vlm.data_builders.sources import fractal_texture, save_png
 
 
 @pytest.fixture(scope="session")

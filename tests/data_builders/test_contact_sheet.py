@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from data_builders.contact_sheet import main
-from data_builders.sources import load_rgb, save_png
-from prompts import DISTORTIONS
+from loupe_vlm.data_builders.contact_sheet import main
+from loupe_vlm.data_builders.sources import load_rgb, save_png
+from loupe_vlm.prompts import DISTORTIONS
 
 
 def test_contact_sheet_grid(tmp_path, photo):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_builders import distortions as D
-from data_builders.distortions.compression import wavelet_codec
-from prompts import CATEGORIES, DISTORTIONS, category_of
+from loupe_vlm.data_builders import distortions as D
+from loupe_vlm.data_builders.distortions.compression import wavelet_codec
+from loupe_vlm.prompts import CATEGORIES, DISTORTIONS, category_of
 
 
 def test_every_taxonomy_id_has_a_function_with_five_levels():

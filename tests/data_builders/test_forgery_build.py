@@ -10,10 +10,10 @@ import cv2
 import numpy as np
 import pytest
 
-from data_builders import forgery as F
-from data_builders.forgery_text import region_facts
-from prompts import MASK_TOKEN, load_jsonl
-from prompts.parsing import count_mask_tokens, parse_locations, parse_manipulation, parse_verdict
+from loupe_vlm.data_builders import forgery as F
+from loupe_vlm.data_builders.forgery_text import region_facts
+from loupe_vlm.prompts import MASK_TOKEN, load_jsonl
+from loupe_vlm.prompts.parsing import count_mask_tokens, parse_locations, parse_manipulation, parse_verdict
 
 
 def _build(out: Path, folder: Path, n: int = 40, seed: int = 0, **kw) -> dict:
@@ -154,13 +154,13 @@ def test_openai_labeller_keeps_only_agreeing_replies(built):
                                        size=96))
     made = next(m for m in (F.build_one(ctx, i, keep_arrays=True) for i in range(40)) if m.sample.meta["tampered"])
     loc = made.sample.meta["regions"][0]["location"]
-    from prompts import LOCATIONS
+    from loupe_vlm.prompts import LOCATIONS
     good = " ".join(f"in the {LOCATIONS[r['location']].text} {MASK_TOKEN}" for r in made.sample.meta["regions"])
     lab = F.ForgeryOpenAILabeller(_FakeClient(["This image appears authentic.", f"This image was tampered: {good}."]))
     lab.relabel(made)
     assert lab.accepted == 1 and lab.rejected["verdict"] == 1
     assert made.sample.answer().startswith("This image was tampered")
-    from prompts.forgery_labeller import FORGERY_LABELLER_VERSION
+    from loupe_vlm.prompts.forgery_labeller import FORGERY_LABELLER_VERSION
     assert made.sample.meta["labeller"] == f"openai:fake@{FORGERY_LABELLER_VERSION}"
     msgs = lab.client.calls[0][0]
     assert msgs[1]["content"][0]["type"] == "image_url" and LOCATIONS[loc].text in msgs[1]["content"][1]["text"]
@@ -223,7 +223,7 @@ def test_workers_give_the_same_dataset(tmp_path, image_folder):
 
 
 def test_contact_sheet_cli_forgery_option(built, tmp_path):
-    from data_builders import contact_sheet
+    from loupe_vlm.data_builders import contact_sheet
 
     out, _ = built
     png = tmp_path / "forgery_sheet.png"

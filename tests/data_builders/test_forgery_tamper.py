@@ -7,8 +7,8 @@ import glob
 import numpy as np
 import pytest
 
-from data_builders import tamper as T
-from data_builders.sources import fractal_texture, load_rgba
+from loupe_vlm.data_builders import tamper as T
+from loupe_vlm.data_builders.sources import fractal_texture, load_rgba
 
 STAMPS = sorted(glob.glob("/usr/share/tuxpaint/stamps/animals/**/*.png", recursive=True))
 

@@ -7,9 +7,9 @@ import random
 import numpy as np
 import pytest
 
-from data_builders.forgery_text import answer, location_of, region_facts
-from prompts import CUES, LOCATIONS, MANIPULATION_DOMAIN, MASK_TOKEN
-from prompts.parsing import count_mask_tokens, parse_locations, parse_manipulation, parse_verdict
+from loupe_vlm.data_builders.forgery_text import answer, location_of, region_facts
+from loupe_vlm.prompts import CUES, LOCATIONS, MANIPULATION_DOMAIN, MASK_TOKEN
+from loupe_vlm.prompts.parsing import count_mask_tokens, parse_locations, parse_manipulation, parse_verdict
 
 POSTS = ([], [{"op": "jpeg", "quality": 70}], [{"op": "resize", "scale": 0.8, "size": [80, 80]},
                                                {"op": "blur", "sigma": 0.5}, {"op": "noise", "sigma": 2.0}])

@@ -13,9 +13,9 @@ import cv2
 import numpy as np
 import pytest
 
-from data_builders import importers as I
-from prompts import load_jsonl
-from prompts.parsing import count_mask_tokens, parse_verdict
+from loupe_vlm.data_builders import importers as I
+from loupe_vlm.prompts import load_jsonl
+from loupe_vlm.prompts.parsing import count_mask_tokens, parse_verdict
 
 H, W = 48, 64
 

@@ -9,12 +9,12 @@ import json
 import numpy as np
 import pytest
 
-from data_builders.labellers.base import ImageTruth, LabelJob
-from data_builders.labellers.openai_client import LabellerError, OpenAILabeller
-from data_builders.labellers.openai_quality import OpenAIQualityLabeller
-from data_builders.quality import main
-from data_builders.sources import encode_png
-from prompts import load_jsonl
+from loupe_vlm.data_builders.labellers.base import ImageTruth, LabelJob
+from loupe_vlm.data_builders.labellers.openai_client import LabellerError, OpenAILabeller
+from loupe_vlm.data_builders.labellers.openai_quality import OpenAIQualityLabeller
+from loupe_vlm.data_builders.quality import main
+from loupe_vlm.data_builders.sources import encode_png
+from loupe_vlm.prompts import load_jsonl
 
 from .llm_server import Server, answer_from_notes, hallucinate
 

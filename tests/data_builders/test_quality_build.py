@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from data_builders.labellers.base import ImageTruth, LabelJob, check_text
-from data_builders.quality import main
-from data_builders.sources import OPENCV_DOC_DATA
-from prompts import load_jsonl
+from loupe_vlm.data_builders.labellers.base import ImageTruth, LabelJob, check_text
+from loupe_vlm.data_builders.quality import main
+from loupe_vlm.data_builders.sources import OPENCV_DOC_DATA
+from loupe_vlm.prompts import load_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_builders.quality_readers import QualityImportError, import_quality, main, rating_for
-from prompts import load_jsonl
+from loupe_vlm.data_builders.quality_readers import QualityImportError, import_quality, main, rating_for
+from loupe_vlm.prompts import load_jsonl
 
 
 def _png(path: Path, seed: int, fmt: str | None = None) -> None:

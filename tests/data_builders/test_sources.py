@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from data_builders import sources as S
+from loupe_vlm.data_builders import sources as S
 
 
 def test_load_rgb_reads_png_and_gz(tmp_path, photo):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_builders.labellers.base import ImageTruth, LabelJob, check_text
-from data_builders.labellers.template import TemplateLabeller
-from data_builders.quality import _random_spec, _truth, pair_better, BuildConfig
-from prompts.parsing import parse_better, parse_distortions, parse_rating
-from prompts import RATINGS, severity_name
+from loupe_vlm.data_builders.labellers.base import ImageTruth, LabelJob, check_text
+from loupe_vlm.data_builders.labellers.template import TemplateLabeller
+from loupe_vlm.data_builders.quality import _random_spec, _truth, pair_better, BuildConfig
+from loupe_vlm.prompts.parsing import parse_better, parse_distortions, parse_rating
+from loupe_vlm.prompts import RATINGS, severity_name
 
 
 def _jobs(n: int, seed: int = 0):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_builders.writer import DatasetWriter
-from prompts import Sample, SampleError, load_jsonl, user_content
+from loupe_vlm.data_builders.writer import DatasetWriter
+from loupe_vlm.prompts import Sample, SampleError, load_jsonl, user_content
 
 
 def _sample(i: int) -> Sample:

@@ -25,7 +25,7 @@ def data_url(path) -> str:
 @pytest.fixture(scope="session")
 def demo_url(tiny_assistant):
     """The gradio demo around the tiny assistant, launched as ``loupe demo`` launches it."""
-    from demo.app import build_demo, launch_options
+    from loupe_vlm.demo.app import build_demo, launch_options
 
     demo = build_demo(tiny_assistant)
     port = free_port()
@@ -39,7 +39,7 @@ def api_url(tiny_assistant):
     """``loupe serve``'s app (with the demo at /ui) under uvicorn in a thread; files allowed under tests/assets."""
     import uvicorn
 
-    from demo.serve import create_app
+    from loupe_vlm.demo.serve import create_app
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(tiny_assistant, allow_files=ASSETS), host="127.0.0.1",
@@ -62,7 +62,7 @@ RECORD_KEYS = {"id", "task", "images", "reference", "text", "confidence", "quali
 
 def assert_schema(rec: dict, task: str) -> None:
     """``rec`` follows DESIGN.md's result schema for ``task``, with the mask (if any) as base64 PNG."""
-    from prompts import RATINGS
+    from loupe_vlm.prompts import RATINGS
 
     assert set(rec) == RECORD_KEYS, set(rec) ^ RECORD_KEYS
     assert rec["task"] == task and rec["error"] is None

@@ -84,24 +84,24 @@ def test_uploads_over_the_byte_cap_are_refused_with_a_clear_message(client, tmp_
 
 
 def test_demo_main_exits_2_with_a_clear_message_without_a_model(tmp_path, capsys):
-    from demo.app import main
+    from loupe_vlm.demo.app import main
 
     assert main(["--model", str(tmp_path / "missing")]) == 2
     assert "loupe demo:" in capsys.readouterr().err
 
 
 def test_demo_without_a_model_asks_for_loupe_tiny(capsys, monkeypatch, tmp_path):
-    import assistant.inference
-    from demo.app import main
+    from loupe_vlm.assistant import inference as assistant_inference
+    from loupe_vlm.demo.app import main
 
     # as on a checkout where the embedded weights are missing
-    monkeypatch.setattr(assistant.inference, "DEFAULT_MODEL_DIR", tmp_path / "no-loupe-tiny")
+    monkeypatch.setattr(assistant_inference, "DEFAULT_MODEL_DIR", tmp_path / "no-loupe-tiny")
     assert main(["--port", "1"]) == 2
     assert "make loupe-tiny" in capsys.readouterr().err
 
 
 def test_serve_main_exits_2_with_a_clear_message_without_a_model(tmp_path, capsys):
-    from demo.serve import main
+    from loupe_vlm.demo.serve import main
 
     assert main(["--model", str(tmp_path / "missing")]) == 2
     assert "loupe serve:" in capsys.readouterr().err
@@ -110,7 +110,7 @@ def test_serve_main_exits_2_with_a_clear_message_without_a_model(tmp_path, capsy
 
 
 def test_model_calls_share_one_queue_slot_and_the_defaults_are_local(tiny_assistant):
-    from demo.app import MODEL_CONCURRENCY_ID, build_demo, build_parser
+    from loupe_vlm.demo.app import MODEL_CONCURRENCY_ID, build_demo, build_parser
 
     demo = build_demo(tiny_assistant)  # building loads nothing and starts nothing
     model_fns = [fn for fn in demo.fns.values() if fn.name in ("respond", "analyse")]

@@ -41,7 +41,7 @@ def _msgs(question, *images):
     ("How good is it?", 2, {"loupe_task": "quality"}, "quality.assess", ["reference", "A"]),
 ])
 def test_requests_are_routed_to_tasks(question, n_images, extra, task, roles):
-    from demo.serve import _Images, build_request
+    from loupe_vlm.demo.serve import _Images, build_request
 
     body = {"model": "m", "messages": _msgs(question, *[data_url(ASSETS / "clean.png")] * n_images), **extra}
     req = build_request(body, _Images(None))
@@ -49,7 +49,7 @@ def test_requests_are_routed_to_tasks(question, n_images, extra, task, roles):
 
 
 def test_a_conversation_with_an_assistant_turn_continues_as_chat():
-    from demo.serve import _Images, build_request
+    from loupe_vlm.demo.serve import _Images, build_request
 
     msgs = _msgs(QUALITY_Q, data_url(ASSETS / "noisy.png")) + [
         {"role": "assistant", "content": "The quality is poor."}, {"role": "user", "content": "Why?"}]

@@ -83,7 +83,7 @@ def one_torch_thread():
 def tiny_base(tmp_path_factory) -> Path:
     """A tiny pretrained-style base folder (a scratch:test Qwen2.5-VL saved as a plain transformers
     model + processor), standing in for a hub base such as Qwen/Qwen2.5-VL-3B-Instruct."""
-    from assistant.bases import build_scratch_base
+    from loupe_vlm.assistant.bases import build_scratch_base
 
     path = tmp_path_factory.mktemp("base") / "tiny-base"
     vlm, processor = build_scratch_base("scratch:test", [r["messages"][1]["content"][0]["text"] for r in TRAIN], min_pixels=28 * 28, max_pixels=64 * 64)

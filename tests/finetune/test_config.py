@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finetune.config import ConfigError, TrainConfig, field_docs, load_config
-from finetune.train import main, parse_args
+from loupe_vlm.finetune.config import ConfigError, TrainConfig, field_docs, load_config
+from loupe_vlm.finetune.train import main, parse_args
 
 RECIPES = Path(__file__).resolve().parents[2] / "finetune" / "recipes"
 SMOKE = str(RECIPES / "tiny-smoke.yaml")

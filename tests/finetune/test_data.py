@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from assistant.processing import IGNORE_INDEX, LoupeProcessor
-from finetune.data import (
+from loupe_vlm.assistant.processing import IGNORE_INDEX, LoupeProcessor
+from loupe_vlm.finetune.data import (
     BadRecords,
     Collator,
     DataError,
@@ -68,7 +68,7 @@ def test_bad_records_are_skipped_and_counted(tmp_path, lp, caplog):
     (root / "images" / "truncated.png").write_bytes(data[: len(data) // 2])  # header fine, pixels cut off
 
     bad = BadRecords(limit=5)
-    with caplog.at_level(logging.WARNING, logger="finetune.data"):
+    with caplog.at_level(logging.WARNING, logger="loupe_vlm.finetune.data"):
         split = read_split([root], "train", lp, bad, max_length=512)
         ds = LoupeDataset(split, lp, 512)
         batch = Collator(lp)([ds[i] for i in range(len(ds))])
@@ -86,7 +86,7 @@ def test_bad_records_are_skipped_and_counted(tmp_path, lp, caplog):
 
 
 def test_a_run_stops_past_the_bad_record_limit(tmp_path, capsys):
-    from finetune.train import main
+    from loupe_vlm.finetune.train import main
 
     root = write_dataset(tmp_path / "data", extra_lines=["{not json", "[]"])
     recipe = str(Path(__file__).resolve().parents[2] / "finetune" / "recipes" / "tiny-smoke.yaml")

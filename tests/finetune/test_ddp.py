@@ -19,7 +19,7 @@ def test_two_cpu_processes_train_together(dataset, tmp_path):
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "finetune.train", "--config", str(ROOT / "finetune/recipes/tiny-smoke.yaml"),
+           "-m", "loupe_vlm.finetune.train", "--config", str(ROOT / "finetune/recipes/tiny-smoke.yaml"),
            "--data", str(dataset), "--output", str(out), "--max_steps", "2", "--save_every", "2",
            "--eval_every", "0", "--batch_size", "1"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)

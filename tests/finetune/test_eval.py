@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from prompts import Sample, canonical_question, save_jsonl, user_content
+from loupe_vlm.prompts import Sample, canonical_question, save_jsonl, user_content
 from tests.helpers import ASSETS
 
 NOISE = [{"name": "noise_gaussian_rgb", "category": "noise", "severity": 4}]
@@ -63,7 +63,7 @@ def make_dataset(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def assistant(tiny_checkpoint):
     """The tiny checkpoint with short answers (untrained prompts would run to the token cap)."""
-    from assistant.inference import Assistant
+    from loupe_vlm.assistant.inference import Assistant
 
     return Assistant.from_pretrained(tiny_checkpoint, max_new_tokens=40)
 
@@ -74,7 +74,7 @@ def dataset(tmp_path_factory) -> Path:
 
 
 def test_loupe_eval_writes_a_complete_report(tiny_checkpoint, dataset, tmp_path, capsys):
-    from assistant.cli import main as loupe
+    from loupe_vlm.cli import main as loupe
     from tests.data_builders.llm_server import Server
 
     out = tmp_path / "report"
@@ -142,7 +142,7 @@ class _Interrupting:
 
 
 def test_eval_resumes_after_interruption(assistant, dataset, tmp_path):
-    from finetune.eval import EvalError, evaluate
+    from loupe_vlm.finetune.eval import EvalError, evaluate
 
     out = tmp_path / "report"
     tasks = ["forgery"]  # 3 samples in batches of 2: cheap on a shared CPU, and masks are resumed too
@@ -175,7 +175,7 @@ def test_eval_resumes_after_interruption(assistant, dataset, tmp_path):
 
 
 def test_judge_scores_and_failures():
-    from finetune.eval import make_judge
+    from loupe_vlm.finetune.eval import make_judge
     from tests.data_builders.llm_server import Server
 
     replies = {1: (200, "7", 0.0), 2: (200, "I cannot grade this.", 0.0), 3: (500, "boom", 0.0), 4: (200, "42", 0.0)}
@@ -200,7 +200,7 @@ def test_compute_metrics_on_synthetic_records(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from finetune.eval import compute_metrics
+    from loupe_vlm.finetune.eval import compute_metrics
 
     truth = np.zeros((8, 8), np.uint8)
     truth[:4, :4] = 255
@@ -240,7 +240,7 @@ def test_compute_metrics_on_synthetic_records(tmp_path):
 
 
 def test_verdict_calibration_of_ab_uses_the_probability_of_the_image_named_better(tmp_path):
-    from finetune.eval import compute_metrics
+    from loupe_vlm.finetune.eval import compute_metrics
 
     def rec(id_, better, prob, truth):
         return {"id": id_, "sample_task": "quality.compare", "images": ["a.png", "b.png"], "error": None,
@@ -257,7 +257,7 @@ def test_verdict_calibration_of_ab_uses_the_probability_of_the_image_named_bette
 
 
 def test_compare_flags_different_data_and_protocols(tmp_path, capsys):
-    from finetune.eval import main
+    from loupe_vlm.finetune.eval import main
 
     for name, card, proto, value in (("r1", "aaa", "p1", 0.5), ("r2", "bbb", "p2", 0.75)):
         (tmp_path / name).mkdir()
@@ -274,7 +274,7 @@ def test_compare_flags_different_data_and_protocols(tmp_path, capsys):
 def test_nothing_to_evaluate_is_a_clear_error(dataset):
     from types import SimpleNamespace
 
-    from finetune.eval import EvalError, evaluate
+    from loupe_vlm.finetune.eval import EvalError, evaluate
 
     idle = SimpleNamespace(name="idle@0")  # never asked to run anything
     with pytest.raises(EvalError, match=r"for tasks quality.identify \(it holds: forgery.detect, quality.assess"):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from finetune import metrics as M
+from loupe_vlm.finetune import metrics as M
 
 
 def test_mask_f1_iou_hand_computed():

@@ -17,9 +17,9 @@ RECIPE = str(Path(__file__).resolve().parents[2] / "finetune" / "recipes" / "tin
 def test_qlora_trains_lora_with_vision_and_heads_unquantised(dataset, tiny_base, tmp_path):
     import bitsandbytes as bnb
 
-    from assistant.modeling import ExplainableVLM
-    from finetune.export import main as export_main
-    from finetune.train import finish, fit, parse_args, setup
+    from loupe_vlm.assistant.modeling import ExplainableVLM
+    from loupe_vlm.finetune.export import main as export_main
+    from loupe_vlm.finetune.train import finish, fit, parse_args, setup
 
     out = tmp_path / "run"
     cfg = parse_args(["--config", RECIPE, "--data", str(dataset), "--base", str(tiny_base), "--method", "qlora",
@@ -58,8 +58,8 @@ def test_qlora_trains_lora_with_vision_and_heads_unquantised(dataset, tiny_base,
     lora_model, processor = ExplainableVLM.from_pretrained(out)
     merged_model, _ = ExplainableVLM.from_pretrained(merged)
     assert hasattr(lora_model.vlm, "peft_config") and not hasattr(merged_model.vlm, "peft_config")
-    from assistant.processing import LoupeProcessor
-    from prompts import load_jsonl
+    from loupe_vlm.assistant.processing import LoupeProcessor
+    from loupe_vlm.prompts import load_jsonl
 
     lp = LoupeProcessor(processor, lora_model.config.n_lowlevel_tokens, lora_model.config.lowlevel_max_side)
     batch = lp.collate([lp.encode_sample(s, dataset) for s in load_jsonl(dataset / "val.jsonl")])
@@ -70,7 +70,7 @@ def test_qlora_trains_lora_with_vision_and_heads_unquantised(dataset, tiny_base,
 
 
 def test_lora_trains_only_the_chosen_parts(dataset, tiny_base, tmp_path):
-    from finetune.train import parse_args, setup
+    from loupe_vlm.finetune.train import parse_args, setup
 
     cfg = parse_args(["--config", RECIPE, "--data", str(dataset), "--base", str(tiny_base), "--method", "lora",
                       "--output", str(tmp_path / "run"), "--train_projector"])

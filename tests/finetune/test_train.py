@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune import train as train_mod
-from finetune.train import main
+from loupe_vlm.finetune import train as train_mod
+from loupe_vlm.finetune.train import main
 from tests.finetune.conftest import one_thread
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -36,7 +36,7 @@ def smoke_run(dataset, tmp_path_factory) -> Path:
 
 
 def test_tiny_smoke_writes_a_loadable_checkpoint(smoke_run, dataset):
-    from assistant.inference import Assistant
+    from loupe_vlm.assistant.inference import Assistant
 
     losses = train_losses(smoke_run)
     assert sorted(losses) == [1, 2, 3, 4]

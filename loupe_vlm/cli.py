@@ -10,14 +10,14 @@ import importlib
 import sys
 
 VERBS: dict[str, tuple[str, str]] = {
-    "ask": ("assistant.ask:main", "answer one question about one or two images"),
-    "caption": ("assistant.caption:main", "describe, rate or check many images to JSONL/CSV (+ mask PNGs)"),
-    "demo": ("demo.app:main", "the chat web demo (127.0.0.1 by default)"),
-    "serve": ("demo.serve:main", "an OpenAI-compatible API with the demo mounted at /ui"),
-    "build-data": ("data_builders.cli:main", "build instruction datasets (quality, forgery, imports)"),
-    "train": ("finetune.train:main", "LoRA / from-scratch training from a YAML recipe"),
-    "export": ("finetune.export:main", "export a checkpoint, optionally with LoRA merged"),
-    "eval": ("finetune.eval:main", "evaluate a checkpoint on a dataset and write a report"),
+    "ask": ("loupe_vlm.assistant.ask:main", "answer one question about one or two images"),
+    "caption": ("loupe_vlm.assistant.caption:main", "describe, rate or check many images to JSONL/CSV (+ mask PNGs)"),
+    "demo": ("loupe_vlm.demo.app:main", "the chat web demo (127.0.0.1 by default)"),
+    "serve": ("loupe_vlm.demo.serve:main", "an OpenAI-compatible API with the demo mounted at /ui"),
+    "build-data": ("loupe_vlm.data_builders.cli:main", "build instruction datasets (quality, forgery, imports)"),
+    "train": ("loupe_vlm.finetune.train:main", "LoRA / from-scratch training from a YAML recipe"),
+    "export": ("loupe_vlm.finetune.export:main", "export a checkpoint, optionally with LoRA merged"),
+    "eval": ("loupe_vlm.finetune.eval:main", "evaluate a checkpoint on a dataset and write a report"),
 }
 
 
