@@ -1,13 +1,12 @@
-"""Base models: load a transformers image-text-to-text model, or build a small one from scratch.
+"""Base models: load one by hub id or folder, or build a small one from scratch, through its family.
 
-Loupe supports Qwen2.5-VL and Qwen3-VL first-class (native resolution with a pixel budget). A
-``scratch:<size>`` base builds a new model of the same class from a config in code, with a
+What differs between kinds of base (Qwen2.5-VL, Qwen3-VL, ...) lives in ``families/``, one file per
+family. This module holds what is generic: sizes of from-scratch bases, an offline tokenizer,
+Loupe's added tokens, and ``load_base``, which reads a base's config to pick its family.
+
+A ``scratch:<size>[:<family>]`` base builds a new model of the family from a config in code, with a
 tokenizer trained offline: that is how tests get tiny twins of the real architectures and how the
-embedded ``loupe-tiny`` model is born.
-
-torchvision cannot be imported with the CPU torch wheel here, and the Qwen processors want a video
-processor that needs it. ``load_processor`` therefore tries ``AutoProcessor`` first and falls back
-to a subclass of the family's processor with the video processor dropped (images only).
+embedded ``loupe-tiny`` model was born.
 """
 
 from __future__ import annotations
@@ -19,49 +18,13 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForImageTextToText,
-    AutoProcessor,
-    AutoTokenizer,
-    PreTrainedTokenizerFast,
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLProcessor,
-    Qwen2VLImageProcessorPil,
-    Qwen3VLConfig,
-    Qwen3VLProcessor,
-)
+from transformers import AutoConfig, PreTrainedTokenizerFast
 
 from loupe_vlm.prompts import SPECIAL_TOKENS, all_vocabulary_text
 
+from .families import FAMILIES, BaseFamily, FamilyError, get_family
+
 logger = logging.getLogger(__name__)
-
-# Special tokens the Qwen-VL families use, in their usual order.
-QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                "<|image_pad|>", "<|video_pad|>"]
-
-# A Qwen-style chat template. Assistant turns (content and end token) are wrapped in
-# {% generation %} so `return_assistant_tokens_mask=True` can label exactly what the model says.
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\n' -}}"
-    "{%- if message['content'] is string -%}{%- set parts = [{'type': 'text', 'text': message['content']}] -%}"
-    "{%- else -%}{%- set parts = message['content'] -%}{%- endif -%}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{%- generation -%}"
-    "{%- for part in parts -%}{%- if part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}{%- endfor -%}"
-    "{{- '<|im_end|>' -}}"
-    "{%- endgeneration -%}{{- '\n' -}}"
-    "{%- else -%}"
-    "{%- for part in parts -%}"
-    "{%- if part['type'] == 'image' -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
-    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
-    "{%- endfor -%}"
-    "{{- '<|im_end|>\n' -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
-)
 
 
 @dataclass(frozen=True)
@@ -87,7 +50,7 @@ SCRATCH_SIZES = {
     "small": ScratchSize(512, 8, 8, 4, 1408, 256, 8, 4, 4000),
 }
 
-SCRATCH_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+SCRATCH_FAMILIES = tuple(FAMILIES)
 
 
 def is_scratch(base: str) -> bool:
@@ -110,10 +73,10 @@ def parse_scratch(base: str) -> tuple[str, str]:
 # Tokenizer
 # --------------------------------------------------------------------------------------------------
 
-def build_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+def build_tokenizer(corpus: Iterable[str], vocab_size: int, family: BaseFamily) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer offline on ``corpus`` plus the whole Loupe vocabulary.
 
-    It carries Qwen's special tokens, Loupe's mask and low-level tokens, and the chat template.
+    It carries the family's special tokens, Loupe's mask and low-level tokens, and the chat template.
     Every taxonomy word that the assistant reads probabilities of (ratings, verdicts, A/B) is
     forced to be a single token by adding it to the alphabet of merges through repetition.
     """
@@ -123,16 +86,16 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokeniz
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=1,
-                                  special_tokens=QWEN_SPECIAL + list(SPECIAL_TOKENS),
+                                  special_tokens=list(family.special_tokens) + list(SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     # The vocabulary text is repeated so its words win merges even against a large builder corpus.
     vocab_text = all_vocabulary_text()
     tok.train_from_iterator(list(corpus) + [vocab_text] * 50, trainer=trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
-        additional_special_tokens=QWEN_SPECIAL[1:] + list(SPECIAL_TOKENS),
+        tokenizer_object=tok, eos_token=family.end_token, pad_token=family.special_tokens[0], unk_token=None,
+        additional_special_tokens=list(family.special_tokens[1:]) + list(SPECIAL_TOKENS),
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = family.chat_template
     fast.padding_side = "left"
     return fast
 
@@ -152,129 +115,47 @@ def add_loupe_tokens(tokenizer: Any) -> list[int]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Processor
-# --------------------------------------------------------------------------------------------------
-
-class _ImageOnlyMixin:
-    """Processor without a video processor: torchvision is unusable with the CPU torch wheel."""
-
-    @classmethod
-    def get_attributes(cls):
-        return [a for a in super().get_attributes() if a != "video_processor"]
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        kwargs.pop("video_processor", None)
-        super().__init__(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
-                         chat_template=chat_template, **kwargs)
-
-
-class Qwen2_5_VLImageProcessor(_ImageOnlyMixin, Qwen2_5_VLProcessor):
-    """Qwen2.5-VL processor for images only."""
-
-
-class Qwen3VLImageProcessor(_ImageOnlyMixin, Qwen3VLProcessor):
-    """Qwen3-VL processor for images only."""
-
-
-_IMAGE_ONLY = {"qwen2_5_vl": Qwen2_5_VLImageProcessor, "qwen3_vl": Qwen3VLImageProcessor}
-
-
-def make_image_processor(family: str, min_pixels: int, max_pixels: int) -> Qwen2VLImageProcessorPil:
-    """The family's PIL image processor with a pixel budget (the PIL backend: same on CPU and GPU)."""
-    patch = 16 if family == "qwen3_vl" else 14
-    return Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=patch,
-                                    merge_size=2, temporal_patch_size=2)
-
-
-def make_processor(family: str, tokenizer: Any, min_pixels: int, max_pixels: int) -> Any:
-    cls = _IMAGE_ONLY[family]
-    return cls(image_processor=make_image_processor(family, min_pixels, max_pixels), tokenizer=tokenizer,
-               chat_template=tokenizer.chat_template)
-
-
-def load_processor(path: str | os.PathLike, family: str, trust_remote_code: bool = False) -> Any:
-    """Load a processor: ``AutoProcessor`` first, then the image-only fallback for the family."""
-    try:
-        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-        if hasattr(processor, "image_processor") and hasattr(processor, "tokenizer"):
-            return processor
-        # AutoProcessor falls back to the bare tokenizer when it cannot build the processor class
-        reason: Exception = TypeError(f"AutoProcessor gave a {type(processor).__name__}")
-    except Exception as exc:  # noqa: BLE001 - any failure here means "try the image-only route"
-        reason = exc
-    if family not in _IMAGE_ONLY:
-        raise ValueError(f"{path}: cannot load a processor for family {family!r} ({reason})")
-    logger.debug("AutoProcessor failed for %s (%s); using the image-only %s processor", path, reason, family)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
-    return _IMAGE_ONLY[family](image_processor=image_processor, tokenizer=tokenizer,
-                               chat_template=getattr(tokenizer, "chat_template", None))
-
-
-def family_of(config: Any) -> str:
-    """The model family name (``qwen2_5_vl``, ``qwen3_vl``, ``llava``...) of a config."""
-    return getattr(config, "model_type", "unknown")
-
-
-# --------------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------------
-
-def scratch_config(size: str, family: str, tokenizer: Any) -> Any:
-    """A from-scratch config of the family, with ids taken from ``tokenizer``."""
-    s = SCRATCH_SIZES[size]
-    head_dim = s.text_hidden // s.text_heads
-    half = head_dim // 2
-    mrope = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]  # sums to head_dim / 2
-    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
-        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
-    vocab = len(tokenizer)
-    text = dict(vocab_size=vocab, hidden_size=s.text_hidden, intermediate_size=s.text_intermediate,
-                num_hidden_layers=s.text_layers, num_attention_heads=s.text_heads,
-                num_key_value_heads=s.text_kv_heads, max_position_embeddings=4096,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
-                tie_word_embeddings=True, bos_token_id=None,
-                eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-                pad_token_id=tokenizer.pad_token_id)
-    if family == "qwen2_5_vl":
-        vision = dict(depth=s.vision_depth, hidden_size=s.vision_hidden, intermediate_size=2 * s.vision_hidden,
-                      num_heads=s.vision_heads, out_hidden_size=s.text_hidden, patch_size=14,
-                      spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                      fullatt_block_indexes=list(range(s.vision_depth)))
-        cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids)
-    else:
-        text["head_dim"] = head_dim
-        text["rope_parameters"]["mrope_interleaved"] = True
-        vision = dict(depth=s.vision_depth, hidden_size=s.vision_hidden, intermediate_size=2 * s.vision_hidden,
-                      num_heads=s.vision_heads, out_hidden_size=s.text_hidden, patch_size=16,
-                      spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=256,
-                      deepstack_visual_indexes=[s.vision_depth - 1])
-        cfg = Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids)
-    return cfg
-
 
 def build_scratch_base(base: str, corpus: Iterable[str] = (), min_pixels: int = 56 * 56,
                        max_pixels: int = 224 * 224, seed: int = 0) -> tuple[Any, Any]:
     """Build ``(model, processor)`` for ``scratch:<size>[:<family>]`` with a freshly trained tokenizer."""
-    size, family = parse_scratch(base)
-    tokenizer = build_tokenizer(corpus, SCRATCH_SIZES[size].vocab_size)
-    processor = make_processor(family, tokenizer, min_pixels, max_pixels)
+    size, family_name = parse_scratch(base)
+    family = get_family(family_name)
+    tokenizer = build_tokenizer(corpus, SCRATCH_SIZES[size].vocab_size, family)
     torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(scratch_config(size, family, tokenizer))
-    return model, processor
+    return family.build_scratch(SCRATCH_SIZES[size], tokenizer, min_pixels, max_pixels)
+
+
+def base_family(name_or_path: str, trust_remote_code: bool = False) -> BaseFamily:
+    """The family of a hub id or local folder, from its config; a clear error if it is none of Loupe's."""
+    path = Path(name_or_path)
+    if path.is_dir() and (path / "loupe_config.json").is_file():
+        raise FamilyError(f"{name_or_path}: is a Loupe checkpoint, not a base model; load it with --model")
+    if not path.exists() and name_or_path.count("/") != 1:
+        raise FileNotFoundError(f"base model {name_or_path!r}: no such folder, and not a hub id "
+                                "(expected 'owner/name')")
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise FileNotFoundError(f"base model {name_or_path!r}: cannot read its config.json ({exc})") from None
+    return get_family(getattr(config, "model_type", "unknown"))
 
 
 def load_base(name_or_path: str, *, dtype: torch.dtype | None = None, quantization_config: Any = None,
               trust_remote_code: bool = False, device_map: Any = None) -> tuple[Any, Any]:
     """Load ``(model, processor)`` from a hub id or a local folder, safetensors only."""
-    path = Path(name_or_path)
-    if not path.exists() and name_or_path.count("/") != 1:
-        raise FileNotFoundError(f"base model {name_or_path!r}: no such folder, and not a hub id "
-                                "(expected 'owner/name')")
-    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    model = AutoModelForImageTextToText.from_pretrained(
-        name_or_path, dtype=dtype, quantization_config=quantization_config, use_safetensors=True,
-        trust_remote_code=trust_remote_code, device_map=device_map)
-    processor = load_processor(name_or_path, family_of(config), trust_remote_code=trust_remote_code)
-    return model, processor
+    family = base_family(name_or_path, trust_remote_code)
+    return family.load(name_or_path, dtype=dtype, quantization_config=quantization_config,
+                       trust_remote_code=trust_remote_code, device_map=device_map)
+
+
+def load_processor(path: str | os.PathLike, family: str, trust_remote_code: bool = False) -> Any:
+    """The processor saved in ``path``, loaded the way its family needs."""
+    return get_family(family).load_processor(path, trust_remote_code=trust_remote_code)
+
+
+def family_of(config: Any) -> str:
+    """The model family name (``qwen2_5_vl``, ``qwen3_vl``...) of a transformers config."""
+    return get_family(getattr(config, "model_type", "unknown")).name

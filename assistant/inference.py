@@ -207,7 +207,7 @@ class Assistant:
 
     def __init__(self, model: ExplainableVLM, processor: Any, name: str = "loupe", max_new_tokens: int = 160):
         self.model = model.eval()
-        self.processor = LoupeProcessor(processor, model.config.n_lowlevel_tokens, model.config.lowlevel_max_side)
+        self.processor = LoupeProcessor.for_model(model, processor)
         self.tokenizer = self.processor.tokenizer
         self.name = name
         self.max_new_tokens = max_new_tokens
@@ -338,8 +338,8 @@ class Assistant:
             positions.append(torch.tensor(pos, dtype=torch.long))
             rows.append({"tokens": toks, "logits": gen["logits"][b, :end], "masks": []})
         if any(p.numel() for p in positions):
-            logits = self.model.decode_masks(gen["hidden"], batch["input_ids"].to(self.model.device),
-                                             batch.get("image_grid_thw"), gen["dense"], batch["mask_image"], positions)
+            logits = self.model.decode_masks(gen["hidden"], batch["input_ids"].to(self.model.device), batch,
+                                             gen["lowlevel"], positions)
             it = iter(logits)
             for b, pos in enumerate(positions):
                 w, h = encoded[b].sizes[encoded[b].mask_image]

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from loupe_vlm.prompts import (CATEGORIES, DISTORTIONS, LOCATIONS, LOWLEVEL_TOKEN, LOWLEVEL_TOKENS_PER_IMAGE, MANIPULATIONS,
                      MASK_TOKEN, RATINGS, SEVERITIES, TAXONOMY_VERSION, TEMPLATE_VERSION, VERDICTS)
 
-from .processing import AUX_CATEGORIES, AUX_DIM, image_spans
+from .families import get_family
+from .processing import AUX_CATEGORIES, AUX_DIM
 
 logger = logging.getLogger(__name__)
 
@@ -46,54 +47,150 @@ class CheckpointError(RuntimeError):
 
 
 @dataclass
-class LoupeConfig:
+class ModelOptions:
+    """The model's shape and loss weights: the fields a training recipe and a checkpoint share.
+
+    ``LoupeConfig`` (the checkpoint) and ``finetune.TrainConfig`` (the recipe) both extend this class,
+    so each field and each cross-field check is written once, here."""
+
+    name: str = "loupe"
+    """Model name recorded in the checkpoint (shown as <name>@<hash> in results)."""
+    decoder_width: int = 64
+    """Width of the MaskDecoder."""
+    lowlevel_width: int = 32
+    """Width of the LowLevelEncoder's convolutions."""
+    lowlevel_max_side: int = 448
+    """Long side (px) at which the LowLevelEncoder sees each image (and masks are learnt)."""
+    min_pixels: int = 56 * 56
+    """Pixel budget: smallest image area given to the vision tower."""
+    max_pixels: int = 448 * 448
+    """Pixel budget: largest image area given to the vision tower (bigger images are downscaled)."""
+    ce_weight: float = 1.0
+    """Weight of the token cross-entropy."""
+    bce_weight: float = 2.0
+    """Weight of the mask binary cross-entropy."""
+    dice_weight: float = 0.5
+    """Weight of the mask Dice loss."""
+    aux_weight: float = 0.0
+    """Weight of the auxiliary losses that supervise the LowLevelEncoder directly with the builders'
+    per-image labels (Sample.meta: distortion categories, severity, tampered pixels). 0 turns the
+    auxiliary heads off; from-scratch models need them to learn to see (see loupe-tiny.yaml)."""
+
+    def model_problems(self) -> list[str]:
+        """Every problem with these fields and the ``scratch`` group, each naming its field."""
+        p = []
+        for name in ("decoder_width", "lowlevel_width", "lowlevel_max_side", "min_pixels", "max_pixels"):
+            if getattr(self, name) <= 0:
+                p.append(f"{name}: must be > 0, got {getattr(self, name)}")
+        for name in ("ce_weight", "bce_weight", "dice_weight", "aux_weight"):
+            if getattr(self, name) < 0:
+                p.append(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.min_pixels > self.max_pixels:
+            p.append(f"min_pixels: {self.min_pixels} is above max_pixels {self.max_pixels}")
+        if self.ce_weight == 0 and self.bce_weight == 0 and self.dice_weight == 0:
+            p.append("ce_weight: all loss weights are 0; nothing would be learnt")
+        scratch = getattr(self, "scratch", None)
+        if scratch is not None:
+            p += scratch.problems(self.aux_weight)
+        return p
+
+
+@dataclass
+class ScratchOptions:
+    """Knobs made for a small model trained from scratch (loupe-tiny, 5 M parameters), kept in their own
+    group: a pretrained base needs none of them, and each defaults to off. In a recipe they sit under
+    ``scratch:``; on the command line they are ``--scratch.NAME``."""
+
+    key_token_weight: float = 1.0
+    """Weight of the answer tokens that carry the verdict (first tokens of the taxonomy's words:
+    distortions, severities, ratings, verdicts, manipulations, locations, A/B) in the token
+    cross-entropy, relative to the other answer tokens (1: plain mean)."""
+    evidence_tokens: bool = False
+    """Give the language model the auxiliary heads' verdicts as three extra tokens per image, each a
+    probability-weighted mix of the LM's own embeddings of the words (distortion category, severity,
+    tampered/authentic), so it can copy them like prompt words. Needs aux_weight > 0."""
+    evidence_fusion: bool = False
+    """Late fusion: a learned linear map from the auxiliary heads' probabilities (the judged image, and
+    the other image of a pair) to a bias on the verdict words' logits (key_token_ids), starting at
+    zero. Needs aux_weight > 0."""
+    fusion_scope: str = "key"
+    """Which logits evidence fusion biases: "key" (the verdict words only) or "vocab" (every token), so an
+    answer's opening words can carry the verdict too."""
+    mask_prior: bool = False
+    """The mask decoder starts from the LowLevelEncoder's own tampering map (added to its logits with a
+    learned scale) and learns the rest. Needs aux_weight > 0."""
+    lowlevel_context: int = 0
+    """Residual dilated convs (dilation 2, 4, ...) in the LowLevelEncoder at 1/4 resolution: a wider view
+    for each pixel of the tampering map and the mask decoder's features."""
+    lowlevel_pool_map: bool = False
+    """The LowLevelEncoder's image-level heads also read the peak of its tampering map. Needs aux_weight > 0."""
+
+    def problems(self, aux_weight: float) -> list[str]:
+        """Cross-field checks of the group (written once: recipes and checkpoints both use them)."""
+        p = []
+        if self.fusion_scope not in FUSION_SCOPES:
+            p.append(f"scratch.fusion_scope: {self.fusion_scope!r} is not one of {', '.join(FUSION_SCOPES)}")
+        if self.key_token_weight < 0:
+            p.append(f"scratch.key_token_weight: must be >= 0, got {self.key_token_weight}")
+        if self.lowlevel_context < 0:
+            p.append(f"scratch.lowlevel_context: must be >= 0, got {self.lowlevel_context}")
+        for name, why in (("mask_prior", "the tampering map is an auxiliary head"),
+                          ("lowlevel_pool_map", "the tampering map is an auxiliary head"),
+                          ("evidence_fusion", "it reads the auxiliary heads"),
+                          ("evidence_tokens", "they are read from the auxiliary heads")):
+            if getattr(self, name) and aux_weight <= 0:
+                p.append(f"scratch.{name}: {why}; set aux_weight > 0 too")
+        return p
+
+
+# Keys of loupe_config.json before the scratch group (format 1 as first written): read into ``scratch``.
+_LEGACY_SCRATCH_KEYS = ("key_token_weight", "key_token_ids", "evidence_fusion", "fusion_scope", "evidence_word_ids",
+                        "mask_prior", "lowlevel_context", "lowlevel_pool_map")
+_LEGACY_DROPPED = ("merge_size",)  # now the family's to know
+
+
+@dataclass
+class ScratchState(ScratchOptions):
+    """The scratch group as a checkpoint stores it: the options plus the token ids they were built with."""
+
+    key_token_ids: list[int] = field(default_factory=list)
+    """First-token ids of the taxonomy's words and A/B (see ``key_token_ids``), set by ``new_model``."""
+    evidence_word_ids: list[list[list[int]]] = field(default_factory=list)
+    """Evidence tokens (see ``evidence_word_ids``): per group (category, severity, verdict), the token ids
+    of each class's words. Empty: none; otherwise one extra low-level token per group and image."""
+
+
+@dataclass
+class LoupeConfig(ModelOptions):
     """Everything needed to rebuild an ``ExplainableVLM`` around its base (saved as loupe_config.json)."""
 
     base: str = "bundled"
     """Base model: "bundled" (full weights in ``base/``), a hub id or a local folder (then ``adapter/``)."""
     family: str = "qwen2_5_vl"
-    """transformers model_type of the base."""
+    """The base family (``families/``): qwen2_5_vl, qwen3_vl."""
     mask_token_id: int = -1
     lowlevel_token_id: int = -1
     image_token_id: int = -1
-    merge_size: int = 2
-    """Spatial merge of the vision tower: image tokens form a (grid_h/merge, grid_w/merge) raster."""
     n_lowlevel_tokens: int = LOWLEVEL_TOKENS_PER_IMAGE
-    lowlevel_width: int = 32
-    lowlevel_max_side: int = 448
-    """Long side (px) at which the LowLevelEncoder sees an image."""
-    lowlevel_context: int = 0
-    """Residual dilated context convs in the LowLevelEncoder at 1/4 resolution (wider view per pixel)."""
-    lowlevel_pool_map: bool = False
-    """The LowLevelEncoder's image-level heads also read the peak of its tampering map (needs aux_weight)."""
-    mask_prior: bool = False
-    """The MaskDecoder adds the LowLevelEncoder's tampering map to its logits, with a learned scale."""
-    decoder_width: int = 64
-    ce_weight: float = 1.0
-    bce_weight: float = 2.0
-    dice_weight: float = 0.5
-    aux_weight: float = 0.0
-    """Weight of the auxiliary per-image losses on the LowLevelEncoder (0: no auxiliary heads)."""
-    key_token_weight: float = 1.0
-    """Cross-entropy weight of the answer tokens in ``key_token_ids`` relative to the others."""
-    key_token_ids: list[int] = field(default_factory=list)
-    """First-token ids of the taxonomy's words and A/B (see ``key_token_ids``), set by ``new_model``."""
-    evidence_fusion: bool = False
-    """Add a learned bias from the auxiliary heads' probabilities to the logits of ``key_token_ids``."""
-    fusion_scope: str = "key"
-    """Which logits the fusion bias reaches: "key" (``key_token_ids``) or "vocab" (every token, so the
-    answer's opening words, e.g. "Yes"/"No" or "has"/"appears", can carry the verdict too)."""
-    evidence_word_ids: list[list[list[int]]] = field(default_factory=list)
-    """Evidence tokens (see ``evidence_word_ids``): per group (category, severity, verdict), the token ids
-    of each class's words. Empty: none; otherwise one extra low-level token per group and image."""
+    scratch: ScratchState = field(default_factory=ScratchState)
+    """Options of from-scratch models (see ``ScratchOptions``); all off for a pretrained base."""
     lora: dict[str, Any] | None = None
-    min_pixels: int = 56 * 56
-    max_pixels: int = 448 * 448
     template_version: str = TEMPLATE_VERSION
     taxonomy_version: str = TAXONOMY_VERSION
     format_version: int = FORMAT_VERSION
-    name: str = "loupe"
     training: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> "LoupeConfig":
+        problems = self.model_problems()
+        s = self.scratch
+        if s.evidence_fusion and s.fusion_scope == "key" and not s.key_token_ids:
+            problems.append("scratch.evidence_fusion: fusion_scope 'key' biases key_token_ids, and there are none")
+        if s.evidence_word_ids and self.aux_weight <= 0:
+            problems.append("scratch.evidence_word_ids: evidence tokens are read from the auxiliary heads; "
+                            "they need aux_weight > 0")
+        if problems:
+            raise ValueError("model config: " + "; ".join(problems))
+        return self
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -106,6 +203,8 @@ class LoupeConfig:
             raise CheckpointError(f"{path.parent}: not a Loupe checkpoint (no loupe_config.json)") from None
         except json.JSONDecodeError as exc:
             raise CheckpointError(f"{path}: corrupt JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path}: not a JSON object; the checkpoint is corrupt")
         version = data.get("format_version")
         if version != FORMAT_VERSION:
             raise CheckpointError(
@@ -118,11 +217,21 @@ class LoupeConfig:
         if data.get("template_version") != TEMPLATE_VERSION:
             logger.warning("%s: trained with prompt templates v%s, this Loupe has v%s; answers may drift",
                            path.parent, data.get("template_version"), TEMPLATE_VERSION)
+        scratch = dict(data.pop("scratch", None) or {})
+        for key in _LEGACY_SCRATCH_KEYS:  # written flat before the scratch group existed
+            if key in data:
+                scratch.setdefault(key, data.pop(key))
+        scratch.setdefault("evidence_tokens", bool(scratch.get("evidence_word_ids")))
+        for key in _LEGACY_DROPPED:
+            data.pop(key, None)
         known = set(cls.__dataclass_fields__)
         unknown = set(data) - known
-        if unknown:
-            logger.warning("%s: ignoring unknown config keys %s", path, sorted(unknown))
-        return cls(**{k: v for k, v in data.items() if k in known})
+        unknown_scratch = set(scratch) - set(ScratchState.__dataclass_fields__)
+        if unknown or unknown_scratch:
+            logger.warning("%s: ignoring unknown config keys %s", path,
+                           sorted(unknown | {f"scratch.{k}" for k in unknown_scratch}))
+        state = ScratchState(**{k: v for k, v in scratch.items() if k not in unknown_scratch})
+        return cls(**{k: v for k, v in data.items() if k in known}, scratch=state)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -183,7 +292,8 @@ class LowLevelEncoder(nn.Module):
     """Full-resolution forensic branch: fixed high-pass residuals + strided convs.
 
     ``forward(image)`` with image (3, H, W) in [0, 1] (H, W multiples of 16) returns
-    ``dense`` (C, H/4, W/4) for the mask decoder and ``tokens`` (K, lm_hidden) for the LM.
+    ``dense`` (C, H/4, W/4) for the mask decoder, ``tokens`` (K, lm_hidden) for the LM and ``aux``: the
+    auxiliary heads' ``(logits (aux_dim,), tamper-map logits (H/4, W/4))``, or None without them.
     """
 
     def __init__(self, lm_hidden: int, width: int = 32, n_tokens: int = 4, aux_dim: int = 0, context: int = 0,
@@ -216,7 +326,6 @@ class LowLevelEncoder(nn.Module):
             # the map sees both the 1/4 features and the wider context of the 1/16 ones
             self.aux_dense = nn.Conv2d(width, 1, 1)
             self.aux_deep = nn.Conv2d(2 * width, 1, 1)
-        self.last_aux: tuple[torch.Tensor, torch.Tensor] | None = None
         # tokens: per grid cell, mean and std of the deep features, plus global residual energies
         self.to_tokens = nn.Sequential(nn.Linear(4 * width + n_stats + aux_dim, lm_hidden), nn.GELU(),
                                        nn.Linear(lm_hidden, lm_hidden))
@@ -227,7 +336,7 @@ class LowLevelEncoder(nn.Module):
         r = F.conv2d(F.pad(x, (2, 2, 2, 2), mode="reflect"), self.highpass)  # (3, 4, H, W)
         return (r / 8.0).clamp(-4, 4).reshape(1, -1, *image.shape[-2:])[0]
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         res = self.residuals(image)  # (12, H, W)
         x = torch.cat([image * 2 - 1, res]).unsqueeze(0)  # (1, 15, H, W)
         dense = self.context(self.stem(x))  # (1, C, H/4, W/4)
@@ -240,6 +349,7 @@ class LowLevelEncoder(nn.Module):
         stats = torch.cat([res.abs().mean(dim=(1, 2)), colour_stats(image)])  # (12 + N_COLOUR_STATS,)
         cells = torch.cat([mean, std], dim=1).flatten(2).transpose(1, 2)[0]  # (K, 4C)
         glob = [cells, stats.expand(cells.shape[0], -1)]
+        aux = None
         if self.aux_dim:
             gmean = deep.mean(dim=(2, 3))[0]
             gstd = deep.std(dim=(2, 3))[0] if deep[0, 0].numel() > 1 else torch.zeros_like(gmean)
@@ -247,10 +357,10 @@ class LowLevelEncoder(nn.Module):
             tamper_map = (self.aux_dense(dense) + wide)[0, 0]
             pooled = [map_pool(tamper_map)] if self.pool_map else []
             logits = self.aux_head(torch.cat([gmean, gstd, stats, *pooled]))  # (aux_dim,)
-            self.last_aux = (logits, tamper_map)
+            aux = (logits, tamper_map)
             glob.append(logits.sigmoid().expand(cells.shape[0], -1))
         tokens = self.to_tokens(torch.cat(glob, dim=1))  # (K, D)
-        return dense[0], tokens
+        return dense[0], tokens, aux
 
 
 # --------------------------------------------------------------------------------------------------
@@ -382,21 +492,40 @@ class LoupeOutput:
     logits: torch.Tensor
     mask_logits: list[torch.Tensor]  # one (h, w) per mask token, in batch order
     aux_loss: torch.Tensor | None = None  # the auxiliary LowLevelEncoder loss (config.aux_weight > 0)
+    hidden: torch.Tensor | None = None  # (B, L, D) final hidden states (after the final norm)
+    lowlevel: "LowLevel | None" = None  # what the LowLevelEncoder gave for this pass
 
 
-def _language_model(vlm: nn.Module) -> nn.Module:
-    """The decoder stack (with ``.norm``) of a VLM, looking through a peft wrapper."""
-    base = vlm.get_base_model() if hasattr(vlm, "get_base_model") else vlm
-    inner = getattr(base, "model", base)
-    lm = getattr(inner, "language_model", None)
-    if lm is None or not hasattr(lm, "norm"):
-        raise TypeError(f"{type(base).__name__}: cannot find the language model's final norm; "
-                        "this base family is not supported yet")
-    return lm
+@dataclass
+class LowLevel:
+    """The LowLevelEncoder's output for one batch, per image in batch order (explicit, never stored on
+    the module, so two calls on one model cannot mix their images)."""
+
+    dense: list[torch.Tensor]  # (C, h, w) per image, for the mask decoder
+    tokens: torch.Tensor | None  # (N * K, D) every image's low-level tokens, concatenated
+    aux: list[tuple[torch.Tensor, torch.Tensor] | None]  # per image: (aux logits, tamper-map logits) or None
+
+
+class _AddBias:
+    """A generation logits processor that adds one call's evidence-fusion bias (B, V) at every step.
+
+    Greedy decoding decides on the fused logits; the raw logits that ``generate`` returns get the same
+    bias added afterwards (``ExplainableVLM.generate``), so probabilities are read from what decided."""
+
+    def __init__(self, bias: torch.Tensor):
+        self.bias = bias
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return scores + self.bias.to(scores.dtype)
 
 
 class ExplainableVLM(nn.Module):
-    """The Loupe model. ``forward`` returns weighted CE + BCE + Dice; masks come from mask tokens."""
+    """The Loupe model. ``forward`` returns weighted CE + BCE + Dice; masks come from mask tokens.
+
+    Every pass is explicit: the low-level tokens are written into ``inputs_embeds``, the final hidden
+    states come back from the base's backbone (or ``generate``'s hidden states), and the auxiliary
+    outputs travel in a ``LowLevel`` value. No hooks, no per-call state on the module: one model can
+    serve several threads at once. What differs between bases is asked of ``self.family``."""
 
     def __init__(self, vlm: nn.Module, lowlevel: LowLevelEncoder, mask_decoder: MaskDecoder, config: LoupeConfig):
         super().__init__()
@@ -404,119 +533,58 @@ class ExplainableVLM(nn.Module):
         self.lowlevel = lowlevel
         self.mask_decoder = mask_decoder
         self.config = config
-        self._pending_tokens: torch.Tensor | None = None
-        self._recorded: list[torch.Tensor] = []
-        self._recording = False
-        self._aux_out: list[Any] = []
-        self._pending_bias: torch.Tensor | None = None
+        self.family = get_family(config.family)
         self.fusion: nn.Linear | None = None
-        if config.evidence_fusion:
-            if config.fusion_scope not in FUSION_SCOPES:
-                raise ValueError(f"fusion_scope: {config.fusion_scope!r} is not one of {', '.join(FUSION_SCOPES)}")
-            if config.aux_weight <= 0 or (config.fusion_scope == "key" and not config.key_token_ids):
-                raise ValueError("evidence_fusion reads the auxiliary heads and biases key_token_ids: it needs "
-                                 "aux_weight > 0 and key tokens")
-            out = (vlm.get_output_embeddings().weight.shape[0] if config.fusion_scope == "vocab"
-                   else len(config.key_token_ids))
+        if config.scratch.evidence_fusion:
+            out = (self.family.lm_head(vlm).weight.shape[0] if config.scratch.fusion_scope == "vocab"
+                   else len(config.scratch.key_token_ids))
             # starts at zero: the language model alone, until the data shows what the evidence is worth
             self.fusion = nn.Linear(2 * AUX_DIM, out)
             nn.init.zeros_(self.fusion.weight)
             nn.init.zeros_(self.fusion.bias)
-        self._hooks: list[Any] = []
-        self.install_hooks()
 
     @classmethod
     def from_parts(cls, vlm: nn.Module, config: LoupeConfig) -> "ExplainableVLM":
         """Wrap a base VLM with freshly initialised LowLevelEncoder and MaskDecoder."""
-        hidden = vlm.config.get_text_config().hidden_size
-        if config.evidence_word_ids and config.aux_weight <= 0:
-            raise ValueError("evidence tokens are read from the auxiliary heads; they need aux_weight > 0")
-        for name in ("mask_prior", "lowlevel_pool_map"):
-            if getattr(config, name) and not config.aux_weight > 0:
-                raise ValueError(f"{name} reads the LowLevelEncoder's tampering map; it needs aux_weight > 0")
-        grid = config.n_lowlevel_tokens - len(config.evidence_word_ids)
+        config.check()
+        hidden = get_family(config.family).text_config(vlm).hidden_size
+        grid = config.n_lowlevel_tokens - len(config.scratch.evidence_word_ids)
         low = LowLevelEncoder(hidden, config.lowlevel_width, grid, AUX_DIM if config.aux_weight > 0 else 0,
-                              context=config.lowlevel_context, pool_map=config.lowlevel_pool_map)
-        dec = MaskDecoder(hidden, low.dense_dim, config.decoder_width, prior=config.mask_prior)
+                              context=config.scratch.lowlevel_context, pool_map=config.scratch.lowlevel_pool_map)
+        dec = MaskDecoder(hidden, low.dense_dim, config.decoder_width, prior=config.scratch.mask_prior)
         return cls(vlm, low, dec, config)
 
-    # ---- hooks ---------------------------------------------------------------------------------
-    def install_hooks(self) -> None:
-        """(Re)attach the embedding and final-norm hooks; call again after wrapping ``vlm`` with peft."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks = [
-            self.vlm.get_input_embeddings().register_forward_hook(self._fill_lowlevel),
-            _language_model(self.vlm).norm.register_forward_hook(self._record_hidden),
-        ]
-        if self.fusion is not None:
-            self._hooks.append(self.vlm.get_output_embeddings().register_forward_hook(self._add_bias))
+    # ---- pieces --------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.lowlevel.parameters()).device
 
-    def _add_bias(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        if self._pending_bias is None:
-            return output
-        return output + self._pending_bias.to(output.dtype).unsqueeze(1)
+    def encode_lowlevel(self, images: list[torch.Tensor]) -> LowLevel:
+        """Run the LowLevelEncoder on each image: dense maps, the concatenated tokens (N*K, D), aux outputs."""
+        if not images:
+            return LowLevel([], None, [])
+        dense, tokens, aux = [], [], []
+        for img in images:
+            d, t, a = self.lowlevel(img.to(self.device))
+            if self.config.scratch.evidence_word_ids:
+                t = torch.cat([t, self.evidence_tokens(a[0]).to(t.dtype)])
+            dense.append(d)
+            tokens.append(t)
+            aux.append(a)
+        return LowLevel(dense, torch.cat(tokens), aux)
 
-    def fusion_bias(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None) -> torch.Tensor | None:
-        """Per batch row, the evidence-fusion bias over the vocabulary (B, V), nonzero at ``key_token_ids``
-        only unless ``fusion_scope`` is "vocab" (built once per pass, so the per-token hook is a plain
-        add), from the auxiliary
-        probabilities of the row's last image and the one before it (zeros when absent): the judged
-        image of a one-image task, or images A and B of a pair (a reference, if any, comes first).
-
-        A late-fusion path (hand-written: no library has one for this model): the forensic branch's
-        verdict reaches the verdict words' logits directly, where the language model trained from scratch
-        did not learn to read it through attention; the language model still writes every word."""
-        if self.fusion is None or image_grid_thw is None or not self._aux_out:
-            return None
-        spans = image_spans(input_ids, image_grid_thw, self.config.image_token_id, self.config.merge_size)
-        probs = [a[0].sigmoid() for a in self._aux_out]
-        feats = torch.zeros(input_ids.shape[0], 2 * AUX_DIM, device=probs[0].device)
-        per_row: dict[int, list[int]] = {}
-        for i, (row, _, _) in enumerate(spans):
-            per_row.setdefault(row, []).append(i)
-        for row, imgs in per_row.items():
-            feats[row, :AUX_DIM] = probs[imgs[-1]]
-            if len(imgs) > 1:
-                feats[row, AUX_DIM:] = probs[imgs[-2]]
-        if self.config.fusion_scope == "vocab":
-            return self.fusion(feats)
-        vocab = self.vlm.get_output_embeddings().weight.shape[0]
-        ids = torch.tensor(self.config.key_token_ids, device=feats.device)
-        return torch.zeros(feats.shape[0], vocab, device=feats.device).index_add(1, ids, self.fusion(feats))
-
-    def _fill_lowlevel(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        input_ids = args[0] if args else None
-        if input_ids is None or self._pending_tokens is None:
-            return output
+    def embed(self, input_ids: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
+        """The input embeddings of ``input_ids`` with the low-level tokens written at their placeholders."""
+        embeds = self.vlm.get_input_embeddings()(input_ids)
         where = input_ids == self.config.lowlevel_token_id
         n = int(where.sum())
-        if n == 0:
-            return output
-        feats = self._pending_tokens
-        if n != feats.shape[0]:
-            raise ValueError(f"{n} low-level placeholder tokens in the input but features for {feats.shape[0]}; "
+        n_feats = 0 if tokens is None else tokens.shape[0]
+        if n != n_feats:
+            raise ValueError(f"{n} low-level placeholder tokens in the input but features for {n_feats}; "
                              f"each image needs exactly {self.config.n_lowlevel_tokens}")
-        return output.masked_scatter(where.unsqueeze(-1), feats.to(output.dtype))
-
-    def _record_hidden(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        if self._recording:
-            self._recorded.append(output)
-
-    # ---- pieces --------------------------------------------------------------------------------
-    def encode_lowlevel(self, images: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """Run the LowLevelEncoder on each image: dense maps and the concatenated tokens (N*K, D)."""
-        if not images:
-            return [], None
-        outs, aux = [], []
-        for img in images:
-            dense, tokens = self.lowlevel(img.to(self.device))
-            aux.append(self.lowlevel.last_aux)
-            if self.config.evidence_word_ids:
-                tokens = torch.cat([tokens, self.evidence_tokens(aux[-1][0]).to(tokens.dtype)])
-            outs.append((dense, tokens))
-        self._aux_out = aux
-        return [o[0] for o in outs], torch.cat([o[1] for o in outs])
+        if n == 0:
+            return embeds
+        return embeds.masked_scatter(where.unsqueeze(-1), tokens.to(embeds.dtype))
 
     def evidence_tokens(self, logits: torch.Tensor) -> torch.Tensor:
         """The auxiliary heads' verdicts as soft words: one token per group, the probability-weighted mean of
@@ -537,37 +605,61 @@ class ExplainableVLM(nn.Module):
         p_t = logits[n_cat + 1].float().sigmoid()
         weights = [w_cat / w_cat.sum(), w_sev, torch.stack([p_t, 1 - p_t])]
         out = []
-        for w, group in zip(weights, self.config.evidence_word_ids):
+        for w, group in zip(weights, self.config.scratch.evidence_word_ids):
             words = torch.stack([emb[torch.tensor(ids, device=emb.device)].mean(0) for ids in group]).float()
             out.append(w @ words)
         return torch.stack(out)
 
-    def aux_loss(self, batch: dict[str, Any]) -> torch.Tensor | None:
-        """Auxiliary loss of the last ``encode_lowlevel`` against ``batch["aux"]`` and ``batch["aux_mask"]``
+    def fusion_bias(self, input_ids: torch.Tensor, batch: dict[str, Any], low: LowLevel) -> torch.Tensor | None:
+        """Per batch row, the evidence-fusion bias over the vocabulary (B, V), nonzero at ``key_token_ids``
+        only unless ``fusion_scope`` is "vocab", from the auxiliary probabilities of the row's last image
+        and the one before it (zeros when absent): the judged image of a one-image task, or images A and B
+        of a pair (a reference, if any, comes first).
+
+        A late-fusion path (hand-written: no library has one for this model): the forensic branch's
+        verdict reaches the verdict words' logits directly, where the language model trained from scratch
+        did not learn to read it through attention; the language model still writes every word."""
+        if self.fusion is None or not low.aux or low.aux[0] is None:
+            return None
+        spans = self.family.image_spans(input_ids, batch, self.config.image_token_id)
+        probs = [a[0].sigmoid() for a in low.aux]
+        feats = torch.zeros(input_ids.shape[0], 2 * AUX_DIM, device=probs[0].device)
+        per_row: dict[int, list[int]] = {}
+        for i, (row, _, _) in enumerate(spans):
+            per_row.setdefault(row, []).append(i)
+        for row, imgs in per_row.items():
+            feats[row, :AUX_DIM] = probs[imgs[-1]]
+            if len(imgs) > 1:
+                feats[row, AUX_DIM:] = probs[imgs[-2]]
+        if self.config.scratch.fusion_scope == "vocab":
+            return self.fusion(feats)
+        vocab = self.family.lm_head(self.vlm).weight.shape[0]
+        ids = torch.tensor(self.config.scratch.key_token_ids, device=feats.device)
+        return torch.zeros(feats.shape[0], vocab, device=feats.device).index_add(1, ids, self.fusion(feats))
+
+    def aux_loss(self, low: LowLevel, batch: dict[str, Any]) -> torch.Tensor | None:
+        """Auxiliary loss of ``low`` (one ``encode_lowlevel``) against ``batch["aux"]`` and ``batch["aux_mask"]``
         (see ``lowlevel_aux_loss``); None if there is nothing to learn."""
         targets = batch.get("aux")
-        if targets is None or not self._aux_out or self._aux_out[0] is None:
+        if targets is None or not low.aux or low.aux[0] is None:
             return None
-        return lowlevel_aux_loss(self._aux_out, targets, batch.get("aux_mask") or [])
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.lowlevel.parameters()).device
+        return lowlevel_aux_loss(low.aux, targets, batch.get("aux_mask") or [])
 
     def vlm_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """The subset of a collated batch the transformers model takes."""
-        skip = {"lowlevel_pixels", "masks", "mask_image", "labels", "aux", "aux_mask"}
-        return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items() if k not in skip}
+        """The subset of a collated batch the transformers model takes (besides ids and embeddings)."""
+        keys = ("attention_mask", *self.family.model_input_keys())
+        return {k: (batch[k].to(self.device) if torch.is_tensor(batch[k]) else batch[k]) for k in keys if k in batch}
 
-    def decode_masks(self, hidden: torch.Tensor, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None,
-                     dense: list[torch.Tensor], mask_image: list[int], positions: list[torch.Tensor],
-                     prompt_hidden: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def decode_masks(self, hidden: torch.Tensor, input_ids: torch.Tensor, batch: dict[str, Any], low: LowLevel,
+                     positions: list[torch.Tensor], prompt_hidden: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Mask logits for each mask token. ``positions[row]`` holds that row's mask-token positions;
-        ``hidden`` (B, L, D) the final states; image-token states come from ``prompt_hidden`` or ``hidden``."""
-        if image_grid_thw is None:
+        ``hidden`` (B, L, D) the final states; image-token states come from ``prompt_hidden`` or ``hidden``;
+        ``batch["mask_image"][row]`` is the image a row's masks describe."""
+        if not low.dense:
             raise ValueError("mask tokens need an image, but the batch has none")
         src = hidden if prompt_hidden is None else prompt_hidden
-        spans = image_spans(input_ids, image_grid_thw, self.config.image_token_id, self.config.merge_size)
+        spans = self.family.image_spans(input_ids, batch, self.config.image_token_id)
+        mask_image = batch["mask_image"]
         out = []
         for row, pos in enumerate(positions):
             if pos.numel() == 0:
@@ -576,31 +668,32 @@ class ExplainableVLM(nn.Module):
             if r != row:
                 raise ValueError(f"row {row}: its mask image belongs to row {r}")
             patch = src[row, img_pos].reshape(gh, gw, -1)
-            # the tampering map of the same image, from the encode_lowlevel of this pass
-            prior = self._aux_out[mask_image[row]][1] if self.config.mask_prior else None
+            # the tampering map of the same image, from this pass's encode_lowlevel
+            prior = low.aux[mask_image[row]][1] if self.config.scratch.mask_prior else None
             for p in pos.tolist():
-                out.append(self.mask_decoder(hidden[row, p], patch, dense[mask_image[row]], prior))
+                out.append(self.mask_decoder(hidden[row, p], patch, low.dense[mask_image[row]], prior))
         return out
 
     # ---- training forward ----------------------------------------------------------------------
     def forward(self, batch: dict[str, Any]) -> LoupeOutput:
         """Teacher-forced pass over a collated batch (see ``LoupeProcessor.collate``)."""
-        dense, tokens = self.encode_lowlevel(batch.get("lowlevel_pixels", []))
+        low = self.encode_lowlevel(batch.get("lowlevel_pixels", []))
         inputs = self.vlm_inputs(batch)
+        input_ids = batch["input_ids"].to(self.device)
+        embeds = self.embed(input_ids, low.tokens)
+        positions_3d = self.family.position_ids(self.vlm, input_ids, inputs)
+        out = self.family.backbone(self.vlm)(inputs_embeds=embeds, position_ids=positions_3d, use_cache=False,
+                                              **inputs)
+        hidden = out.last_hidden_state
+        logits = self.family.lm_head(self.vlm)(hidden)
+        bias = self.fusion_bias(input_ids, batch, low)
+        if bias is not None:
+            logits = logits + bias.to(logits.dtype).unsqueeze(1)
         labels = batch.get("labels")
-        weighted = labels is not None and self.config.key_token_weight != 1.0
-        self._pending_bias = self.fusion_bias(inputs["input_ids"], inputs.get("image_grid_thw"))
-        self._pending_tokens, self._recorded, self._recording = tokens, [], True
-        try:
-            out = self.vlm(**inputs, labels=labels.to(self.device) if labels is not None and not weighted else None)
-        finally:
-            self._pending_tokens, self._recording, self._pending_bias = None, False, None
-        if weighted:
-            out.loss = weighted_token_ce(out.logits, labels, self.config.key_token_ids, self.config.key_token_weight)
-        hidden = self._recorded[-1]
-        self._recorded = []
+        ce = None
+        if labels is not None:
+            ce = weighted_token_ce(logits, labels, self.config.scratch.key_token_ids, self.config.scratch.key_token_weight)
 
-        input_ids = inputs["input_ids"]
         targets = batch.get("masks") or [None] * input_ids.shape[0]
         positions = []
         for row in range(input_ids.shape[0]):
@@ -613,15 +706,13 @@ class ExplainableVLM(nn.Module):
         mask_logits = []
         bce = dice = None
         if any(p.numel() for p in positions):
-            mask_logits = self.decode_masks(hidden, input_ids, inputs.get("image_grid_thw"), dense,
-                                            batch["mask_image"], positions)
+            mask_logits = self.decode_masks(hidden, input_ids, batch, low, positions)
             flat_targets = [t.to(self.device) for t in targets if t is not None for t in t]
             pairs = [mask_losses(lg, tg) for lg, tg in zip(mask_logits, flat_targets)]
             bce = torch.stack([p[0] for p in pairs]).mean()
             dice = torch.stack([p[1] for p in pairs]).mean()
 
-        ce = out.loss
-        aux = self.aux_loss(batch) if self.config.aux_weight > 0 else None
+        aux = self.aux_loss(low, batch) if self.config.aux_weight > 0 else None
         loss = None
         if ce is not None:
             loss = self.config.ce_weight * ce
@@ -634,49 +725,60 @@ class ExplainableVLM(nn.Module):
                 loss = loss + self.config.aux_weight * aux
             elif self.config.aux_weight > 0:  # a batch without aux labels: keep the heads in the graph
                 loss = loss + 0.0 * sum(p.sum() for p in self.lowlevel.parameters())
-        return LoupeOutput(loss, ce, bce, dice, out.logits, mask_logits, aux)
+        return LoupeOutput(loss, ce, bce, dice, logits, mask_logits, aux, hidden, low)
 
     # ---- generation ----------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, batch: dict[str, Any], max_new_tokens: int = 128, **kwargs: Any) -> dict[str, Any]:
-        """Greedy generation for a left-padded batch. Returns the new token ids (B, T), the raw
-        logits per step (B, T, V), the final hidden states of prompt+answer (B, L+T, D) and dense maps."""
-        dense, tokens = self.encode_lowlevel(batch.get("lowlevel_pixels", []))
+        """Greedy generation for a left-padded batch. Returns the new token ids (B, T), the raw (fused)
+        logits per step (B, T, V), the final hidden states of prompt+answer (B, L+T-1, D) and the
+        ``LowLevel`` of the batch."""
+        from transformers import LogitsProcessorList
+
+        low = self.encode_lowlevel(batch.get("lowlevel_pixels", []))
         inputs = self.vlm_inputs(batch)
+        input_ids = batch["input_ids"].to(self.device)
+        embeds = self.embed(input_ids, low.tokens)
+        bias = self.fusion_bias(input_ids, batch, low)
+        processors = LogitsProcessorList([_AddBias(bias)] if bias is not None else [])
         tok = self.vlm.generation_config
-        self._pending_bias = self.fusion_bias(inputs["input_ids"], inputs.get("image_grid_thw"))
-        self._pending_tokens, self._recorded, self._recording = tokens, [], True
-        try:
-            out = self.vlm.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                    output_logits=True, return_dict_in_generate=True,
-                                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kwargs)
-        finally:
-            self._pending_tokens, self._recording, self._pending_bias = None, False, None
-        hidden = torch.cat(self._recorded, dim=1)  # (B, L + T - 1, D): the last new token is never fed back
-        self._recorded = []
-        prompt_len = inputs["input_ids"].shape[1]
-        new = out.sequences[:, prompt_len:]
-        return {"sequences": out.sequences, "new_tokens": new, "logits": torch.stack(out.logits, dim=1),
-                "hidden": hidden, "dense": dense, "prompt_len": prompt_len}
+        # ids and embeddings together: generate feeds the embeddings at the prefill step and keeps the ids
+        # for the returned sequences and Qwen's 3D positions
+        out = self.vlm.generate(input_ids=input_ids, inputs_embeds=embeds, max_new_tokens=max_new_tokens,
+                                do_sample=False, output_logits=True, output_hidden_states=True,
+                                return_dict_in_generate=True, logits_processor=processors,
+                                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **inputs, **kwargs)
+        # last layer only, per step (B, L, D) then (B, 1, D)...: the last new token is never fed back
+        hidden = torch.cat([step[-1] for step in out.hidden_states], dim=1)
+        prompt_len = input_ids.shape[1]
+        logits = torch.stack(out.logits, dim=1)
+        if bias is not None:
+            logits = logits + bias.to(logits.dtype).unsqueeze(1)
+        new = out.sequences[:, -logits.shape[1]:]
+        return {"sequences": out.sequences, "new_tokens": new, "logits": logits, "hidden": hidden,
+                "lowlevel": low, "prompt_len": prompt_len}
 
     # ---- LoRA ----------------------------------------------------------------------------------
-    def apply_lora(self, r: int = 16, alpha: int = 32, dropout: float = 0.05,
-                   target: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+    def apply_lora(self, r: int = 16, alpha: int = 32, dropout: float = 0.05, target: str | None = None,
                    trainable_token_ids: list[int] | None = None) -> None:
-        """Wrap the base with peft LoRA on the language model; new token rows stay trainable."""
+        """Wrap the base with peft LoRA on the language model (``target``: the family's default regex);
+        new token rows stay trainable."""
         from peft import LoraConfig, get_peft_model
 
+        target = target or self.family.lora_target
         kwargs: dict[str, Any] = {}
         if trainable_token_ids:
-            tied = bool(getattr(self.vlm.config.get_text_config(), "tie_word_embeddings", False) or
+            tied = bool(getattr(self.family.text_config(self.vlm), "tie_word_embeddings", False) or
                         getattr(self.vlm.config, "tie_word_embeddings", False))
             kwargs["trainable_token_indices"] = (trainable_token_ids if tied else
                                                  {"embed_tokens": trainable_token_ids, "lm_head": trainable_token_ids})
         lcfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target, **kwargs)
         self.vlm = get_peft_model(self.vlm, lcfg)
+        if not any("lora_" in n for n, _ in self.vlm.named_parameters()):
+            raise ValueError(f"LoRA target {target!r} matches no module of this {self.family.name} base; "
+                             f"the family's default is {self.family.lora_target!r}")
         self.config.lora = {"r": r, "alpha": alpha, "dropout": dropout, "target": target,
                             "trainable_token_ids": trainable_token_ids or []}
-        self.install_hooks()
 
     # ---- save / load ---------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, processor: Any = None) -> None:
@@ -707,19 +809,25 @@ class ExplainableVLM(nn.Module):
                         device_map: Any = None) -> tuple["ExplainableVLM", Any]:
         """Load ``(model, processor)`` from a folder written by ``save_pretrained``."""
         from safetensors.torch import load_file
-        from transformers import AutoModelForImageTextToText
 
-        from .bases import load_base, load_processor
+        from .bases import load_base
 
         path = Path(path)
         if not path.is_dir():
-            raise CheckpointError(f"{path}: no such checkpoint folder")
+            hint = ""
+            if str(path).count("/") == 1 and not str(path).startswith((".", "/")):
+                hint = (f" {path} looks like a hub id: a bare base is not a Loupe model. Fine-tune it first "
+                        f"(loupe train --base {path} ...), then pass the run's output folder")
+            raise CheckpointError(f"{path}: no such checkpoint folder.{hint}")
+        if not (path / "loupe_config.json").is_file() and (path / "config.json").is_file():
+            raise CheckpointError(f"{path}: is a base model, not a Loupe checkpoint (no loupe_config.json). Fine-tune "
+                                  f"it first (loupe train --base {path} ...), then pass the run's output folder")
         config = LoupeConfig.load(path / "loupe_config.json")
-        processor = load_processor(path, config.family, trust_remote_code=trust_remote_code)
+        family = get_family(config.family)
+        processor = family.load_processor(path, trust_remote_code=trust_remote_code)
         if (path / "base").is_dir():
-            vlm = AutoModelForImageTextToText.from_pretrained(
-                path / "base", dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
-                quantization_config=quantization_config, device_map=device_map)
+            vlm = family.load_checkpoint_base(path / "base", dtype=dtype, trust_remote_code=trust_remote_code,
+                                              quantization_config=quantization_config, device_map=device_map)
         elif (path / "adapter").is_dir():
             from peft import PeftModel
 
@@ -748,23 +856,25 @@ class ExplainableVLM(nn.Module):
 
 
 def new_model(base: str, *, corpus: Any = (), seed: int = 0, load_kwargs: dict[str, Any] | None = None,
-              evidence_tokens: bool = False, **config_fields: Any) -> tuple[ExplainableVLM, Any]:
+              scratch: ScratchOptions | dict[str, Any] | None = None, trust_remote_code: bool = False,
+              **config_fields: Any) -> tuple[ExplainableVLM, Any]:
     """A fresh ``(ExplainableVLM, processor)`` around ``base``: ``scratch:<size>[:<family>]``, a hub id
     or a local folder. Loupe's tokens are added (new embedding rows start at the mean row).
-    ``load_kwargs`` (dtype, quantization_config, device_map) go to ``load_base`` for hub/folder bases.
-    ``evidence_tokens`` adds the auxiliary heads' verdicts as soft-word tokens (needs ``aux_weight``)."""
-    from .bases import add_loupe_tokens, build_scratch_base, family_of, is_scratch, load_base
+    ``load_kwargs`` (dtype, quantization_config, device_map) go to ``load_base`` for hub/folder bases;
+    ``config_fields`` are ``ModelOptions`` fields and ``scratch`` the from-scratch group."""
+    from .bases import add_loupe_tokens, build_scratch_base, is_scratch, load_base
 
+    options = scratch if isinstance(scratch, ScratchOptions) else ScratchOptions(**(scratch or {}))
     min_pixels = config_fields.get("min_pixels", LoupeConfig.min_pixels)
     max_pixels = config_fields.get("max_pixels", LoupeConfig.max_pixels)
     if is_scratch(base):
         vlm, processor = build_scratch_base(base, corpus, min_pixels=min_pixels, max_pixels=max_pixels, seed=seed)
         stored_base = "bundled"
     else:
-        vlm, processor = load_base(base, trust_remote_code=config_fields.pop("trust_remote_code", False),
-                                   **(load_kwargs or {}))
+        vlm, processor = load_base(base, trust_remote_code=trust_remote_code, **(load_kwargs or {}))
         stored_base = base
-        processor.image_processor.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    family = get_family(getattr(vlm.config, "model_type", "unknown"))
+    family.set_pixel_budget(processor, min_pixels, max_pixels)
     tok = processor.tokenizer
     new_ids = add_loupe_tokens(tok)
     emb = vlm.get_input_embeddings()
@@ -774,21 +884,23 @@ def new_model(base: str, *, corpus: Any = (), seed: int = 0, load_kwargs: dict[s
         with torch.no_grad():  # spare rows exist: start the new ones at the mean embedding
             emb.weight[new_ids] = emb.weight[: min(new_ids)].mean(0)
     gen = vlm.generation_config
-    gen.eos_token_id = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else tok.eos_token_id
+    gen.eos_token_id = (tok.convert_tokens_to_ids(family.end_token) if family.end_token in tok.get_vocab()
+                        else tok.eos_token_id)
     gen.pad_token_id = tok.pad_token_id
     gen.do_sample = False
     for key in ("temperature", "top_p", "top_k"):
         setattr(gen, key, None)
-    image_processor = processor.image_processor
+    state = ScratchState(**asdict(options))
+    if state.key_token_weight != 1.0 or state.evidence_fusion:
+        state.key_token_ids = key_token_ids(tok)
+    n_low = LOWLEVEL_TOKENS_PER_IMAGE
+    if state.evidence_tokens:
+        state.evidence_word_ids = evidence_word_ids(tok)
+        n_low += len(state.evidence_word_ids)
     cfg = LoupeConfig(
-        base=stored_base, family=family_of(vlm.config),
-        mask_token_id=tok.convert_tokens_to_ids(MASK_TOKEN), lowlevel_token_id=tok.convert_tokens_to_ids(LOWLEVEL_TOKEN),
-        image_token_id=vlm.config.image_token_id, merge_size=getattr(image_processor, "merge_size", 2),
+        base=stored_base, family=family.name, mask_token_id=tok.convert_tokens_to_ids(MASK_TOKEN),
+        lowlevel_token_id=tok.convert_tokens_to_ids(LOWLEVEL_TOKEN),
+        image_token_id=tok.convert_tokens_to_ids(family.image_token), n_lowlevel_tokens=n_low, scratch=state,
         **config_fields)
-    if cfg.key_token_weight != 1.0 or cfg.evidence_fusion:
-        cfg.key_token_ids = key_token_ids(tok)
-    if evidence_tokens:
-        cfg.evidence_word_ids = evidence_word_ids(tok)
-        cfg.n_lowlevel_tokens = LOWLEVEL_TOKENS_PER_IMAGE + len(cfg.evidence_word_ids)
     torch.manual_seed(seed)
     return ExplainableVLM.from_parts(vlm, cfg), processor

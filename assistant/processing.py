@@ -198,8 +198,11 @@ class LoupeProcessor:
     """Turns messages + images (or a ``Sample``) into model inputs for one base family."""
 
     def __init__(self, processor: Any, n_lowlevel_tokens: int, lowlevel_max_side: int = 448,
-                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, family: str | None = None):
+        from .families import get_family
+
         self.processor = processor
+        self.family = get_family(family) if family else None
         self.tokenizer = processor.tokenizer
         self.n_lowlevel_tokens = n_lowlevel_tokens
         self.lowlevel_max_side = lowlevel_max_side
@@ -209,6 +212,18 @@ class LoupeProcessor:
         self.pad_token_id = self.tokenizer.pad_token_id
         if self.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token before training")
+
+    @classmethod
+    def for_model(cls, model: Any, processor: Any, **kwargs: Any) -> "LoupeProcessor":
+        """The processor that feeds ``model`` (an ``ExplainableVLM``): its family, token and size settings."""
+        cfg = model.config
+        return cls(processor, cfg.n_lowlevel_tokens, cfg.lowlevel_max_side, family=cfg.family, **kwargs)
+
+    def image_token_count(self, width: int, height: int) -> int:
+        """Image tokens an image of this size becomes (the family's rule and this processor's pixel budget)."""
+        if self.family is None:
+            raise ValueError("this LoupeProcessor was built without its family; use LoupeProcessor.for_model")
+        return self.family.image_token_count(width, height, self.processor)
 
     def _single_id(self, token: str) -> int:
         ids = self.tokenizer.encode(token, add_special_tokens=False)
@@ -303,31 +318,6 @@ def _resize_bool(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def _without_last_answer(messages: list[dict]) -> list[dict]:
     return messages[:-1] if messages and messages[-1].get("role") == "assistant" else messages
-
-
-def image_spans(input_ids: torch.Tensor, image_grid_thw: torch.Tensor, image_token_id: int,
-                merge_size: int) -> list[tuple[int, torch.Tensor, tuple[int, int]]]:
-    """For each image in batch order: (row, positions of its image tokens, (grid_h, grid_w) after merge).
-
-    Images appear in the sequences in the same order as in ``image_grid_thw``; the count of tokens
-    per image is t*h*w / merge^2, and is checked against the ids.
-    """
-    spans = []
-    img = 0
-    for row in range(input_ids.shape[0]):
-        pos = (input_ids[row] == image_token_id).nonzero().flatten()
-        start = 0
-        while start < pos.numel():
-            if img >= image_grid_thw.shape[0]:
-                raise ValueError("more image tokens in input_ids than images in image_grid_thw")
-            t, h, w = (int(x) for x in image_grid_thw[img])
-            n = t * h * w // (merge_size ** 2)
-            spans.append((row, pos[start:start + n], (h // merge_size, w // merge_size)))
-            start += n
-            img += 1
-    if img != image_grid_thw.shape[0]:
-        raise ValueError(f"{image_grid_thw.shape[0]} images but image tokens for {img}")
-    return spans
 
 
 def resize_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -57,8 +57,7 @@ def items(root: Path | None, split: str, side: int, limit: int | None = None) ->
 def loss_of(enc: LowLevelEncoder, batch: list[tuple]) -> torch.Tensor:
     outs = []
     for img, _, _ in batch:
-        enc(img)
-        outs.append(enc.last_aux)
+        outs.append(enc(img)[2])
     return lowlevel_aux_loss(outs, torch.stack([y for _, y, _ in batch]), [t for _, _, t in batch])
 
 
@@ -68,8 +67,7 @@ def measure(enc: LowLevelEncoder, data: list[tuple]) -> dict[str, float]:
     hit = single = clean_ok = clean = 0
     sev, tam_y, tam_p, f1s = [], [], [], []
     for img, y, target in data:
-        enc(img)
-        logits, dense = enc.last_aux
+        logits, dense = enc(img)[2]
         if not torch.isnan(y[0]):
             cats = y[:-2]
             if cats.sum() == 1:

@@ -102,7 +102,7 @@ def padding(data: list[Path]) -> dict:
     cfg = load_config(ROOT / "finetune/recipes/loupe-tiny.yaml", {"data": [str(d) for d in data]})
     model, processor = new_model(cfg.base, corpus=corpus_texts(cfg.data), lowlevel_max_side=cfg.lowlevel_max_side,
                                  min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
-    lp = LoupeProcessor(processor, model.config.n_lowlevel_tokens, model.config.lowlevel_max_side)
+    lp = LoupeProcessor.for_model(model, processor)
     split = read_split(cfg.data, "train", lp, BadRecords(cfg.max_bad_records), cfg.max_length)
     est = [r.length for r in split.records]
     ds = LoupeDataset(split, lp, cfg.max_length)

@@ -2,6 +2,9 @@
 
 A recipe (``finetune/recipes/*.yaml``) maps one-to-one onto ``TrainConfig``'s fields; any field can
 be overridden on the command line (``--lr 1e-4``, ``--data a b``, ``--gradient-checkpointing``).
+``TrainConfig`` extends the model's own ``ModelOptions`` (the fields a checkpoint's ``LoupeConfig``
+shares, with their checks), so neither repeats the other; the knobs of from-scratch models sit in
+their own group, ``scratch:`` in a recipe and ``--scratch.NAME`` on the command line.
 Every problem (unknown keys, wrong types, values out of range) is collected and raised as one
 ``ConfigError`` naming each field, instead of failing on the first one.
 
@@ -22,6 +25,8 @@ from typing import Any
 
 import yaml
 
+from loupe_vlm.assistant.modeling import ModelOptions, ScratchOptions
+
 METHODS = ("auto", "full", "lora", "qlora")
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
@@ -37,8 +42,49 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class TrainConfig:
-    """Everything one training run needs. Recipes set these fields; the CLI overrides them."""
+class ScratchTrainOptions(ScratchOptions):
+    """The from-scratch group of a recipe: the model's ``ScratchOptions`` plus how to train them."""
+
+    fusion_lr: float = 0.0
+    """Learning rate of the evidence-fusion map (0: lr). It has no weight decay."""
+    lowlevel_pretrain_steps: int = 0
+    """Before the main loop of a new run, train the LowLevelEncoder alone on the auxiliary labels
+    for N steps (no language model, so each step is cheap): the language model then starts from a
+    branch that already sees. Needs aux_weight > 0. A run resumed from a checkpoint skips it."""
+    lowlevel_init: str = ""
+    """A Loupe checkpoint folder whose LowLevelEncoder (heads.safetensors, same width and aux heads)
+    this run starts from, e.g. one pretrained by an earlier run; then lowlevel_freeze may be used
+    without lowlevel_pretrain_steps."""
+    lowlevel_freeze: bool = False
+    """Keep the LowLevelEncoder's convolutions and auxiliary heads fixed in the main loop (its token
+    projection still trains): the language-model loss then cannot wash out what pretraining taught."""
+
+    def model_options(self) -> ScratchOptions:
+        """The part of the group the model itself keeps (the checkpoint's ``scratch``)."""
+        return ScratchOptions(**{f.name: getattr(self, f.name) for f in fields(ScratchOptions)})
+
+    def problems(self, aux_weight: float) -> list[str]:
+        p = super().problems(aux_weight)
+        for name in ("fusion_lr", "lowlevel_pretrain_steps"):
+            if getattr(self, name) < 0:
+                p.append(f"scratch.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.lowlevel_freeze and not (self.lowlevel_pretrain_steps or self.lowlevel_init):
+            p.append("scratch.lowlevel_freeze: would hold an untrained LowLevelEncoder fixed; set "
+                     "scratch.lowlevel_pretrain_steps > 0 or scratch.lowlevel_init")
+        if self.lowlevel_init and not (Path(self.lowlevel_init) / "heads.safetensors").is_file():
+            p.append(f"scratch.lowlevel_init: {self.lowlevel_init} has no heads.safetensors; give a Loupe "
+                     "checkpoint folder")
+        if self.lowlevel_pretrain_steps and aux_weight <= 0:
+            p.append("scratch.lowlevel_pretrain_steps: the LowLevelEncoder is pretrained on the auxiliary labels; "
+                     "set aux_weight > 0 too")
+        return p
+
+
+@dataclass
+class TrainConfig(ModelOptions):
+    """Everything one training run needs. Recipes set these fields; the CLI overrides them.
+
+    The model's fields (name, widths, pixel budget, loss weights) come from ``ModelOptions``."""
 
     # ---- model ---------------------------------------------------------------------------------
     base: str = "scratch:tiny"
@@ -51,83 +97,23 @@ class TrainConfig:
     """LoRA alpha (the update is scaled by alpha / r)."""
     lora_dropout: float = 0.05
     """Dropout on the LoRA branch."""
-    lora_target: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-    """Regex of the modules that get LoRA adapters (the language model only, by default)."""
+    lora_target: str = ""
+    """Regex of the modules that get LoRA adapters (empty: the base family's default, its language
+    model's linear layers only)."""
     train_vision: bool = False
     """Also train the vision tower (LoRA/QLoRA runs; full runs train everything)."""
     train_projector: bool = False
     """Also train the vision-language projector (the vision tower's merger)."""
-    decoder_width: int = 64
-    """Width of the MaskDecoder."""
-    lowlevel_width: int = 32
-    """Width of the LowLevelEncoder's convolutions."""
-    lowlevel_max_side: int = 448
-    """Long side (px) at which the LowLevelEncoder sees each image (and masks are learnt)."""
     trust_remote_code: bool = False
     """Allow the base's own Python code to run (off unless you trust the base)."""
-    name: str = "loupe"
-    """Model name recorded in the checkpoint (shown as <name>@<hash> in results)."""
-
-    # ---- loss ----------------------------------------------------------------------------------
-    ce_weight: float = 1.0
-    """Weight of the token cross-entropy."""
-    bce_weight: float = 2.0
-    """Weight of the mask binary cross-entropy."""
-    dice_weight: float = 0.5
-    """Weight of the mask Dice loss."""
-    lowlevel_context: int = 0
-    """Residual dilated convs (dilation 2, 4, ...) in the LowLevelEncoder at 1/4 resolution: a wider view
-    for each pixel of the tampering map and the mask decoder's features."""
-    lowlevel_pool_map: bool = False
-    """The LowLevelEncoder's image-level heads (tampered, categories) also read the peak of its tampering
-    map, not only globally pooled features that a small edited region barely moves. Needs aux_weight > 0."""
-    mask_prior: bool = False
-    """The mask decoder starts from the LowLevelEncoder's own tampering map (added to its logits with a
-    learned scale) and learns the rest. Needs aux_weight > 0."""
-    lowlevel_pretrain_steps: int = 0
-    """Before the main loop of a new run, train the LowLevelEncoder alone on the auxiliary labels
-    for N steps (no language model, so each step is cheap): the language model then starts from a
-    branch that already sees. Needs aux_weight > 0. A run resumed from a checkpoint skips it."""
-    evidence_tokens: bool = False
-    """Give the language model the auxiliary heads' verdicts as three extra tokens per image, each a
-    probability-weighted mix of the LM's own embeddings of the words (distortion category, severity,
-    tampered/authentic), so it can copy them like prompt words. Needs aux_weight > 0."""
-    evidence_fusion: bool = False
-    """Late fusion: a learned linear map from the auxiliary heads' probabilities (the judged image, and
-    the other image of a pair) to a bias on the verdict words' logits (key_token_ids), starting at
-    zero. Needs aux_weight > 0."""
-    fusion_scope: str = "key"
-    """Which logits evidence fusion biases: "key" (the verdict words only) or "vocab" (every token).
-    "vocab" lets the answer's opening words carry the verdict, where a template commits to it before
-    the verdict word itself (the forgery templates up to template@2: "Yes, this picture ..." / "This image
-    appears ...")."""
-    fusion_lr: float = 0.0
-    """Learning rate of the evidence-fusion map (0: lr). It has no weight decay."""
-    lowlevel_init: str = ""
-    """A Loupe checkpoint folder whose LowLevelEncoder (heads.safetensors, same width and aux heads)
-    this run starts from, e.g. one pretrained by an earlier run; then lowlevel_freeze may be used
-    without lowlevel_pretrain_steps."""
-    lowlevel_freeze: bool = False
-    """Keep the LowLevelEncoder's convolutions and auxiliary heads fixed in the main loop (its token
-    projection still trains): the language-model loss then cannot wash out what pretraining taught."""
-    key_token_weight: float = 1.0
-    """Weight of the answer tokens that carry the verdict (first tokens of the taxonomy's words:
-    distortions, severities, ratings, verdicts, manipulations, locations, A/B) in the token
-    cross-entropy, relative to the other answer tokens (1: plain mean)."""
-    aux_weight: float = 0.0
-    """Weight of the auxiliary losses that supervise the LowLevelEncoder directly with the builders'
-    per-image labels (Sample.meta: distortion categories, severity, tampered pixels). 0 turns the
-    auxiliary heads off; from-scratch models need them to learn to see (see loupe-tiny.yaml)."""
+    scratch: ScratchTrainOptions = field(default_factory=ScratchTrainOptions)
+    """Knobs of small from-scratch models (loupe-tiny); see ScratchTrainOptions. Off by default."""
 
     # ---- data ----------------------------------------------------------------------------------
     data: list[str] = field(default_factory=list)
     """Dataset folders (train.jsonl, val.jsonl, images/, masks/, card.md), as `loupe build-data` writes."""
     data_weights: list[float] = field(default_factory=list)
     """Mixing weight of each dataset folder (empty: by size). An epoch draws records in these proportions."""
-    min_pixels: int = 56 * 56
-    """Pixel budget: smallest image area given to the vision tower."""
-    max_pixels: int = 448 * 448
-    """Pixel budget: largest image area given to the vision tower (bigger images are downscaled)."""
     max_length: int = 2048
     """Longest sequence in tokens; longer records are skipped (never truncated: that would cut image tokens)."""
     bucketing: bool = True
@@ -189,8 +175,9 @@ class TrainConfig:
 
     # ---- checks --------------------------------------------------------------------------------
     def problems(self) -> list[str]:
-        """Every problem with the values, each naming its field (empty when all is well)."""
-        p = []
+        """Every problem with the values, each naming its field (empty when all is well). The model's
+        fields and the scratch group are checked by ``ModelOptions.model_problems``."""
+        p = self.model_problems()
         if not self.base:
             p.append("base: must name a hub id, a local folder or scratch:<size>")
         if self.method not in METHODS:
@@ -201,15 +188,14 @@ class TrainConfig:
             p.append(f"schedule: {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
         if self.mixed_precision not in PRECISIONS:
             p.append(f"mixed_precision: {self.mixed_precision!r} is not one of {', '.join(PRECISIONS)}")
-        positive = ("lora_r", "lora_alpha", "decoder_width", "lowlevel_width", "lowlevel_max_side", "min_pixels",
-                    "max_pixels", "max_length", "batch_size", "grad_accum", "max_steps", "log_every", "keep_last")
+        positive = ("lora_r", "lora_alpha", "max_length", "batch_size", "grad_accum", "max_steps", "log_every",
+                    "keep_last")
         for name in positive:
             if getattr(self, name) <= 0:
                 p.append(f"{name}: must be > 0, got {getattr(self, name)}")
-        non_negative = ("lora_dropout", "ce_weight", "bce_weight", "dice_weight", "aux_weight", "head_lr",
-                        "lowlevel_pretrain_steps", "lowlevel_context", "key_token_weight", "fusion_lr", "weight_decay",
-                        "warmup_steps", "max_grad_norm", "max_bad_records", "val_samples", "num_workers",
-                        "eval_every", "save_every", "task_eval_every", "task_eval_samples")
+        non_negative = ("lora_dropout", "head_lr", "weight_decay", "warmup_steps", "max_grad_norm", "max_bad_records",
+                        "val_samples", "num_workers", "eval_every", "save_every", "task_eval_every",
+                        "task_eval_samples")
         for name in non_negative:
             if getattr(self, name) < 0:
                 p.append(f"{name}: must be >= 0, got {getattr(self, name)}")
@@ -217,8 +203,6 @@ class TrainConfig:
             p.append(f"lr: must be > 0, got {self.lr}")
         if self.lora_dropout >= 1:
             p.append(f"lora_dropout: must be < 1, got {self.lora_dropout}")
-        if self.min_pixels > self.max_pixels:
-            p.append(f"min_pixels: {self.min_pixels} is above max_pixels {self.max_pixels}")
         if self.warmup_steps >= self.max_steps > 0 and self.warmup_steps > 0:
             p.append(f"warmup_steps: {self.warmup_steps} leaves no steps after warmup (max_steps {self.max_steps})")
         if not self.data:
@@ -227,29 +211,13 @@ class TrainConfig:
             p.append(f"data_weights: {len(self.data_weights)} weight(s) for {len(self.data)} dataset folder(s)")
         if any(w <= 0 for w in self.data_weights):
             p.append("data_weights: every weight must be > 0")
-        if self.lowlevel_freeze and not (self.lowlevel_pretrain_steps or self.lowlevel_init):
-            p.append("lowlevel_freeze: would hold an untrained LowLevelEncoder fixed; set lowlevel_pretrain_steps > 0 "
-                     "or lowlevel_init")
-        from loupe_vlm.assistant.modeling import FUSION_SCOPES
-
-        if self.fusion_scope not in FUSION_SCOPES:
-            p.append(f"fusion_scope: {self.fusion_scope!r} is not one of {', '.join(FUSION_SCOPES)}")
-        if self.mask_prior and self.aux_weight <= 0:
-            p.append("mask_prior: the tampering map is an auxiliary head; set aux_weight > 0 too")
-        if self.lowlevel_pool_map and self.aux_weight <= 0:
-            p.append("lowlevel_pool_map: the tampering map is an auxiliary head; set aux_weight > 0 too")
-        if self.evidence_fusion and self.aux_weight <= 0:
-            p.append("evidence_fusion: it reads the auxiliary heads; set aux_weight > 0 too")
-        if self.evidence_tokens and self.aux_weight <= 0:
-            p.append("evidence_tokens: they are read from the auxiliary heads; set aux_weight > 0 too")
-        if self.lowlevel_init and not (Path(self.lowlevel_init) / "heads.safetensors").is_file():
-            p.append(f"lowlevel_init: {self.lowlevel_init} has no heads.safetensors; give a Loupe checkpoint folder")
-        if self.lowlevel_pretrain_steps and self.aux_weight <= 0:
-            p.append("lowlevel_pretrain_steps: the LowLevelEncoder is pretrained on the auxiliary labels; "
-                     "set aux_weight > 0 too")
-        if self.ce_weight == 0 and self.bce_weight == 0 and self.dice_weight == 0:
-            p.append("ce_weight: all loss weights are 0; nothing would be learnt")
         return p
+
+    def model_fields(self) -> dict[str, Any]:
+        """The ``ModelOptions`` fields of this run, as ``new_model`` takes them (with ``scratch``)."""
+        out: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(ModelOptions)}
+        out["scratch"] = self.scratch.model_options()
+        return out
 
     def check(self, source: str | None = None) -> "TrainConfig":
         """Raise one ``ConfigError`` naming every bad field; return self when all is well."""
@@ -281,10 +249,12 @@ class TrainConfig:
 # Reading fields: docs, types, coercion
 # --------------------------------------------------------------------------------------------------
 
-@lru_cache(maxsize=1)
-def field_docs() -> dict[str, str]:
-    """The docstring under each ``TrainConfig`` field, read from the source (for --help)."""
-    tree = ast.parse(inspect.getsource(TrainConfig))
+GROUP = "scratch"  # the one nested group: ``scratch.NAME`` in flat form
+
+
+def _class_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of ``cls`` itself, read from its source."""
+    tree = ast.parse(inspect.getsource(cls).lstrip())
     body = tree.body[0].body
     docs = {}
     for node, nxt in zip(body, body[1:]):
@@ -294,8 +264,24 @@ def field_docs() -> dict[str, str]:
     return docs
 
 
+@lru_cache(maxsize=1)
+def field_docs() -> dict[str, str]:
+    """The docstring under each ``TrainConfig`` field (flat names, ``scratch.NAME`` for the group), for --help."""
+    docs: dict[str, str] = {}
+    for cls in reversed(TrainConfig.__mro__[:-1]):
+        docs.update(_class_docs(cls))
+    for cls in reversed(ScratchTrainOptions.__mro__[:-1]):
+        docs.update({f"{GROUP}.{k}": v for k, v in _class_docs(cls).items()})
+    docs.pop(GROUP, None)
+    return docs
+
+
+@lru_cache(maxsize=1)
 def _field_types() -> dict[str, Any]:
-    return typing.get_type_hints(TrainConfig)
+    """Flat field name -> type: TrainConfig's fields and the group's as ``scratch.NAME``."""
+    types_ = {k: v for k, v in typing.get_type_hints(TrainConfig).items() if k != GROUP}
+    types_.update({f"{GROUP}.{k}": v for k, v in typing.get_type_hints(ScratchTrainOptions).items()})
+    return types_
 
 
 def _is_list(tp: Any) -> bool:
@@ -344,23 +330,47 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
     raise TypeError(f"{name}: unsupported field type {tp}")
 
 
+def flatten(values: dict[str, Any]) -> dict[str, Any]:
+    """A recipe mapping with its ``scratch:`` mapping spelled flat (``scratch.NAME``); dashes become underscores.
+    A group field given at the top level (as recipes wrote them before the group) is read into the group."""
+    out: dict[str, Any] = {}
+    group_fields = {f.name for f in fields(ScratchTrainOptions)}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name == GROUP and isinstance(value, dict):
+            out.update({f"{GROUP}.{k.replace('-', '_')}": v for k, v in value.items()})
+        elif name in group_fields:
+            out[f"{GROUP}.{name}"] = value
+        else:
+            out[name] = value
+    return out
+
+
 def build_config(values: dict[str, Any], source: str | None = None) -> TrainConfig:
     """A checked ``TrainConfig`` from a mapping of field -> value (YAML types or CLI strings)."""
     types_ = _field_types()
     problems = []
-    kwargs = {}
-    for key, value in values.items():
-        name = key.replace("-", "_")
+    kwargs: dict[str, Any] = {}
+    group: dict[str, Any] = {}
+    for name, value in flatten(values).items():
+        if name == GROUP:
+            problems.append(f"{GROUP}: must be a mapping of field: value (see ScratchTrainOptions)")
+            continue
         if name not in types_:
-            problems.append(f"{key}: unknown field; known fields are {', '.join(types_)}")
+            problems.append(f"{name}: unknown field; known fields are {', '.join(types_)}")
             continue
         try:
-            kwargs[name] = _coerce(name, value, types_[name])
+            coerced = _coerce(name, value, types_[name])
         except ValueError as exc:
             problems.append(f"{name}: {exc}")
+            continue
+        if name.startswith(GROUP + "."):
+            group[name[len(GROUP) + 1:]] = coerced
+        else:
+            kwargs[name] = coerced
     if problems:
         raise ConfigError(problems, source)
-    return TrainConfig(**kwargs).check(source)
+    return TrainConfig(**kwargs, scratch=ScratchTrainOptions(**group)).check(source)
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
@@ -379,13 +389,21 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Load a YAML recipe, apply overrides (field -> value), check, and return the config."""
-    values = load_recipe(path)
-    values.update({k.replace("-", "_"): v for k, v in (overrides or {}).items()})
+    values = flatten(load_recipe(path))
+    values.update(flatten(overrides or {}))
     return build_config(values, str(path))
 
 
 def field_names() -> list[str]:
-    return [f.name for f in fields(TrainConfig)]
+    """Every field in flat form, the group's as ``scratch.NAME``."""
+    return list(_field_types())
+
+
+def field_default(name: str) -> Any:
+    """The default value of a flat field name."""
+    cls, key = (ScratchTrainOptions, name[len(GROUP) + 1:]) if name.startswith(GROUP + ".") else (TrainConfig, name)
+    f = next(f for f in fields(cls) if f.name == key)
+    return f.default_factory() if callable(f.default_factory) else f.default
 
 
 def is_list_field(name: str) -> bool:

@@ -31,11 +31,6 @@ from loupe_vlm.prompts import Sample, iter_jsonl
 
 logger = logging.getLogger(__name__)
 
-# Chat-template tokens around each message (<|im_start|>role\n ... <|im_end|>\n) and each image
-# (<|vision_start|> <|vision_end|>); used only to estimate lengths for bucketing.
-_MESSAGE_OVERHEAD = 5
-_IMAGE_OVERHEAD = 2
-
 
 class DataError(RuntimeError):
     """The data cannot be trained on: too many bad records, or no usable records at all."""
@@ -99,20 +94,15 @@ class Split:
 
 def estimate_length(sample: Sample, root: Path, lp: LoupeProcessor) -> int:
     """Token length of a record without decoding its images: text tokens + image tokens from the
-    image headers and the pixel budget (the vision processor's ``smart_resize``) + template overhead."""
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
-    ip = lp.processor.image_processor
-    patch, merge = ip.patch_size, ip.merge_size
-    min_px, max_px = ip.size["shortest_edge"], ip.size["longest_edge"]
+    image headers and the pixel budget (the family's rule) + the chat template's overhead."""
+    family = lp.family
     texts = [p.get("text", "") for m in sample.messages for p in m["content"] if p.get("type") == "text"]
     n = len(lp.tokenizer("".join(texts), add_special_tokens=False)["input_ids"])
-    n += _MESSAGE_OVERHEAD * len(sample.messages)
+    n += family.message_overhead() * len(sample.messages)
     for rel in sample.images:
         with Image.open(root / rel) as im:  # reads the header only
             w, h = im.size
-        rh, rw = smart_resize(h, w, factor=patch * merge, min_pixels=min_px, max_pixels=max_px)
-        n += (rh // patch) * (rw // patch) // (merge * merge) + _IMAGE_OVERHEAD + lp.n_lowlevel_tokens
+        n += lp.image_token_count(w, h) + family.image_overhead() + lp.n_lowlevel_tokens
     return n
 
 

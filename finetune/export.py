@@ -35,7 +35,6 @@ def export(checkpoint: str | Path, out: str | Path, merge: bool = False, dtype: 
         logger.info("%s has no LoRA adapter; nothing to merge, exporting as is", checkpoint)
     if merge and is_peft:
         model.vlm = model.vlm.merge_and_unload()
-        model.install_hooks()  # the hooks were on the peft wrapper's modules
         model.config.training = {**model.config.training, "merged_from": {"base": model.config.base,
                                                                           "lora": model.config.lora}}
         model.config.base, model.config.lora = "bundled", None

@@ -34,10 +34,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from loupe_vlm.assistant.bases import base_family
 from loupe_vlm.assistant.modeling import CheckpointError, ExplainableVLM, load_prefixed, new_model
 from loupe_vlm.assistant.processing import IGNORE_INDEX, LoupeProcessor
 
-from .config import ConfigError, TrainConfig, build_config, field_docs, is_bool_field, is_list_field, load_recipe
+from .config import (ConfigError, TrainConfig, build_config, field_default, field_docs, field_names, flatten, is_bool_field,
+                     is_list_field, load_recipe)
 from .data import (
     BadRecords,
     Collator,
@@ -53,10 +55,8 @@ from .data import (
 
 logger = logging.getLogger("loupe_vlm.finetune.train")
 
-# Modules kept in full precision under 4-bit QLoRA. transformers 5 matches full prefixes only (a bare
-# "visual" no longer matches and the vision tower would be quantised). The Loupe heads live outside
-# the transformers model, so they are never quantised.
-KEEP_FULL_PRECISION = ["model.visual", "model.vision_tower", "model.multi_modal_projector", "lm_head"]
+# Modules kept in full precision under 4-bit QLoRA are the family's ``quant_skip`` (full prefixes: transformers 5
+# matches no bare "visual"). The Loupe heads live outside the transformers model, so they are never quantised.
 
 LAUNCH_HELP = """\
 launch lines:
@@ -79,21 +79,20 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
                     "field can be overridden: --lr 1e-4, --data a b, --gradient-checkpointing.")
     parser.add_argument("--config", help="YAML recipe (see finetune/recipes/); fields not given keep their defaults")
     docs = field_docs()
-    for f in fields(TrainConfig):
-        flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        default = f.default_factory() if callable(f.default_factory) else f.default
-        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
-                                  "help": f"{docs.get(f.name, '')} (default: {default!r})".replace("%", "%%")}
-        if is_list_field(f.name):
+    for name in field_names():
+        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS,
+                                  "help": f"{docs.get(name, '')} (default: {field_default(name)!r})".replace("%", "%%")}
+        if is_list_field(name):
             kwargs["nargs"] = "+"
-        elif is_bool_field(f.name):
+        elif is_bool_field(name):
             kwargs.update(nargs="?", const="true", metavar="BOOL")
-        elif f.name == "resume":
+        elif name == "resume":
             kwargs.update(nargs="?", const="latest", metavar="CHECKPOINT|latest")
         parser.add_argument(*flags, **kwargs)
     args = vars(parser.parse_args(argv))
     recipe = args.pop("config")
-    values = load_recipe(recipe) if recipe else {}
+    values = flatten(load_recipe(recipe)) if recipe else {}
     values.update(args)
     return build_config(values, recipe)
 
@@ -161,14 +160,7 @@ def pick_precision(cfg: TrainConfig) -> str:
 def build_model(cfg: TrainConfig, device: torch.device, precision: str) -> tuple[ExplainableVLM, Any]:
     """The model for ``cfg.resolved_method``, with exactly the intended parameters trainable."""
     method = cfg.resolved_method
-    loupe_fields = dict(decoder_width=cfg.decoder_width, lowlevel_width=cfg.lowlevel_width,
-                        lowlevel_max_side=cfg.lowlevel_max_side, lowlevel_context=cfg.lowlevel_context,
-                        lowlevel_pool_map=cfg.lowlevel_pool_map, mask_prior=cfg.mask_prior,
-                        min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
-                        ce_weight=cfg.ce_weight, bce_weight=cfg.bce_weight, dice_weight=cfg.dice_weight,
-                        aux_weight=cfg.aux_weight, key_token_weight=cfg.key_token_weight,
-                        evidence_tokens=cfg.evidence_tokens, evidence_fusion=cfg.evidence_fusion,
-                        fusion_scope=cfg.fusion_scope, name=cfg.name)
+    loupe_fields = cfg.model_fields()
     if cfg.is_scratch:
         # a new model's tokenizer is trained on the texts it will learn to write
         model, processor = new_model(cfg.base, corpus=corpus_texts(cfg.data), seed=cfg.seed, **loupe_fields)
@@ -180,7 +172,8 @@ def build_model(cfg: TrainConfig, device: torch.device, precision: str) -> tuple
 
             load["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=half or torch.float32, llm_int8_skip_modules=KEEP_FULL_PRECISION)
+                bnb_4bit_compute_dtype=half or torch.float32,
+                llm_int8_skip_modules=list(base_family(cfg.base, cfg.trust_remote_code).quant_skip))
             load["device_map"] = {"": device}  # 4-bit weights are placed at load time, not moved later
         elif method == "lora" and half is not None:
             load["dtype"] = half  # frozen base in half precision; LoRA weights and heads stay fp32
@@ -202,13 +195,11 @@ def build_model(cfg: TrainConfig, device: torch.device, precision: str) -> tuple
         model.vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.vlm.enable_input_require_grads()  # so checkpointed blocks see a grad-requiring input under peft
     # LoRA on the language model; the mask token's embedding (and output) row is trained too
-    model.apply_lora(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target,
+    model.apply_lora(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target or None,
                      trainable_token_ids=[model.config.mask_token_id])
     for name, p in model.vlm.named_parameters():
-        if ".visual." not in name:
-            continue
-        projector = ".merger" in name or "deepstack_merger" in name
-        if (projector and cfg.train_projector) or (not projector and cfg.train_vision):
+        role = model.family.module_role(name)
+        if (role == "projector" and cfg.train_projector) or (role == "vision" and cfg.train_vision):
             p.requires_grad_(True)
     model.lowlevel.requires_grad_(True)
     model.mask_decoder.requires_grad_(True)
@@ -243,7 +234,7 @@ def build_optimizer(model: ExplainableVLM, cfg: TrainConfig) -> tuple[Any, Any]:
     head = [p for p in model.parameters() if p.requires_grad and id(p) in heads]
     groups = [{"params": body, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr or cfg.lr},
               # the fusion map is small and starts at zero: its own lr, and no decay pulling it back
-              {"params": [p for p in model.parameters() if id(p) in fusion], "lr": cfg.fusion_lr or cfg.lr,
+              {"params": [p for p in model.parameters() if id(p) in fusion], "lr": cfg.scratch.fusion_lr or cfg.lr,
                "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, cfg=cfg))
@@ -267,7 +258,7 @@ def setup(cfg: TrainConfig) -> Run:
 
     model, processor = build_model(cfg, accelerator.device, precision)
     model.config.training = {"config": cfg.to_dict(), "datasets": card_hashes(cfg.data)}
-    lp = LoupeProcessor(processor, model.config.n_lowlevel_tokens, model.config.lowlevel_max_side)
+    lp = LoupeProcessor.for_model(model, processor)
     bad = BadRecords(cfg.max_bad_records)
     train = read_split(cfg.data, "train", lp, bad, cfg.max_length)
     val = read_split(cfg.data, "val", lp, bad, cfg.max_length, required=False)
@@ -276,9 +267,9 @@ def setup(cfg: TrainConfig) -> Run:
                 cfg.resolved_method, cfg.base, len(train.records), len(val.records), n_train / 1e6, precision,
                 accelerator.num_processes)
 
-    if cfg.lowlevel_init:
-        load_lowlevel(model, Path(cfg.lowlevel_init))
-    if cfg.lowlevel_freeze:
+    if cfg.scratch.lowlevel_init:
+        load_lowlevel(model, Path(cfg.scratch.lowlevel_init))
+    if cfg.scratch.lowlevel_freeze:
         set_lowlevel_frozen(model, True)  # before the optimizer and DDP see the parameters
     optimizer, scheduler = build_optimizer(model, cfg)
     # the scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it
@@ -358,21 +349,21 @@ def pretrain_lowlevel(run: Run) -> None:
     by hand (it is outside DDP's bucketed all-reduce here). A run resumed from a checkpoint skips it;
     one killed during it starts it again."""
     cfg, acc = run.cfg, run.accelerator
-    if not cfg.lowlevel_pretrain_steps or run.step > 0 or run.batch > 0 or run.epoch > 0:
+    if not cfg.scratch.lowlevel_pretrain_steps or run.step > 0 or run.batch > 0 or run.epoch > 0:
         return
     model = run.unwrapped
     set_lowlevel_frozen(model, False)  # trained here by its own optimizer, outside DDP
     params = [p for p in model.lowlevel.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warmup = max(1, min(cfg.warmup_steps, cfg.lowlevel_pretrain_steps // 10))
+    warmup = max(1, min(cfg.warmup_steps, cfg.scratch.lowlevel_pretrain_steps // 10))
     # (step + 1): the first step already trains, as it did under the warm-up-then-constant schedule
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_curve(s + 1, warmup, cfg.lowlevel_pretrain_steps + 1, cfg.schedule))
-    bar = tqdm(total=cfg.lowlevel_pretrain_steps, desc="lowlevel", disable=not acc.is_main_process,
+        opt, lambda s: lr_curve(s + 1, warmup, cfg.scratch.lowlevel_pretrain_steps + 1, cfg.schedule))
+    bar = tqdm(total=cfg.scratch.lowlevel_pretrain_steps, desc="lowlevel", disable=not acc.is_main_process,
                dynamic_ncols=True)
     model.train()
     step, epoch, total, n = 0, 0, 0.0, 0
-    while step < cfg.lowlevel_pretrain_steps:
+    while step < cfg.scratch.lowlevel_pretrain_steps:
         # its own data order (seed + 1): the main loop's plan and position stay untouched
         plan = epoch_batches(run.train, cfg.batch_size, epoch=epoch, seed=cfg.seed + 1,
                              weights=cfg.data_weights or None, bucketing=False,
@@ -380,8 +371,8 @@ def pretrain_lowlevel(run: Run) -> None:
         for batch in loader(run, plan, run.train):
             if not sync_batch(run, batch):
                 continue
-            model.encode_lowlevel(batch.data.get("lowlevel_pixels", []))
-            loss = model.aux_loss(batch.data)
+            low = model.encode_lowlevel(batch.data.get("lowlevel_pixels", []))
+            loss = model.aux_loss(low, batch.data)
             labelled = loss is not None
             if not labelled:  # no aux labels in this batch: keep every process stepping together
                 loss = 0.0 * sum(p.sum() for p in params)
@@ -400,17 +391,16 @@ def pretrain_lowlevel(run: Run) -> None:
             if labelled:
                 total, n = total + loss.item(), n + 1
             bar.update(1)
-            if (step % cfg.log_every == 0 or step == cfg.lowlevel_pretrain_steps) and n:
+            if (step % cfg.log_every == 0 or step == cfg.scratch.lowlevel_pretrain_steps) and n:
                 log_metrics(run, {"step": step, "split": "lowlevel_pretrain", "aux": total / n,
                                   "lr": sched.get_last_lr()[0]})
                 bar.set_postfix(aux=f"{total / n:.4f}")
                 total, n = 0.0, 0
-            if step >= cfg.lowlevel_pretrain_steps:
+            if step >= cfg.scratch.lowlevel_pretrain_steps:
                 break
         epoch += 1
     bar.close()
-    model._aux_out = []
-    if cfg.lowlevel_freeze:
+    if cfg.scratch.lowlevel_freeze:
         set_lowlevel_frozen(model, True)
 
 

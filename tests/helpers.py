@@ -1,10 +1,11 @@
 """Test helpers: tiny Loupe models of the real architectures, built from configs in seconds.
 
 ``tiny_model(family)`` builds a fresh scratch Qwen2.5-VL or Qwen3-VL twin with an offline
-tokenizer. ``build_tiny_checkpoint(path)`` overfits one on three examples (a quality assessment, a
-tampered image with its mask, an authentic image) so that generation produces real rating and
-verdict words and a mask token, then saves a checkpoint folder other tests (and other issues'
-tests) load with ``Assistant.from_pretrained``.
+tokenizer. ``build_tiny_checkpoint(path)`` overfits one on a handful of examples (a quality
+assessment, with and without a reference; a tampered image with its mask; an authentic image; a
+comparison in both orders; a two-turn chat) so that generation produces real rating, verdict and A/B
+words, a mask token and a follow-up answer, then saves a checkpoint folder other tests load with
+``Assistant.from_pretrained``.
 """
 
 from __future__ import annotations
@@ -22,20 +23,33 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 QUALITY_ANSWER = "The image suffers from serious Gaussian noise. Overall, the quality is poor."
 TAMPERED_ANSWER = "This image has been tampered with: a spliced region in the top-left <|mask|>."
 AUTHENTIC_ANSWER = "This image appears authentic, with consistent noise, lighting and edges throughout."
-CORPUS = [QUALITY_ANSWER, TAMPERED_ANSWER, AUTHENTIC_ANSWER]
+REFERENCE_ANSWER = "Against the reference, the image shows serious Gaussian noise. Overall, the quality is bad."
+A_BETTER = "Image A is better: image B suffers from serious Gaussian noise."
+B_BETTER = "Image B is better: image A suffers from serious Gaussian noise."
+FOLLOW_UP = "Where is the noise strongest?"
+FOLLOW_UP_ANSWER = "The noise covers the whole frame evenly, so the quality is poor everywhere."
+CORPUS = [QUALITY_ANSWER, TAMPERED_ANSWER, AUTHENTIC_ANSWER, REFERENCE_ANSWER, A_BETTER, B_BETTER, FOLLOW_UP,
+          FOLLOW_UP_ANSWER]
 
 
 def tiny_model(family: str = "qwen2_5_vl", seed: int = 0) -> tuple[ExplainableVLM, LoupeProcessor]:
     """A fresh tiny model and its Loupe processor (low-level branch at 64 px)."""
     model, processor = new_model(f"scratch:test:{family}", corpus=CORPUS, seed=seed, lowlevel_max_side=64,
                                  lowlevel_width=8, decoder_width=16, min_pixels=28 * 28, max_pixels=64 * 64)
-    return model, LoupeProcessor(processor, model.config.n_lowlevel_tokens, model.config.lowlevel_max_side)
+    return model, LoupeProcessor.for_model(model, processor)
 
 
-def chat(task: str, answer: str, n_images: int = 1, detail: bool = False) -> list[dict]:
-    roles = ["A", "B"][:n_images]
-    return [{"role": "user", "content": user_content(roles, canonical_question(task, detail))},
+def chat(task: str, answer: str, n_images: int = 1, detail: bool = False, reference: bool = False) -> list[dict]:
+    roles = (["reference"] if reference else []) + ["A", "B"][:n_images]
+    return [{"role": "user", "content": user_content(roles, canonical_question(task, detail, reference))},
             {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+
+
+def two_turn_chat() -> list[dict]:
+    """A quality assessment of the noisy image, then a follow-up question and its answer."""
+    return chat("quality.assess", QUALITY_ANSWER) + [
+        {"role": "user", "content": [{"type": "text", "text": FOLLOW_UP}]},
+        {"role": "assistant", "content": [{"type": "text", "text": FOLLOW_UP_ANSWER}]}]
 
 
 def _forgery_items(lp: LoupeProcessor, detail: bool = False) -> list:
@@ -51,10 +65,19 @@ def training_batch(lp: LoupeProcessor) -> dict:
 
 
 def checkpoint_batch(lp: LoupeProcessor) -> dict:
-    """``training_batch`` plus the two forgery examples asked with the detailed question, which is what
-    ``Assistant.detect_forgery`` asks by default; without them that answer depends on chance."""
-    quality = lp.encode(chat("quality.assess", QUALITY_ANSWER), [ASSETS / "noisy.png"], train=True)
-    return lp.collate([quality] + _forgery_items(lp) + _forgery_items(lp, detail=True))
+    """``training_batch`` plus the two forgery examples asked with the detailed question (what
+    ``Assistant.detect_forgery`` asks by default), a comparison of clean and noisy in both orders (so
+    the A/B verdict, the swapped order and their average are real), an assessment against a
+    reference, and a two-turn chat."""
+    clean, noisy = ASSETS / "clean.png", ASSETS / "noisy.png"
+    quality = lp.encode(chat("quality.assess", QUALITY_ANSWER), [noisy], train=True)
+    compare = [lp.encode(chat("quality.rate", A_BETTER, n_images=2), [clean, noisy], train=True),
+               lp.encode(chat("quality.rate", B_BETTER, n_images=2), [noisy, clean], train=True)]
+    reference = lp.encode(chat("quality.assess", REFERENCE_ANSWER, reference=True), [clean, noisy], train=True,
+                          mask_image=1)
+    follow_up = lp.encode(two_turn_chat(), [noisy], train=True)
+    return lp.collate([quality] + _forgery_items(lp) + _forgery_items(lp, detail=True) + compare
+                      + [reference, follow_up])
 
 
 def overfit(model: ExplainableVLM, batch: dict, steps: int, lr: float = 3e-3) -> list[dict]:
@@ -73,8 +96,8 @@ def overfit(model: ExplainableVLM, batch: dict, steps: int, lr: float = 3e-3) ->
     return history
 
 
-def build_tiny_checkpoint(path: Path, family: str = "qwen2_5_vl", steps: int = 120) -> Path:
-    """Overfit a tiny model on the three examples and save it as a Loupe checkpoint at ``path``."""
+def build_tiny_checkpoint(path: Path, family: str = "qwen2_5_vl", steps: int = 160) -> Path:
+    """Overfit a tiny model on the examples of ``checkpoint_batch`` and save it as a Loupe checkpoint at ``path``."""
     torch.manual_seed(0)
     model, lp = tiny_model(family)
     overfit(model, checkpoint_batch(lp), steps)

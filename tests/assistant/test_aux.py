@@ -46,11 +46,12 @@ def test_aux_labels_follow_each_images_role():
     assert torch.isnan(aux_labels(_sample("quality.assess", ["A"], {}))).all()
 
 
-def _tiny(aux_weight: float, **fields) -> tuple[ExplainableVLM, LoupeProcessor]:
+def _tiny(aux_weight: float, **scratch) -> tuple[ExplainableVLM, LoupeProcessor]:
+    """A tiny model; keyword arguments are the from-scratch group's options (ScratchOptions)."""
     model, processor = new_model("scratch:test", corpus=CORPUS, seed=0, lowlevel_max_side=64, lowlevel_width=8,
                                  decoder_width=16, min_pixels=28 * 28, max_pixels=64 * 64, aux_weight=aux_weight,
-                                 **fields)
-    return model, LoupeProcessor(processor, model.config.n_lowlevel_tokens, model.config.lowlevel_max_side)
+                                 scratch=scratch)
+    return model, LoupeProcessor.for_model(model, processor)
 
 
 def _batch(lp: LoupeProcessor, root) -> dict:
@@ -131,9 +132,9 @@ def test_key_token_weight_changes_the_ce_and_its_ids_are_taxonomy_words(tmp_path
     batch = _batch(lp, tmp_path)
     with torch.no_grad():
         plain = model(batch).ce_loss
-        model.config.key_token_weight, model.config.key_token_ids = 1.0, ids
+        model.config.scratch.key_token_weight, model.config.scratch.key_token_ids = 1.0, ids
         same = model(batch).ce_loss
-        model.config.key_token_weight = 10.0
+        model.config.scratch.key_token_weight = 10.0
         weighted = model(batch).ce_loss
     assert torch.allclose(plain, same, atol=1e-5)
     assert not torch.allclose(plain, weighted, atol=1e-3)
@@ -142,7 +143,7 @@ def test_key_token_weight_changes_the_ce_and_its_ids_are_taxonomy_words(tmp_path
 def test_evidence_tokens_are_soft_words_the_lm_can_copy(tmp_path):
     torch.manual_seed(0)
     model, lp = _tiny(1.0, evidence_tokens=True)
-    groups = model.config.evidence_word_ids
+    groups = model.config.scratch.evidence_word_ids
     assert [len(g) for g in groups] == [len(AUX_CATEGORIES) + 1, 5, 2]
     assert model.config.n_lowlevel_tokens == 4 + 3 and model.lowlevel.grid == 2
     emb = model.vlm.get_input_embeddings().weight
@@ -160,7 +161,7 @@ def test_evidence_tokens_are_soft_words_the_lm_can_copy(tmp_path):
     assert torch.isfinite(before.loss)
     model.save_pretrained(tmp_path / "ck", processor=lp.processor)
     loaded, _ = ExplainableVLM.from_pretrained(tmp_path / "ck")
-    assert loaded.config.evidence_word_ids == groups
+    assert loaded.config.scratch.evidence_word_ids == groups
     with torch.no_grad():
         assert torch.equal(loaded(batch).logits, before.logits)
 
@@ -168,7 +169,7 @@ def test_evidence_tokens_are_soft_words_the_lm_can_copy(tmp_path):
 def test_evidence_fusion_biases_only_the_key_words_and_round_trips(tmp_path):
     torch.manual_seed(0)
     model, lp = _tiny(1.0, evidence_fusion=True)
-    keys = model.config.key_token_ids
+    keys = model.config.scratch.key_token_ids
     assert model.fusion is not None and model.fusion.out_features == len(keys) > 10
     batch = _batch(lp, tmp_path)
     model.eval()
@@ -186,8 +187,9 @@ def test_evidence_fusion_biases_only_the_key_words_and_round_trips(tmp_path):
         model.fusion.bias.zero_()
         model.fusion.weight.zero_()
         model.fusion.weight[0, AUX_DIM - 1] = 10.0
-        per_row = model(batch).logits[:, -1, keys[0]] - neutral[:, -1, keys[0]]
-        p_t = torch.stack([model._aux_out[i][0][-1].sigmoid() for i in (2, 3, 4)]) * 10
+        out = model(batch)
+        per_row = out.logits[:, -1, keys[0]] - neutral[:, -1, keys[0]]
+        p_t = torch.stack([out.lowlevel.aux[i][0][-1].sigmoid() for i in (2, 3, 4)]) * 10
     assert torch.allclose(per_row, p_t, atol=1e-4)  # rows 0..2 end with images 2, 3 and 4
     gen = model.generate(lp.collate([lp.encode_sample(TAMPERED, tmp_path, train=False)], padding_side="left"),
                          max_new_tokens=3)
@@ -203,21 +205,22 @@ def test_vocab_fusion_reaches_any_token_per_row_and_round_trips(tmp_path):
     model, lp = _tiny(1.0, evidence_fusion=True, fusion_scope="vocab")
     vocab = model.vlm.get_output_embeddings().weight.shape[0]
     assert model.fusion.out_features == vocab
-    other = next(i for i in range(vocab) if i not in set(model.config.key_token_ids))  # not a key word
+    other = next(i for i in range(vocab) if i not in set(model.config.scratch.key_token_ids))  # not a key word
     batch = _batch(lp, tmp_path)
     model.eval()
     with torch.no_grad():
         neutral = model(batch).logits
         model.fusion.weight[other, AUX_DIM - 1] = 10.0  # that token follows the judged image's P(tampered)
-        shifted = model(batch).logits
-        p_t = torch.stack([model._aux_out[i][0][-1].sigmoid() for i in (2, 3, 4)]) * 10
+        out = model(batch)
+        shifted = out.logits
+        p_t = torch.stack([out.lowlevel.aux[i][0][-1].sigmoid() for i in (2, 3, 4)]) * 10
     delta = shifted - neutral
     assert torch.allclose(delta[:, -1, other], p_t, atol=1e-4)
     delta[..., other] = 0
     assert delta.abs().max() < 1e-4
     model.save_pretrained(tmp_path / "ck", processor=lp.processor)
     loaded, _ = ExplainableVLM.from_pretrained(tmp_path / "ck")
-    assert loaded.config.fusion_scope == "vocab"
+    assert loaded.config.scratch.fusion_scope == "vocab"
     with torch.no_grad():
         assert torch.equal(loaded(batch).logits, shifted)
     with pytest.raises(ValueError, match="fusion_scope"):
@@ -240,7 +243,7 @@ def test_context_convs_and_map_pooling_train_and_round_trip(tmp_path):
     assert first.weight.grad[:, -2:].abs().sum() > 0
     model.save_pretrained(tmp_path / "ck", processor=lp.processor)
     loaded, _ = ExplainableVLM.from_pretrained(tmp_path / "ck")
-    assert loaded.config.lowlevel_context == 2 and loaded.lowlevel.pool_map
+    assert loaded.config.scratch.lowlevel_context == 2 and loaded.lowlevel.pool_map
     model.eval()
     with torch.no_grad():
         assert torch.equal(loaded(batch).logits, model(batch).logits)
@@ -254,7 +257,7 @@ def test_mask_prior_adds_the_branch_tampering_map_with_a_learned_scale(tmp_path)
     batch = _batch(lp, tmp_path)
     out = model(batch)
     assert len(out.mask_logits) == 1  # the tampered sample's one mask token
-    tamper_map = model._aux_out[3][1]  # row 1 (the tampered sample): the fourth image of the batch
+    tamper_map = out.lowlevel.aux[3][1]  # row 1 (the tampered sample): the fourth image of the batch
     out.loss.backward()
     assert model.mask_decoder.prior_scale.grad is not None and model.mask_decoder.prior_scale.grad != 0
     with torch.no_grad():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from loupe_vlm.assistant.inference import Request
@@ -40,27 +41,21 @@ def test_detect_forgery_gives_probability_and_mask_at_image_size(tiny_assistant)
     assert clean.tampered is False and clean.probability < 0.5 and clean.mask is None
 
 
-def test_verdict_probabilities_sum_to_one(tiny_assistant):
+def test_verdict_probabilities_are_the_softmax_over_the_verdict_words(tiny_assistant):
     out = tiny_assistant.run([Request("forgery.detect", [ASSETS / "tampered.png"], ["A"])])[0]
     toks = tiny_assistant.tokenizer.encode(out.raw_text, add_special_tokens=False)
     assert tiny_assistant.verdicts.first_position(toks) is not None
-    import torch
-
-    probs = tiny_assistant.verdicts.probabilities(torch.randn(len(tiny_assistant.tokenizer)))
-    assert sum(probs.values()) == pytest.approx(1.0, abs=1e-6)
-
-
-def test_compare_runs_both_orders(tiny_assistant):
-    r = tiny_assistant.compare(ASSETS / "clean.png", ASSETS / "noisy.png")
-    swapped = tiny_assistant.compare(ASSETS / "noisy.png", ASSETS / "clean.png")
-    c, s = r.comparison, swapped.comparison
-    # the tiny model never learned to compare, so it may write no A/B word at all; when it does,
-    # the two calls are mirror images of each other by construction
-    if c.p_a is not None and s.p_a is not None:
-        assert c.p_a_swapped == pytest.approx(1 - s.p_a, abs=1e-4)
-        assert s.p_a_swapped == pytest.approx(1 - c.p_a, abs=1e-4)
-    else:
-        assert c.better is None and c.probability is None  # no invented number
+    v = tiny_assistant.verdicts
+    logits = torch.zeros(len(tiny_assistant.tokenizer))
+    logits[v.groups["tampered"][0]] = 2.0  # one phrasing of "tampered" at +2; every other id at 0
+    n_t, n_a = len(v.groups["tampered"]), len(v.groups["authentic"])
+    expected = (np.exp(2.0) + n_t - 1) / (np.exp(2.0) + n_t - 1 + n_a)
+    probs = v.probabilities(logits)
+    assert probs["tampered"] == pytest.approx(expected, abs=1e-6)
+    assert probs["authentic"] == pytest.approx(1 - expected, abs=1e-6)
+    logits[v.groups["authentic"][0]] = 50.0  # an id outside the verdict words does not count
+    logits[0] = 99.0
+    assert v.probabilities(logits)["authentic"] > 0.999
 
 
 def test_record_matches_the_schema(tiny_assistant):
@@ -93,3 +88,87 @@ def test_batched_equals_unbatched(tiny_assistant):
         assert (b.forgery.probability is None) == (s.forgery.probability is None)
         if b.forgery.probability is not None:
             assert b.forgery.probability == pytest.approx(s.forgery.probability, abs=1e-4)
+
+
+# ---- comparisons, references, chat and confidence on real generated answers ----------------------
+
+def test_compare_writes_a_verdict_in_both_orders_and_averages_them(tiny_assistant):
+    """The fixture learnt: clean vs noisy -> the clean one is better, whichever slot it is in."""
+    r = tiny_assistant.compare(ASSETS / "clean.png", ASSETS / "noisy.png")
+    c = r.comparison
+    assert c.p_a is not None and c.p_a_swapped is not None  # both orders wrote an A/B word
+    assert c.p_a > 0.9  # as asked: A (clean) is better
+    assert c.p_a_swapped > 0.9  # swapped pair said "B" (clean in slot B), read back as P(original A)
+    assert c.better == "A" and c.consistent is True
+    assert c.probability == pytest.approx((c.p_a + c.p_a_swapped) / 2, abs=1e-6)
+    mirror = tiny_assistant.compare(ASSETS / "noisy.png", ASSETS / "clean.png").comparison
+    assert mirror.better == "B" and mirror.consistent is True
+    assert mirror.probability == pytest.approx(c.probability, abs=1e-4)
+    assert mirror.p_a == pytest.approx(1 - c.p_a_swapped, abs=1e-4)
+    assert "A" in r.to_record()["comparison"]["better"]
+
+
+def test_assess_with_a_reference_image(tiny_assistant):
+    r = tiny_assistant.assess(ASSETS / "noisy.png", reference=ASSETS / "clean.png")
+    assert r.text.startswith("Against the reference")  # the answer it learnt for the reference prompt
+    assert r.quality.rating == "bad"
+    assert r.reference == str(ASSETS / "clean.png") and r.images == [str(ASSETS / "noisy.png")]
+    plain = tiny_assistant.assess(ASSETS / "noisy.png")
+    assert plain.quality.rating == "poor"  # the reference changed the answer, so it reached the model
+    rec = r.to_record()
+    assert rec["reference"] == str(ASSETS / "clean.png") and rec["images"] == [str(ASSETS / "noisy.png")]
+
+
+def test_multi_turn_chat_answers_the_follow_up(tiny_assistant):
+    from tests.helpers import FOLLOW_UP_ANSWER, two_turn_chat
+
+    history = two_turn_chat()[:-1]  # the first exchange and the follow-up question
+    r = tiny_assistant.chat(history, [ASSETS / "noisy.png"])
+    assert r.text == FOLLOW_UP_ANSWER
+    assert r.quality is not None and r.quality.rating == "poor"  # "poor" in the answer: read as a rating
+
+
+def test_confidence_is_the_mean_probability_of_the_key_tokens(tiny_assistant):
+    """Confidence of 'The image suffers from serious Gaussian noise. Overall, the quality is poor.' is the
+    mean probability of its three key tokens: the severity, the distortion and the rating word."""
+    from tests.helpers import QUALITY_ANSWER
+
+    a = tiny_assistant
+    req = Request("quality.assess", [ASSETS / "noisy.png"], ["A"])
+    out = a._generate([a._encode(req, [ASSETS / "noisy.png"])])[0]
+    toks = out["tokens"]
+    assert a.tokenizer.decode(toks) == QUALITY_ANSWER
+    probs = torch.softmax(out["logits"].float(), dim=-1)
+    chosen = [float(probs[t, x]) for t, x in enumerate(toks)]
+    pieces = [a.tokenizer.decode([x]) for x in toks]
+    starts = [i for i, piece in enumerate(pieces) if piece.strip() in ("serious", "Gaussian", "poor")]
+    assert len(starts) == 3, pieces  # each of the three words starts with its own token
+    expected = float(np.mean([chosen[i] for i in starts]))
+    r = a.assess(ASSETS / "noisy.png")
+    assert r.confidence == pytest.approx(expected, abs=1e-6)
+    assert r.confidence != pytest.approx(chosen[starts[-1]], abs=1e-9) or len(set(chosen[i] for i in starts)) == 1
+
+
+def test_two_threads_on_one_model_match_one_at_a_time(tiny_assistant):
+    """No per-call state on the model: concurrent calls give exactly the sequential results."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [lambda: tiny_assistant.detect_forgery(ASSETS / "tampered.png"),
+            lambda: tiny_assistant.compare(ASSETS / "clean.png", ASSETS / "noisy.png"),
+            lambda: tiny_assistant.assess(ASSETS / "noisy.png", reference=ASSETS / "clean.png"),
+            lambda: tiny_assistant.detect_forgery(ASSETS / "clean.png")] * 2
+
+    def key(r):
+        rec = r.to_record()
+        rec.pop("seconds")
+        mask = None if r.forgery is None or r.forgery.mask_probability is None else r.forgery.mask_probability
+        return rec, mask
+
+    sequential = [key(j()) for j in jobs]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        concurrent = [key(f.result()) for f in [pool.submit(j) for j in jobs]]
+    for (rec_s, mask_s), (rec_c, mask_c) in zip(sequential, concurrent):
+        assert rec_s == rec_c
+        assert (mask_s is None) == (mask_c is None)
+        if mask_s is not None:
+            assert np.array_equal(mask_s, mask_c)

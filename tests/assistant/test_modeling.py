@@ -41,13 +41,9 @@ def test_lowlevel_tokens_fill_the_placeholder_rows():
     ids = batch["input_ids"]
     n_images = len(batch["lowlevel_pixels"])
     assert int((ids == model.config.lowlevel_token_id).sum()) == n_images * model.config.n_lowlevel_tokens
-    _, tokens = model.encode_lowlevel(batch["lowlevel_pixels"])
+    tokens = model.encode_lowlevel(batch["lowlevel_pixels"]).tokens
     emb = model.vlm.get_input_embeddings()
-    model._pending_tokens = tokens
-    try:
-        filled = emb(ids)
-    finally:
-        model._pending_tokens = None
+    filled = model.embed(ids, tokens)
     where = ids == model.config.lowlevel_token_id
     assert torch.allclose(filled[where], tokens)
     assert torch.equal(filled[~where], emb(ids)[~where])
@@ -91,7 +87,7 @@ def test_save_load_round_trip_gives_identical_logits_and_masks(tmp_path, family)
     model.save_pretrained(tmp_path / "ck", processor=lp.processor)
     assert not list((tmp_path / "ck").rglob("*.bin")) and not list((tmp_path / "ck").rglob("*.pt"))
     loaded, processor = ExplainableVLM.from_pretrained(tmp_path / "ck")
-    lp2 = LoupeProcessor(processor, loaded.config.n_lowlevel_tokens, loaded.config.lowlevel_max_side)
+    lp2 = LoupeProcessor.for_model(loaded, processor)
     with torch.no_grad():
         after = loaded(training_batch(lp2))
     assert torch.equal(before.logits, after.logits)

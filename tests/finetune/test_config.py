@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import pytest
 import yaml
 
-from loupe_vlm.finetune.config import ConfigError, TrainConfig, field_docs, load_config
+from loupe_vlm.assistant.modeling import LoupeConfig, ModelOptions, ScratchOptions
+from loupe_vlm.finetune.config import ConfigError, TrainConfig, field_docs, field_names, load_config
 from loupe_vlm.finetune.train import main, parse_args
 
 RECIPES = Path(__file__).resolve().parents[2] / "finetune" / "recipes"
@@ -22,7 +23,11 @@ def test_every_recipe_maps_onto_fields(recipe):
     assert set(raw) <= names, f"{recipe}: keys that are not TrainConfig fields: {set(raw) - names}"
     cfg = load_config(RECIPES / recipe, {"data": ["somewhere"]} if "data" not in raw else None)
     for key, value in raw.items():
-        assert getattr(cfg, key) == value, key
+        if key == "scratch":
+            got = asdict(cfg.scratch)
+            assert {k: got[k] for k in value} == value, key
+        else:
+            assert getattr(cfg, key) == value, key
 
 
 def test_shipped_recipes_are_there():
@@ -35,7 +40,9 @@ def test_shipped_recipes_are_there():
 
 def test_every_field_is_documented():
     docs = field_docs()
-    assert all(docs.get(f.name) for f in fields(TrainConfig)), set(f.name for f in fields(TrainConfig)) - set(docs)
+    names = field_names()
+    assert "scratch.fusion_lr" in names and "decoder_width" in names and "scratch" not in names
+    assert all(docs.get(n) for n in names), set(names) - set(docs)
 
 
 def test_cli_overrides_the_recipe():
@@ -70,3 +77,46 @@ def test_saved_config_loads_back(tmp_path):
     cfg = parse_args(["--config", SMOKE, "--data", "x", "--data-weights", "2"])
     cfg.save(tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == cfg
+
+
+def test_model_fields_are_declared_once_and_derived():
+    """TrainConfig and LoupeConfig share ModelOptions; neither repeats its fields, and the scratch knobs
+    are a group of their own, not core fields."""
+    shared = {f.name for f in fields(ModelOptions)}
+    assert issubclass(TrainConfig, ModelOptions) and issubclass(LoupeConfig, ModelOptions)
+    for knob in ("evidence_fusion", "fusion_scope", "key_token_weight", "mask_prior", "lowlevel_context"):
+        assert knob not in {f.name for f in fields(TrainConfig)} | {f.name for f in fields(LoupeConfig)}
+        assert knob in {f.name for f in fields(ScratchOptions)}
+    cfg = parse_args(["--config", SMOKE, "--data", "d", "--decoder_width", "24", "--scratch.mask_prior", "true",
+                      "--aux_weight", "1"])
+    derived = cfg.model_fields()
+    assert set(derived) == shared | {"scratch"} and derived["decoder_width"] == 24
+    assert derived["scratch"] == ScratchOptions(mask_prior=True)
+
+
+def test_scratch_group_from_yaml_cli_and_legacy_flat_keys(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("base: scratch:test\ndata: [d]\naux_weight: 1.0\nscratch:\n  fusion_lr: 0.01\n"
+                      "  evidence_fusion: true\nmask_prior: true\n")  # mask_prior: flat, as before the group
+    cfg = load_config(recipe, {"scratch.fusion_scope": "vocab"})
+    assert cfg.scratch.fusion_lr == 0.01 and cfg.scratch.evidence_fusion and cfg.scratch.mask_prior
+    assert cfg.scratch.fusion_scope == "vocab"
+    cfg.save(tmp_path / "back.yaml")
+    assert load_config(tmp_path / "back.yaml") == cfg
+
+
+def test_cross_field_checks_are_the_same_for_recipes_and_checkpoints():
+    """One check, written once: a recipe and a checkpoint config with the same mistake say the same thing."""
+    with pytest.raises(ConfigError) as err:
+        parse_args(["--config", SMOKE, "--data", "d", "--scratch.mask_prior", "true", "--aux_weight", "0",
+                    "--scratch.fusion_scope", "all"])
+    problems = err.value.problems
+    assert any(p.startswith("scratch.mask_prior: ") for p in problems)
+    assert any(p.startswith("scratch.fusion_scope: ") for p in problems)
+    ckpt = LoupeConfig(aux_weight=0.0)
+    ckpt.scratch.mask_prior, ckpt.scratch.fusion_scope = True, "all"
+    with pytest.raises(ValueError) as err2:
+        ckpt.check()
+    for p in problems:
+        if p.startswith("scratch."):
+            assert p in str(err2.value)

@@ -61,7 +61,7 @@ def test_qlora_trains_lora_with_vision_and_heads_unquantised(dataset, tiny_base,
     from loupe_vlm.assistant.processing import LoupeProcessor
     from loupe_vlm.prompts import load_jsonl
 
-    lp = LoupeProcessor(processor, lora_model.config.n_lowlevel_tokens, lora_model.config.lowlevel_max_side)
+    lp = LoupeProcessor.for_model(lora_model, processor)
     batch = lp.collate([lp.encode_sample(s, dataset) for s in load_jsonl(dataset / "val.jsonl")])
     with torch.no_grad():
         a, b = lora_model(batch), merged_model(batch)

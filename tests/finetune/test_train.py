@@ -98,7 +98,7 @@ def test_overfits_a_handful_of_samples(dataset, tmp_path):
 def test_lowlevel_pretraining_runs_first_and_learns_the_aux_labels(dataset, tmp_path):
     out = tmp_path / "run"
     args = ["--config", RECIPE, "--data", str(dataset), "--output", str(out), "--aux_weight", "1",
-            "--lowlevel_pretrain_steps", "10", "--max_steps", "2", "--log_every", "1", "--save_every", "0",
+            "--scratch.lowlevel_pretrain_steps", "10", "--max_steps", "2", "--log_every", "1", "--save_every", "0",
             "--batch_size", "6",
             "--lr", "1e-2", "--warmup_steps", "0", "--schedule", "cosine"]
     assert main(args) == 0
@@ -117,7 +117,7 @@ def test_lowlevel_pretraining_runs_first_and_learns_the_aux_labels(dataset, tmp_
 
 def test_lowlevel_pretraining_needs_aux_weight(dataset, tmp_path, capsys):
     args = ["--config", RECIPE, "--data", str(dataset), "--output", str(tmp_path / "run"),
-            "--lowlevel_pretrain_steps", "5"]
+            "--scratch.lowlevel_pretrain_steps", "5"]
     assert main(args) == 2
     assert "aux_weight" in capsys.readouterr().err
 
@@ -127,15 +127,15 @@ def test_frozen_lowlevel_encoder_stays_fixed_but_its_token_projection_trains_and
 
     out = tmp_path / "run"
     args = ["--config", RECIPE, "--data", str(dataset), "--output", str(out), "--aux_weight", "1",
-            "--lowlevel_pretrain_steps", "2", "--lowlevel_freeze", "true", "--max_steps", "3", "--save_every", "1",
-            "--keep_last", "3", "--batch_size", "6", "--lr", "1e-2", "--warmup_steps", "0", "--key_token_weight", "3"]
+            "--scratch.lowlevel_pretrain_steps", "2", "--scratch.lowlevel_freeze", "true", "--max_steps", "3", "--save_every", "1",
+            "--keep_last", "3", "--batch_size", "6", "--lr", "1e-2", "--warmup_steps", "0", "--scratch.key_token_weight", "3"]
     assert main(args) == 0
     heads = [load_file(str(out / "checkpoints" / f"step-{s:07d}" / "heads.safetensors")) for s in (1, 3)]
     assert torch.equal(heads[0]["lowlevel.stem.0.0.weight"], heads[1]["lowlevel.stem.0.0.weight"])
     assert torch.equal(heads[0]["lowlevel.aux_head.0.weight"], heads[1]["lowlevel.aux_head.0.weight"])
     assert not torch.equal(heads[0]["lowlevel.to_tokens.0.weight"], heads[1]["lowlevel.to_tokens.0.weight"])
     config = json.loads((out / "loupe_config.json").read_text())
-    assert config["key_token_weight"] == 3.0 and len(config["key_token_ids"]) > 10
+    assert config["scratch"]["key_token_weight"] == 3.0 and len(config["scratch"]["key_token_ids"]) > 10
     # resuming from step 1 restores the frozen encoder too (it is not rebuilt from the base)
     assert main(args + ["--resume", str(out / "checkpoints" / "step-0000001")]) == 0
     again = load_file(str(out / "checkpoints" / "step-0000003" / "heads.safetensors"))
@@ -143,7 +143,7 @@ def test_frozen_lowlevel_encoder_stays_fixed_but_its_token_projection_trains_and
 
 
 def test_freezing_an_untrained_encoder_is_refused(dataset, tmp_path, capsys):
-    args = ["--config", RECIPE, "--data", str(dataset), "--output", str(tmp_path / "run"), "--lowlevel_freeze", "true"]
+    args = ["--config", RECIPE, "--data", str(dataset), "--output", str(tmp_path / "run"), "--scratch.lowlevel_freeze", "true"]
     assert main(args) == 2
     assert "lowlevel_pretrain_steps" in capsys.readouterr().err
 
@@ -154,14 +154,14 @@ def test_lowlevel_init_starts_from_another_runs_encoder(dataset, tmp_path, capsy
     first = tmp_path / "first"
     base = ["--config", RECIPE, "--data", str(dataset), "--aux_weight", "1", "--save_every", "0", "--batch_size", "6",
             "--warmup_steps", "0"]
-    assert main(base + ["--output", str(first), "--lowlevel_pretrain_steps", "2", "--max_steps", "1"]) == 0
+    assert main(base + ["--output", str(first), "--scratch.lowlevel_pretrain_steps", "2", "--max_steps", "1"]) == 0
     second = tmp_path / "second"
-    assert main(base + ["--output", str(second), "--lowlevel_init", str(first), "--lowlevel_freeze", "true",
+    assert main(base + ["--output", str(second), "--scratch.lowlevel_init", str(first), "--scratch.lowlevel_freeze", "true",
                         "--max_steps", "1", "--evidence_tokens", "true"]) == 0
     a, b = (load_file(str(d / "heads.safetensors")) for d in (first, second))
     assert torch.equal(a["lowlevel.stem.0.0.weight"], b["lowlevel.stem.0.0.weight"])
     assert json.loads((second / "loupe_config.json").read_text())["n_lowlevel_tokens"] == 7
     # an encoder of another width is refused with the field named
-    assert main(base + ["--output", str(tmp_path / "third"), "--lowlevel_init", str(first), "--lowlevel_width", "16",
+    assert main(base + ["--output", str(tmp_path / "third"), "--scratch.lowlevel_init", str(first), "--lowlevel_width", "16",
                         "--max_steps", "1"]) == 2
     assert "lowlevel_init" in capsys.readouterr().err

@@ -1,0 +1,27 @@
+"""Qwen2.5-VL: 14 px patches merged 2x2 into 28 px image tokens, window attention in the vision tower."""
+
+from __future__ import annotations
+
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLProcessor
+
+from ._qwen import QwenVLFamily, _ImageOnlyMixin
+
+
+class Qwen2_5_VLImageProcessor(_ImageOnlyMixin, Qwen2_5_VLProcessor):
+    """Qwen2.5-VL processor for images only."""
+
+
+class Qwen2_5_VLFamily(QwenVLFamily):
+    name = "qwen2_5_vl"
+    model_types = ("qwen2_5_vl",)
+    patch_size = 14
+    processor_class = Qwen2_5_VLImageProcessor
+
+    def scratch_config(self, size, tokenizer):
+        s = size
+        vision = dict(depth=s.vision_depth, hidden_size=s.vision_hidden, intermediate_size=2 * s.vision_hidden,
+                      num_heads=s.vision_heads, out_hidden_size=s.text_hidden, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                      fullatt_block_indexes=list(range(s.vision_depth)))
+        return Qwen2_5_VLConfig(text_config=self._text_config(s, tokenizer), vision_config=vision,
+                                tie_word_embeddings=True, **self._vision_ids(tokenizer))
