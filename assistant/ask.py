@@ -9,7 +9,7 @@ import sys
 import numpy as np
 
 from .inference import Assistant, Request
-from .processing import ImageError
+from .processing import ImageError, load_image
 
 TASK_CHOICES = ("auto", "quality", "identify", "compare", "forgery")
 
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=TASK_CHOICES, default="auto", help="what to do (default: auto)")
     p.add_argument("--detail", action="store_true", help="a detailed answer instead of a brief one")
     p.add_argument("--model", metavar="M", help="a Loupe checkpoint folder (default: the embedded loupe-tiny)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto: the GPU if there is one, else the CPU)")
     p.add_argument("--json", action="store_true", help="print the result record of DESIGN.md as JSON")
     p.add_argument("--mask-out", metavar="PNG", help="save the forgery mask (255 = tampered) to this PNG")
     p.add_argument("--max-new-tokens", type=int, default=160, help="answer length cap (default: 160)")
@@ -72,6 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     if task == "forgery.detect" and args.reference:
         print("loupe ask: forgery detection takes no reference image", file=sys.stderr)
         return 2
+    # the images are checked (exist, open, decode) before the model is loaded, which takes seconds
+    for src in ([args.reference] if args.reference else []) + images:
+        try:
+            load_image(src)
+        except ImageError as exc:
+            print(f"loupe ask: {exc}", file=sys.stderr)
+            return 2
     try:
         assistant = Assistant.from_pretrained(args.model, device=args.device, max_new_tokens=args.max_new_tokens)
     except (FileNotFoundError, RuntimeError, ValueError) as exc:

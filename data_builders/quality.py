@@ -193,12 +193,45 @@ def _load(src: SourceImage) -> np.ndarray:
     return img
 
 
-def _block_choice(cfg: BuildConfig, pool: Pool, block: int) -> tuple[str, SourceImage]:
-    rng = np.random.default_rng([cfg.seed, 11, block])
+def _drawn_split(cfg: BuildConfig, pool: Pool, block: int, rng: np.random.Generator) -> str:
     fr = np.asarray(cfg.fractions, np.float64)
     avail = [s for s in SPLITS if pool.parts.get(s)]
     probs = np.array([fr[SPLITS.index(s)] for s in avail])
-    split = avail[int(rng.choice(len(avail), p=probs / probs.sum()))] if probs.sum() > 0 else avail[0]
+    return avail[int(rng.choice(len(avail), p=probs / probs.sum()))] if probs.sum() > 0 else avail[0]
+
+
+def _forced_splits(cfg: BuildConfig, pool: Pool) -> dict[int, str]:
+    """Blocks whose split is set so that every split asked for (fraction > 0, photos available) gets at
+    least one block, when the build has enough blocks: a small ``--n`` would otherwise leave val or
+    test empty by chance. Only the last train blocks are moved; large builds, where every split is
+    drawn anyway, are unchanged."""
+    n_blocks = -(-((cfg.n + UNIT_SAMPLES - 1) // UNIT_SAMPLES) // VIEWS_PER_BLOCK)
+    wanted = [s for s, f in zip(SPLITS, cfg.fractions) if f > 0 and pool.parts.get(s)]
+    key = (cfg.seed, cfg.n, tuple(cfg.fractions), tuple(wanted), id(pool))
+    if key in _FORCED:
+        return _FORCED[key]
+    if n_blocks < len(wanted):
+        return {}
+    drawn = [_drawn_split(cfg, pool, b, np.random.default_rng([cfg.seed, 11, b])) for b in range(n_blocks)]
+    missing = [s for s in wanted if s not in drawn]
+    forced: dict[int, str] = {}
+    for b in reversed(range(n_blocks)):
+        if not missing:
+            break
+        if drawn[b] == "train" and drawn.count("train") - len(forced) > 1:
+            forced[b] = missing.pop()
+    _FORCED.clear()
+    _FORCED[key] = forced
+    return forced
+
+
+_FORCED: dict[tuple, dict[int, str]] = {}
+
+
+def _block_choice(cfg: BuildConfig, pool: Pool, block: int) -> tuple[str, SourceImage]:
+    rng = np.random.default_rng([cfg.seed, 11, block])
+    split = _drawn_split(cfg, pool, block, rng)
+    split = _forced_splits(cfg, pool).get(block, split)
     parts = [p for p in pool.weights if pool.parts[split].get(p)]
     if not parts:
         parts = list(pool.parts[split])

@@ -325,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loupe demo", description="The Loupe chat web demo (gradio). It binds "
                                 "127.0.0.1 unless --host says otherwise; --share makes a public gradio link.")
     p.add_argument("--model", metavar="M", help="a Loupe checkpoint folder (default: the embedded loupe-tiny)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto: the GPU if there is one, else the CPU)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
     p.add_argument("--share", action="store_true", help="also open a public *.gradio.live link (off by default)")

@@ -325,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "  c = OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='none')",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", metavar="M", help="a Loupe checkpoint folder (default: the embedded loupe-tiny)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto: the GPU if there is one, else the CPU)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--allow-files", metavar="ROOT", type=Path,

@@ -717,7 +717,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, metavar="N", help="at most N samples (the first N of the selection)")
     p.add_argument("--out", metavar="REPORT_DIR", type=Path, help="report folder (created; resumed if it holds a run)")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="generations per batch (default: 8)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto: the GPU if there is one, else the CPU)")
     p.add_argument("--max-new-tokens", type=int, default=160, help="answer length cap (default: 160)")
     p.add_argument("--restart", action="store_true", help="discard the predictions already in REPORT_DIR")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -1,5 +1,8 @@
 """The ``loupe`` command: one verb per job, each a ``main(argv)`` in its own folder.
 
+It lives in the root package, above the folders, so that dispatching to ``demo`` and ``finetune``
+does not make ``assistant`` depend on them.
+
 Verbs are mapped to ``module:function`` strings and imported only when called, so ``loupe ask``
 does not pay for gradio and the assistant package does not import ``demo`` or ``finetune``.
 """
@@ -41,14 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name and (exc.name == module_name or module_name.startswith(exc.name + ".")):
-            print(f"loupe {verb}: this verb is not built yet in this version of Loupe.", file=sys.stderr)
-            return 2
         if exc.name in ("gradio", "fastapi", "uvicorn"):
-            print(f"loupe {verb}: needs the demo extras; install them with  pip install -e '.[demo]'",
-                  file=sys.stderr)
+            print(f"loupe {verb}: needs the demo extras; install them with  pip install 'loupe-vlm[demo]'  "
+                  "(or pip install -e '.[demo]' in a checkout)", file=sys.stderr)
             return 2
-        raise
+        print(f"loupe {verb}: a package it needs is missing: {exc.name} ({exc}). Reinstall Loupe with its "
+              "dependencies (pip install -e '.[demo]' in a checkout, or make install).", file=sys.stderr)
+        return 2
     result = getattr(module, func_name)(rest)
     return int(result or 0)
 

@@ -85,7 +85,10 @@ def test_resume_after_truncation_gives_the_same_dataset(tmp_path, image_folder):
     _build(tmp_path / "cut", image_folder)
     ids = [s.id for v in _records(tmp_path / "cut").values() for s in v]
     assert len(ids) == len(set(ids)) == 48
-    assert _digest(tmp_path / "cut") != ""  # lines may be reordered; the set of records is what must match
+    # lines may be reordered; the set of records and every image file are what must match
+    files = {p.relative_to(tmp_path / "full"): p.read_bytes() for p in (tmp_path / "full" / "images").rglob("*.png")}
+    assert files and files == {p.relative_to(tmp_path / "cut"): p.read_bytes()
+                               for p in (tmp_path / "cut" / "images").rglob("*.png")}
     full = {s.id: s.to_json() for v in _records(tmp_path / "full").values() for s in v}
     cut = {s.id: s.to_json() for v in _records(tmp_path / "cut").values() for s in v}
     assert full == cut
@@ -155,3 +158,12 @@ def test_worker_processes_give_the_same_dataset(tmp_path, image_folder):
     _build(tmp_path / "one", image_folder, n=60)
     _build(tmp_path / "two", image_folder, n=60, extra=["--workers", "2"])
     assert _digest(tmp_path / "one") == _digest(tmp_path / "two")
+
+
+@pytest.mark.parametrize("n", [60, 200])
+def test_small_builds_still_fill_every_split(tmp_path, image_folder, n):
+    """--n 60 used to leave the test split empty by chance (and --n 200 the val split)."""
+    _build(tmp_path / "q", image_folder, n=n)
+    recs = _records(tmp_path / "q")
+    assert all(recs[split] for split in ("train", "val", "test")), {k: len(v) for k, v in recs.items()}
+    assert sum(len(v) for v in recs.values()) == n

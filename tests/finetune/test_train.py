@@ -157,7 +157,7 @@ def test_lowlevel_init_starts_from_another_runs_encoder(dataset, tmp_path, capsy
     assert main(base + ["--output", str(first), "--scratch.lowlevel_pretrain_steps", "2", "--max_steps", "1"]) == 0
     second = tmp_path / "second"
     assert main(base + ["--output", str(second), "--scratch.lowlevel_init", str(first), "--scratch.lowlevel_freeze", "true",
-                        "--max_steps", "1", "--evidence_tokens", "true"]) == 0
+                        "--max_steps", "1", "--scratch.evidence_tokens", "true"]) == 0
     a, b = (load_file(str(d / "heads.safetensors")) for d in (first, second))
     assert torch.equal(a["lowlevel.stem.0.0.weight"], b["lowlevel.stem.0.0.weight"])
     assert json.loads((second / "loupe_config.json").read_text())["n_lowlevel_tokens"] == 7
