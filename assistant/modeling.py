@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ FORMAT_VERSION = 1  # bump when the checkpoint layout changes incompatibly
 
 
 FUSION_SCOPES = ("key", "vocab")
+IMAGE_TRUNKS = ("scratch",)
 
 
 class CheckpointError(RuntimeError):
@@ -75,11 +77,18 @@ class ModelOptions:
     """Weight of the auxiliary losses that supervise the LowLevelEncoder directly with the builders'
     per-image labels (Sample.meta: distortion categories, severity, tampered pixels). 0 turns the
     auxiliary heads off; from-scratch models need them to learn to see (see loupe-tiny.yaml)."""
+    image_trunk: str = "scratch"
+    """Text-only LM bases only (family llama): the trunk of Loupe's ImageEncoder, which gives every image
+    token. "scratch": a small strided CNN trained from nothing."""
+    image_width: int = 32
+    """Text-only LM bases only: the width of a scratch ImageEncoder trunk."""
 
     def model_problems(self) -> list[str]:
         """Every problem with these fields and the ``scratch`` group, each naming its field."""
         p = []
-        for name in ("decoder_width", "lowlevel_width", "lowlevel_max_side", "min_pixels", "max_pixels"):
+        if self.image_trunk not in IMAGE_TRUNKS:
+            p.append(f"image_trunk: {self.image_trunk!r} is not one of {', '.join(IMAGE_TRUNKS)}")
+        for name in ("decoder_width", "lowlevel_width", "lowlevel_max_side", "min_pixels", "max_pixels", "image_width"):
             if getattr(self, name) <= 0:
                 p.append(f"{name}: must be > 0, got {getattr(self, name)}")
         for name in ("ce_weight", "bce_weight", "dice_weight", "aux_weight"):
@@ -364,6 +373,42 @@ class LowLevelEncoder(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
+# ImageEncoder (text-only LM bases)
+# --------------------------------------------------------------------------------------------------
+
+class ImageEncoder(nn.Module):
+    """Every image token of a text-only LM, LLaVA-style: a convolutional trunk at stride ``cell`` and a
+    projector into the LM's width. ``forward(pixel_values, grids)`` takes the flattened pixels of
+    ``ImageGridProcessor`` ((sum of H*W, 3) in [0, 1]) and the grids (N, 2), and returns the tokens of
+    every image in raster order, concatenated ((sum of grid_h * grid_w), lm_hidden)."""
+
+    def __init__(self, lm_hidden: int, trunk: str = "scratch", width: int = 32, cell: int = 32):
+        super().__init__()
+        if trunk not in IMAGE_TRUNKS:
+            raise ValueError(f"image_trunk: {trunk!r} is not one of {', '.join(IMAGE_TRUNKS)}")
+        self.cell = cell
+        steps = int(round(math.log2(cell)))
+        if 2 ** steps != cell:
+            raise ValueError(f"the image cell must be a power of two, got {cell}")
+        chans = [3] + [min(width * 2 ** max(0, i - 1), 8 * width) for i in range(steps)]
+        self.trunk = nn.Sequential(*(_conv(chans[i], chans[i + 1], 2) for i in range(steps)))
+        self.out_dim = chans[-1]
+        self.projector = nn.Sequential(nn.Linear(self.out_dim, lm_hidden), nn.GELU(), nn.Linear(lm_hidden, lm_hidden))
+
+    def forward(self, pixel_values: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
+        out, offset = [], 0
+        for gh, gw in grids.tolist():
+            h, w = gh * self.cell, gw * self.cell
+            img = pixel_values[offset:offset + h * w].view(h, w, 3).permute(2, 0, 1).unsqueeze(0)
+            offset += h * w
+            feats = F.adaptive_avg_pool2d(self.trunk(img * 2 - 1), (gh, gw))  # (1, C, gh, gw)
+            out.append(self.projector(feats.flatten(2).transpose(1, 2)[0]))
+        if offset != pixel_values.shape[0]:
+            raise ValueError(f"pixel_values hold {pixel_values.shape[0]} pixels but the grids account for {offset}")
+        return torch.cat(out)
+
+
+# --------------------------------------------------------------------------------------------------
 # MaskDecoder
 # --------------------------------------------------------------------------------------------------
 
@@ -527,13 +572,17 @@ class ExplainableVLM(nn.Module):
     outputs travel in a ``LowLevel`` value. No hooks, no per-call state on the module: one model can
     serve several threads at once. What differs between bases is asked of ``self.family``."""
 
-    def __init__(self, vlm: nn.Module, lowlevel: LowLevelEncoder, mask_decoder: MaskDecoder, config: LoupeConfig):
+    def __init__(self, vlm: nn.Module, lowlevel: LowLevelEncoder, mask_decoder: MaskDecoder, config: LoupeConfig,
+                 image_encoder: ImageEncoder | None = None):
         super().__init__()
         self.vlm = vlm
         self.lowlevel = lowlevel
         self.mask_decoder = mask_decoder
         self.config = config
         self.family = get_family(config.family)
+        if self.family.own_image_tokens and image_encoder is None:
+            raise ValueError(f"a {self.family.name} base has no vision tower; it needs Loupe's ImageEncoder")
+        self.image_encoder = image_encoder
         self.fusion: nn.Linear | None = None
         if config.scratch.evidence_fusion:
             out = (self.family.lm_head(vlm).weight.shape[0] if config.scratch.fusion_scope == "vocab"
@@ -552,7 +601,19 @@ class ExplainableVLM(nn.Module):
         low = LowLevelEncoder(hidden, config.lowlevel_width, grid, AUX_DIM if config.aux_weight > 0 else 0,
                               context=config.scratch.lowlevel_context, pool_map=config.scratch.lowlevel_pool_map)
         dec = MaskDecoder(hidden, low.dense_dim, config.decoder_width, prior=config.scratch.mask_prior)
-        return cls(vlm, low, dec, config)
+        family = get_family(config.family)
+        enc = (ImageEncoder(hidden, config.image_trunk, config.image_width, family.cell)
+               if family.own_image_tokens else None)
+        return cls(vlm, low, dec, config, enc)
+
+    def head_modules(self) -> list[tuple[str, nn.Module]]:
+        """Loupe's own modules, saved in heads.safetensors under these prefixes."""
+        parts = [("lowlevel", self.lowlevel), ("mask_decoder", self.mask_decoder)]
+        if self.image_encoder is not None:
+            parts.append(("image_encoder", self.image_encoder))
+        if self.fusion is not None:
+            parts.append(("fusion", self.fusion))
+        return parts
 
     # ---- pieces --------------------------------------------------------------------------------
     @property
@@ -573,9 +634,22 @@ class ExplainableVLM(nn.Module):
             aux.append(a)
         return LowLevel(dense, torch.cat(tokens), aux)
 
-    def embed(self, input_ids: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
-        """The input embeddings of ``input_ids`` with the low-level tokens written at their placeholders."""
+    def embed(self, input_ids: torch.Tensor, tokens: torch.Tensor | None,
+              batch: dict[str, Any] | None = None) -> torch.Tensor:
+        """The input embeddings of ``input_ids`` with the low-level tokens written at their placeholders,
+        and, for a family whose image tokens are Loupe's own, the ImageEncoder's tokens at the image ones."""
         embeds = self.vlm.get_input_embeddings()(input_ids)
+        if self.image_encoder is not None:
+            where_img = input_ids == self.config.image_token_id
+            if int(where_img.sum()):
+                if batch is None or batch.get("pixel_values") is None:
+                    raise ValueError("image tokens in the input but no pixel_values in the batch")
+                image_tokens = self.image_encoder(batch["pixel_values"].to(self.device),
+                                                  batch["image_grid_hw"].to(self.device))
+                if image_tokens.shape[0] != int(where_img.sum()):
+                    raise ValueError(f"{int(where_img.sum())} image tokens in the input but the images give "
+                                     f"{image_tokens.shape[0]}")
+                embeds = embeds.masked_scatter(where_img.unsqueeze(-1), image_tokens.to(embeds.dtype))
         where = input_ids == self.config.lowlevel_token_id
         n = int(where.sum())
         n_feats = 0 if tokens is None else tokens.shape[0]
@@ -680,7 +754,7 @@ class ExplainableVLM(nn.Module):
         low = self.encode_lowlevel(batch.get("lowlevel_pixels", []))
         inputs = self.vlm_inputs(batch)
         input_ids = batch["input_ids"].to(self.device)
-        embeds = self.embed(input_ids, low.tokens)
+        embeds = self.embed(input_ids, low.tokens, batch)
         positions_3d = self.family.position_ids(self.vlm, input_ids, inputs)
         out = self.family.backbone(self.vlm)(inputs_embeds=embeds, position_ids=positions_3d, use_cache=False,
                                               **inputs)
@@ -738,7 +812,7 @@ class ExplainableVLM(nn.Module):
         low = self.encode_lowlevel(batch.get("lowlevel_pixels", []))
         inputs = self.vlm_inputs(batch)
         input_ids = batch["input_ids"].to(self.device)
-        embeds = self.embed(input_ids, low.tokens)
+        embeds = self.embed(input_ids, low.tokens, batch)
         bias = self.fusion_bias(input_ids, batch, low)
         processors = LogitsProcessorList([_AddBias(bias)] if bias is not None else [])
         tok = self.vlm.generation_config
@@ -773,10 +847,17 @@ class ExplainableVLM(nn.Module):
             kwargs["trainable_token_indices"] = (trainable_token_ids if tied else
                                                  {"embed_tokens": trainable_token_ids, "lm_head": trainable_token_ids})
         lcfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target, **kwargs)
-        self.vlm = get_peft_model(self.vlm, lcfg)
-        if not any("lora_" in n for n, _ in self.vlm.named_parameters()):
-            raise ValueError(f"LoRA target {target!r} matches no module of this {self.family.name} base; "
-                             f"the family's default is {self.family.lora_target!r}")
+        why = f"LoRA target {target!r} matches no module of this {self.family.name} base; " \
+              f"leave lora_target empty for the family's default ({self.family.lora_target!r})"
+        try:
+            wrapped = get_peft_model(self.vlm, lcfg)
+        except ValueError as exc:
+            if "not found" in str(exc):
+                raise ValueError(why) from None
+            raise
+        if not any("lora_" in n for n, _ in wrapped.named_parameters()):
+            raise ValueError(why)
+        self.vlm = wrapped
         self.config.lora = {"r": r, "alpha": alpha, "dropout": dropout, "target": target,
                             "trainable_token_ids": trainable_token_ids or []}
 
@@ -794,10 +875,7 @@ class ExplainableVLM(nn.Module):
             self.vlm.save_pretrained(path / "adapter", safe_serialization=True)
         else:
             self.vlm.save_pretrained(path / "base", safe_serialization=True)
-        heads = {f"lowlevel.{k}": v for k, v in self.lowlevel.state_dict().items()}
-        heads.update({f"mask_decoder.{k}": v for k, v in self.mask_decoder.state_dict().items()})
-        if self.fusion is not None:
-            heads.update({f"fusion.{k}": v for k, v in self.fusion.state_dict().items()})
+        heads = {f"{prefix}.{k}": v for prefix, module in self.head_modules() for k, v in module.state_dict().items()}
         save_file({k: v.detach().contiguous().cpu() for k, v in heads.items()}, str(path / "heads.safetensors"))
         if processor is not None:
             processor.save_pretrained(path)
@@ -843,12 +921,9 @@ class ExplainableVLM(nn.Module):
         if not heads_file.is_file():
             raise CheckpointError(f"{path}: heads.safetensors is missing; the checkpoint is incomplete")
         state = load_file(str(heads_file))
-        parts = [("lowlevel.", model.lowlevel), ("mask_decoder.", model.mask_decoder)]
-        if model.fusion is not None:
-            parts.append(("fusion.", model.fusion))
-        for prefix, module in parts:
+        for prefix, module in model.head_modules():
             try:
-                load_prefixed(module, state, prefix)
+                load_prefixed(module, state, prefix + ".")
             except RuntimeError as exc:
                 raise CheckpointError(f"{heads_file}: does not match the config's head sizes ({exc})") from None
         model.eval()

@@ -195,14 +195,18 @@ def build_model(cfg: TrainConfig, device: torch.device, precision: str) -> tuple
         model.vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.vlm.enable_input_require_grads()  # so checkpointed blocks see a grad-requiring input under peft
     # LoRA on the language model; the mask token's embedding (and output) row is trained too
+    tok = processor.tokenizer
+    new_rows = [model.config.mask_token_id]
+    if model.family.own_image_tokens:  # the image delimiters are new rows of a text-only LM too
+        new_rows += [tok.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>")]
     model.apply_lora(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target or None,
-                     trainable_token_ids=[model.config.mask_token_id])
+                     trainable_token_ids=new_rows)
     for name, p in model.vlm.named_parameters():
         role = model.family.module_role(name)
         if (role == "projector" and cfg.train_projector) or (role == "vision" and cfg.train_vision):
             p.requires_grad_(True)
-    model.lowlevel.requires_grad_(True)
-    model.mask_decoder.requires_grad_(True)
+    for _, module in model.head_modules():  # Loupe's own modules train fully
+        module.requires_grad_(True)
     return model, processor
 
 
@@ -228,7 +232,7 @@ def lr_curve(step: int, warmup: int, total: int, schedule: str) -> float:
 
 def build_optimizer(model: ExplainableVLM, cfg: TrainConfig) -> tuple[Any, Any]:
     """AdamW over the trainable parameters (heads may get their own lr) and the warmup + decay schedule."""
-    heads = {id(p) for m in (model.lowlevel, model.mask_decoder) for p in m.parameters()}
+    heads = {id(p) for name, m in model.head_modules() if name != "fusion" for p in m.parameters()}
     fusion = {id(p) for p in model.fusion.parameters()} if model.fusion is not None else set()
     body = [p for p in model.parameters() if p.requires_grad and id(p) not in heads | fusion]
     head = [p for p in model.parameters() if p.requires_grad and id(p) in heads]

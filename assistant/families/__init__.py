@@ -5,8 +5,8 @@ what they need to know about a base's layout they ask its ``BaseFamily``. One fi
 
 * ``qwen2_5_vl.py`` and ``qwen3_vl.py``: transformers image-text-to-text models whose own vision
   tower fills ``<|image_pad|>`` tokens (native resolution with a pixel budget);
-* a text-only causal LM (Llama architecture) fits the same interface: its ``image_spans`` come from
-  the grid Loupe's own image encoder writes, and ``own_image_tokens`` says that Loupe fills them.
+* ``llama.py``: a text-only causal LM (Llama architecture, e.g. SmolLM2): Loupe's own ``ImageEncoder``
+  supplies every image token (``own_image_tokens``), LLaVA-style.
 
 Adding a family is one new file with a ``BaseFamily`` subclass, registered in ``FAMILIES`` below.
 """
@@ -121,6 +121,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 FAMILIES: dict[str, str] = {
     "qwen2_5_vl": "loupe_vlm.assistant.families.qwen2_5_vl:Qwen2_5_VLFamily",
     "qwen3_vl": "loupe_vlm.assistant.families.qwen3_vl:Qwen3VLFamily",
+    "llama": "loupe_vlm.assistant.families.llama:LlamaFamily",
 }
 
 _cache: dict[str, BaseFamily] = {}

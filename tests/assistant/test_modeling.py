@@ -1,4 +1,5 @@
-"""ExplainableVLM on tiny twins of Qwen2.5-VL and Qwen3-VL: losses, gradients, learning, save/load."""
+"""ExplainableVLM on tiny twins of every base family (Qwen2.5-VL, Qwen3-VL and a text-only Llama LM):
+losses, gradients, learning, save/load."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from loupe_vlm.assistant.modeling import CheckpointError, ExplainableVLM
 from loupe_vlm.assistant.processing import LoupeProcessor
 from tests.helpers import ASSETS, TAMPERED_ANSWER, chat, overfit, tiny_model, training_batch
 
-FAMILIES = ["qwen2_5_vl", "qwen3_vl"]
+FAMILIES = ["qwen2_5_vl", "qwen3_vl", "llama"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -27,11 +28,12 @@ def test_forward_losses_finite_and_gradients_reach_every_trained_part(family):
     assert lora and any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)
     token_rows = [p for n, p in named.items() if "trainable_tokens_delta" in n]
     assert token_rows and all(p.grad is not None and p.grad.abs().sum() > 0 for p in token_rows)
-    for module in (model.lowlevel, model.mask_decoder):
+    assert (model.image_encoder is not None) == (family == "llama")  # a text-only LM gets Loupe's image tokens
+    for _, module in model.head_modules():
         grads = [p.grad for p in module.parameters()]
         assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
     frozen = [p for n, p in named.items() if "lora_" not in n and "trainable_tokens" not in n
-              and not n.startswith(("lowlevel.", "mask_decoder."))]
+              and not n.startswith(("lowlevel.", "mask_decoder.", "image_encoder."))]
     assert frozen and not any(p.requires_grad for p in frozen)
 
 
@@ -95,10 +97,11 @@ def test_save_load_round_trip_gives_identical_logits_and_masks(tmp_path, family)
     assert torch.equal(before.mask_logits[0], after.mask_logits[0])
 
 
-def test_lora_checkpoint_over_a_local_base_round_trips(tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_checkpoint_over_a_local_base_round_trips(tmp_path, family):
     """A LoRA checkpoint stores the adapter and points at its base folder."""
     torch.manual_seed(0)
-    model, lp = tiny_model()
+    model, lp = tiny_model(family)
     model.vlm.save_pretrained(tmp_path / "base_model")
     lp.processor.save_pretrained(tmp_path / "base_model")
     model.config.base = str(tmp_path / "base_model")
