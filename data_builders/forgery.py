@@ -566,6 +566,8 @@ def card_sections(cfg: BuildConfig, ctx: _Context, samples: list[tuple[str, Samp
                     "from its split)",
                     f"object cut-outs (Tux Paint stamps) per split: { {s: len(v) for s, v in ctx.stamps.items()} }",
                     f"view size: {cfg.size} px; authentic share asked: {cfg.authentic}"],
+        "Origins and licences": sorted({f"{s.source}: {s.origin} - {s.licence}" for srcs in ctx.pools.values()
+                                        for s in srcs}),
         "What the synthesis imitates": [
             "splice: donor regions (blobs, polygons, regions cut along strong edges or colour segments) and real "
             "object cut-outs with their exact alpha; colour matching or illumination change; hard, feathered or "

@@ -55,8 +55,8 @@ from . import distortions as D
 from .captions import caption
 from .labellers.base import ImageTruth, LabelJob
 from .labellers.template import TemplateLabeller
-from .sources import (SPLITS, SourceImage, builtin_pool, describe_pool, encode_png, from_folders, from_manifest,
-                      random_view, split_by_source)
+from .sources import (PHOTO_SOURCES, SPLITS, SourceImage, builtin_pool, describe_pool, encode_png, from_folders,
+                      from_manifest, random_view, split_by_source)
 from .writer import DatasetWriter
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ def _part_of(src: SourceImage) -> str:
         return "procedural"
     if src.source == "stamps":
         return "stamps"
-    if src.source in ("skimage", "matplotlib", "opencv-doc"):
+    if src.source in PHOTO_SOURCES:  # registry samples and the Debian photo packages
         return "photos"
     return "user"
 

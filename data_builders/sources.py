@@ -8,7 +8,9 @@ The built-in pool (``builtin_pool``) has three parts, each measured in the datas
   (logos, charts, chessboards, text) is filtered by colour statistics (``_looks_like_photo``), a
   short deny list removes photos that are not pristine (a forged ELA example, a motion-blurred
   plate, a painting), and near-duplicates (stereo pairs, video frames) share one ``group`` so they
-  always land in the same split.
+  always land in the same split. Plus ``package_photos``: ~327 checked photos from five Debian data
+  packages (gcompris-qt-data, lomiri-wallpapers-16.04, kphotoalbum, jigzo-data, palapeli-data; see
+  ``photo_pool``), only the listed files, each with its package's licence.
 * ``procedural``: natural-statistics scenes made from a seed: the dead-leaves model (occluding discs
   with power-law radii, whose statistics match natural images), 1/f fractal textures and smooth
   gradient scenes (which show banding and quantization well).
@@ -35,6 +37,8 @@ from typing import Any, Iterable, Sequence
 
 import cv2
 import numpy as np
+
+from . import photo_pool
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +79,19 @@ class SourceImage:
     generator: str | None = None
     seed: int = 0
     stamps: tuple[str, ...] = field(default=(), compare=False)
+    member: str | None = None
+    """An image inside ``path`` (a Qt .rcc resource path, a .pzl entry name)."""
+    crop: tuple[int, int] | None = None
+    """Keep only ``(0, 0, W, H)`` of the decoded image (a texture atlas)."""
+    rotate: int = 0
+    """Degrees clockwise to turn the decoded image upright."""
+    long_side: int | None = None
+    """Shrink (INTER_AREA) on load so the long side is at most this."""
 
     def load(self) -> np.ndarray:
         """The image as uint8 HxWx3 RGB."""
+        if self.path is not None and (self.member or self.crop or self.rotate or self.long_side):
+            return photo_pool.decode(self.path, self.member, self.crop, self.rotate, self.long_side)
         if self.path is not None:
             return load_rgb(self.path)
         if self.generator == "stamp_scene":
@@ -321,6 +335,87 @@ def builtin_photos() -> list[SourceImage]:
     return list(_PHOTO_CACHE)
 
 
+# ---- photos from Debian data packages (photo_pool) -------------------------------------------------
+
+# Every ``source`` of the pool's "photos" part (the quality builder draws them with --mix photos=...).
+PHOTO_SOURCES = frozenset({"skimage", "matplotlib", "opencv-doc", *photo_pool.PACKAGE_NAMES})
+
+
+# Thumbnail correlation that marks two package photos as one: measured on the 323 photos, the copies
+# under other names (colosseum, greatPyramid) score 1.0, while unrelated landscapes (sky over dark
+# ground) reach 0.92; 0.85, the registry photos' threshold, chained 10 unrelated landscapes into one.
+PACKAGE_DUPLICATE_CORR = 0.95
+
+
+def _union_groups(ids: list[str], keys: list[str], thumbs: list[np.ndarray],
+                  threshold: float = PACKAGE_DUPLICATE_CORR) -> dict[str, str]:
+    """Map each id to its group: ids sharing a name key, or whose thumbnails correlate at least
+    ``threshold``, are one group, transitively (union-find); a group is named by its first id."""
+    parent = list(range(len(ids)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def union(i: int, j: int) -> None:
+        a, b = find(i), find(j)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+
+    first_of: dict[str, int] = {}
+    for i, k in enumerate(keys):
+        union(i, first_of.setdefault(k, i))
+    if thumbs:
+        t = np.stack(thumbs)
+        close = np.argwhere(np.triu(t @ t.T >= threshold, 1))
+        for i, j in close:
+            union(int(i), int(j))
+    return {sid: ids[find(i)] for i, sid in enumerate(ids)}
+
+
+_PACKAGE_CACHE: dict[tuple[str, ...], list[SourceImage]] = {}
+
+
+def package_photos() -> list[SourceImage]:
+    """The checked photos of the Debian data packages (``photo_pool``) found on this machine.
+
+    The first call decodes each one for its thumbnail (a few seconds; cached on disk with the pool
+    index, keyed by file, size and mtime), then groups near-duplicates (same subject name, or
+    thumbnails correlating >= ``PACKAGE_DUPLICATE_CORR``) so each group lands in one split. ``LOUPE_PHOTO_PACKAGES``
+    restricts the packages (see ``photo_pool``).
+    """
+    packages = photo_pool.selected_packages()
+    ck = tuple(p.name for p in packages)
+    if ck in _PACKAGE_CACHE:
+        return list(_PACKAGE_CACHE[ck])
+    index = _index()
+    changed = False
+    kept: list[photo_pool.Candidate] = []
+    thumbs: list[np.ndarray] = []
+    for c in photo_pool.candidates(packages):
+        key = f"pkg:{_file_key(c.path)}#{c.member or ''}|{c.crop}|{c.rotate}|{c.long_side}"
+        entry = index.get(key)
+        if entry is None:
+            try:
+                img = photo_pool.decode(c.path, c.member, c.crop, c.rotate, c.long_side)
+            except (OSError, KeyError, ValueError) as exc:
+                log.warning("skipping %s: %s", c.id, exc)
+                continue
+            entry = index[key] = {"thumb": _thumb(img).round(5).tolist(), "shape": list(img.shape[:2])}
+            changed = True
+        kept.append(c)
+        thumbs.append(np.asarray(entry["thumb"], np.float32))
+    if changed:
+        _save_index()
+    groups = _union_groups([c.id for c in kept], [c.name_key for c in kept], thumbs)
+    _PACKAGE_CACHE[ck] = [SourceImage(id=c.id, source=c.package, group=groups[c.id], origin=c.origin,
+                                      licence=c.licence, path=c.path, member=c.member, crop=c.crop,
+                                      rotate=c.rotate, long_side=c.long_side) for c in kept]
+    return list(_PACKAGE_CACHE[ck])
+
+
 # ---- Tux Paint stamps ----------------------------------------------------------------------------
 
 def _stamp_is_photo(rgba: np.ndarray) -> bool:
@@ -522,14 +617,14 @@ def stamp_pool(per_scene: int = STAMPS_PER_SCENE) -> list[SourceImage]:
 
 
 def builtin_pool(include: Iterable[str] = ("photos", "procedural", "stamps")) -> list[SourceImage]:
-    """The no-download pool: registry photos, procedural scenes and Tux Paint stamp scenes."""
+    """The no-download pool: registry and Debian-package photos, procedural scenes and Tux Paint stamp scenes."""
     include = tuple(include)
     unknown = set(include) - {"photos", "procedural", "stamps"}
     if unknown:
         raise ValueError(f"unknown pool part(s) {sorted(unknown)}; choose from photos, procedural, stamps")
     out: list[SourceImage] = []
     if "photos" in include:
-        out += builtin_photos()
+        out += builtin_photos() + package_photos()
     if "procedural" in include:
         out += procedural_pool()
     if "stamps" in include:

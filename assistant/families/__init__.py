@@ -112,6 +112,29 @@ class BaseFamily:
         return _unwrap(model).config.get_text_config()
 
 
+def raster_spans(input_ids: torch.Tensor, image_token_id: int, grids: list[tuple[int, int]],
+                 tokens_per_image: list[int] | None = None, what: str = "image grids"
+                 ) -> list[tuple[int, torch.Tensor, tuple[int, int]]]:
+    """Spans of images whose tokens are contiguous runs of ``image_token_id``, in batch order: image i has
+    ``tokens_per_image[i]`` tokens (default: grid_h * grid_w) forming a (grid_h, grid_w) raster.
+    Checked against the ids: every image token belongs to exactly one image."""
+    counts = tokens_per_image or [gh * gw for gh, gw in grids]
+    spans = []
+    img = 0
+    for row in range(input_ids.shape[0]):
+        pos = (input_ids[row] == image_token_id).nonzero().flatten()
+        start = 0
+        while start < pos.numel():
+            if img >= len(grids):
+                raise ValueError(f"more image tokens in input_ids than images in the {what}")
+            spans.append((row, pos[start:start + counts[img]], grids[img]))
+            start += counts[img]
+            img += 1
+    if img != len(grids):
+        raise ValueError(f"{len(grids)} images but image tokens for {img}")
+    return spans
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     """The transformers model inside a peft wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model

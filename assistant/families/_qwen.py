@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
-from . import BaseFamily, FamilyError, _unwrap
+from . import BaseFamily, FamilyError, _unwrap, raster_spans
 
 logger = logging.getLogger(__name__)
 
@@ -172,22 +172,9 @@ class QwenVLFamily(BaseFamily):
         if grid_thw is None:
             raise ValueError("the batch has no images (no image_grid_thw)")
         merge = 2
-        spans = []
-        img = 0
-        for row in range(input_ids.shape[0]):
-            pos = (input_ids[row] == image_token_id).nonzero().flatten()
-            start = 0
-            while start < pos.numel():
-                if img >= grid_thw.shape[0]:
-                    raise ValueError("more image tokens in input_ids than images in image_grid_thw")
-                t, h, w = (int(x) for x in grid_thw[img])
-                n = t * h * w // (merge ** 2)
-                spans.append((row, pos[start:start + n], (h // merge, w // merge)))
-                start += n
-                img += 1
-        if img != grid_thw.shape[0]:
-            raise ValueError(f"{grid_thw.shape[0]} images but image tokens for {img}")
-        return spans
+        thw = [tuple(int(x) for x in g) for g in grid_thw]
+        return raster_spans(input_ids, image_token_id, [(h // merge, w // merge) for _, h, w in thw],
+                            [t * h * w // merge ** 2 for t, h, w in thw], "image_grid_thw")
 
     def model_input_keys(self):
         return ("pixel_values", "image_grid_thw", "mm_token_type_ids")

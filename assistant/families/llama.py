@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import BaseFamily, FamilyError, _unwrap
+from . import BaseFamily, FamilyError, _unwrap, raster_spans
 from ._qwen import QWEN_CHAT_TEMPLATE
 
 VISION_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>")
@@ -198,21 +198,8 @@ class LlamaFamily(BaseFamily):
         grids = batch.get("image_grid_hw")
         if grids is None:
             raise ValueError("the batch has no images (no image_grid_hw)")
-        spans = []
-        img = 0
-        for row in range(input_ids.shape[0]):
-            pos = (input_ids[row] == image_token_id).nonzero().flatten()
-            start = 0
-            while start < pos.numel():
-                if img >= grids.shape[0]:
-                    raise ValueError("more image tokens in input_ids than images in image_grid_hw")
-                gh, gw = (int(x) for x in grids[img])
-                spans.append((row, pos[start:start + gh * gw], (gh, gw)))
-                start += gh * gw
-                img += 1
-        if img != grids.shape[0]:
-            raise ValueError(f"{grids.shape[0]} images but image tokens for {img}")
-        return spans
+        return raster_spans(input_ids, image_token_id, [(int(h), int(w)) for h, w in grids.tolist()],
+                            what="image_grid_hw")
 
     def position_ids(self, model, input_ids, batch):
         return None  # 1D positions, which the model derives itself
