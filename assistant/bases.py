@@ -48,6 +48,8 @@ SCRATCH_SIZES = {
     # the embedded default model (~10-20M parameters)
     "tiny": ScratchSize(256, 4, 4, 2, 704, 128, 4, 4, 3000),
     "small": ScratchSize(512, 8, 8, 4, 1408, 256, 8, 4, 4000),
+    # the shape of loupe-smol's language model (SmolLM2-135M's first 12 layers), for the from-scratch ablation
+    "smol12": ScratchSize(576, 12, 9, 3, 1536, 64, 2, 2, 4000),
 }
 
 SCRATCH_FAMILIES = tuple(FAMILIES)
@@ -128,14 +130,26 @@ def build_scratch_base(base: str, corpus: Iterable[str] = (), min_pixels: int = 
     return family.build_scratch(SCRATCH_SIZES[size], tokenizer, min_pixels, max_pixels)
 
 
+def resolve_base(name_or_path: str) -> str:
+    """A packaged base's name (``smollm2-135m-instruct``) becomes its converted folder; anything else is
+    returned as given (a hub id or a local folder)."""
+    from .packaged_bases import is_packaged_base, resolve_packaged_base
+
+    return str(resolve_packaged_base(name_or_path)) if is_packaged_base(name_or_path) else name_or_path
+
+
 def base_family(name_or_path: str, trust_remote_code: bool = False) -> BaseFamily:
-    """The family of a hub id or local folder, from its config; a clear error if it is none of Loupe's."""
+    """The family of a packaged base, hub id or local folder, from its config; a clear error if it is none
+    of Loupe's."""
+    name_or_path = resolve_base(name_or_path)
     path = Path(name_or_path)
     if path.is_dir() and (path / "loupe_config.json").is_file():
         raise FamilyError(f"{name_or_path}: is a Loupe checkpoint, not a base model; load it with --model")
     if not path.exists() and name_or_path.count("/") != 1:
-        raise FileNotFoundError(f"base model {name_or_path!r}: no such folder, and not a hub id "
-                                "(expected 'owner/name')")
+        from .packaged_bases import packaged_base_names
+
+        raise FileNotFoundError(f"base model {name_or_path!r}: no such folder, not a hub id (expected "
+                                f"'owner/name'), and not a packaged base ({', '.join(packaged_base_names())})")
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except OSError as exc:
@@ -145,9 +159,9 @@ def base_family(name_or_path: str, trust_remote_code: bool = False) -> BaseFamil
 
 def load_base(name_or_path: str, *, dtype: torch.dtype | None = None, quantization_config: Any = None,
               trust_remote_code: bool = False, device_map: Any = None) -> tuple[Any, Any]:
-    """Load ``(model, processor)`` from a hub id or a local folder, safetensors only."""
+    """Load ``(model, processor)`` from a packaged base, a hub id or a local folder, safetensors only."""
     family = base_family(name_or_path, trust_remote_code)
-    return family.load(name_or_path, dtype=dtype, quantization_config=quantization_config,
+    return family.load(resolve_base(name_or_path), dtype=dtype, quantization_config=quantization_config,
                        trust_remote_code=trust_remote_code, device_map=device_map)
 
 

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -202,6 +204,39 @@ class _KeyWords:
         return out
 
 
+class _PieceStreamer:
+    """A transformers generation streamer (``put``/``end``) that turns the new tokens of one answer into text
+    pieces on a queue, decoding the whole answer so far and sending what it adds (mask tokens removed, held
+    back while a multi-byte character is incomplete). transformers' ``TextIteratorStreamer`` decodes word by
+    word and would show the mask token; this one follows the Assistant's own text exactly."""
+
+    def __init__(self, tokenizer: Any, stop_ids: set[int], out: "queue.Queue[str | None]"):
+        self.tokenizer, self.stop_ids, self.out = tokenizer, stop_ids, out
+        self.tokens: list[int] = []
+        self.sent = ""
+        self.prompt_seen = False
+        self.stopped = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate first puts the prompt
+            self.prompt_seen = True
+            return
+        for t in value.flatten().tolist():
+            if self.stopped or t in self.stop_ids:
+                self.stopped = True
+                return
+            self.tokens.append(t)
+        text = strip_mask_tokens(self.tokenizer.decode(self.tokens, skip_special_tokens=False))
+        if text.endswith("\ufffd") or not text.startswith(self.sent):
+            return
+        if len(text) > len(self.sent):
+            self.out.put(text[len(self.sent):])
+            self.sent = text
+
+    def end(self) -> None:
+        pass
+
+
 class Assistant:
     """Explainable image analysis with one model. Build it with ``Assistant.from_pretrained``."""
 
@@ -322,11 +357,55 @@ class Assistant:
         non_ref = [j for j, r in enumerate(req.roles) if r != "reference"]
         return self.processor.encode(messages, images, train=False, mask_image=non_ref[0] if non_ref else 0)
 
+    def stream(self, request: Request) -> Iterator[str | Result]:
+        """Answer one request token by token: yields the answer's text in pieces as the model writes them
+        (mask tokens left out), then the finished ``Result`` with its numbers and mask. The images are
+        loaded and encoded before this returns, so a bad image raises here, not while iterating.
+
+        A comparison runs its second (swapped) order after the first has streamed."""
+        pil = [load_image(x, self.processor.max_image_pixels) for x in request.images]
+        first = self._encode(request, pil)
+        swapped = None
+        if request.task in ("quality.rate", "quality.compare"):
+            imgs = list(pil)
+            ia, ib = request.roles.index("A"), request.roles.index("B")
+            imgs[ia], imgs[ib] = pil[ib], pil[ia]
+            swapped = self._encode(request, imgs)
+        names = request.names or [str(x) if isinstance(x, (str, Path)) else "<image>" for x in request.images]
+        return self._stream(request, first, swapped, names)
+
+    def _stream(self, request: Request, first: Any, swapped: Any, names: list[str]) -> Iterator[str | Result]:
+        t0 = time.perf_counter()
+        pieces: queue.Queue = queue.Queue()
+        done: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                done["out"] = self._generate([first], streamer=_PieceStreamer(self.tokenizer, self.eos_ids, pieces))[0]
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
+                done["error"] = exc
+            finally:
+                pieces.put(None)
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        while (piece := pieces.get()) is not None:
+            yield piece
+        thread.join()
+        if "error" in done:
+            raise done["error"]
+        other = self._generate([swapped])[0] if swapped is not None else None
+        result = Result(task=request.task, images=names, id=request.id, model=self.name)
+        self._fill(result, request, done["out"], other)
+        result.seconds = time.perf_counter() - t0
+        yield result
+
     @torch.no_grad()
-    def _generate(self, encoded: list[Any]) -> list[dict]:
+    def _generate(self, encoded: list[Any], streamer: Any = None) -> list[dict]:
         """Greedy-generate for a batch; per row: tokens, per-step logits, mask probability maps."""
         batch = self.processor.collate(encoded, padding_side="left")
-        gen = self.model.generate(batch, max_new_tokens=self.max_new_tokens)
+        extra = {"streamer": streamer} if streamer is not None else {}
+        gen = self.model.generate(batch, max_new_tokens=self.max_new_tokens, **extra)
         rows = []
         positions = []
         for b in range(len(encoded)):

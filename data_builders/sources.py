@@ -341,7 +341,7 @@ def builtin_photos() -> list[SourceImage]:
 PHOTO_SOURCES = frozenset({"skimage", "matplotlib", "opencv-doc", *photo_pool.PACKAGE_NAMES})
 
 
-# Thumbnail correlation that marks two package photos as one: measured on the 323 photos, the copies
+# Thumbnail correlation that marks two package photos as one: measured on the 327 photos, the copies
 # under other names (colosseum, greatPyramid) score 1.0, while unrelated landscapes (sky over dark
 # ground) reach 0.92; 0.85, the registry photos' threshold, chained 10 unrelated landscapes into one.
 PACKAGE_DUPLICATE_CORR = 0.95
@@ -383,8 +383,8 @@ def package_photos() -> list[SourceImage]:
 
     The first call decodes each one for its thumbnail (a few seconds; cached on disk with the pool
     index, keyed by file, size and mtime), then groups near-duplicates (same subject name, or
-    thumbnails correlating >= ``PACKAGE_DUPLICATE_CORR``) so each group lands in one split. ``LOUPE_PHOTO_PACKAGES``
-    restricts the packages (see ``photo_pool``).
+    thumbnails correlating >= ``PACKAGE_DUPLICATE_CORR``) so each group lands in one split.
+    ``LOUPE_PHOTO_PACKAGES`` restricts the packages (see ``photo_pool``).
     """
     packages = photo_pool.selected_packages()
     ck = tuple(p.name for p in packages)
@@ -617,7 +617,7 @@ def stamp_pool(per_scene: int = STAMPS_PER_SCENE) -> list[SourceImage]:
 
 
 def builtin_pool(include: Iterable[str] = ("photos", "procedural", "stamps")) -> list[SourceImage]:
-    """The no-download pool: registry and Debian-package photos, procedural scenes and Tux Paint stamp scenes."""
+    """The no-download pool: registry and Debian-package photos, procedural scenes, Tux Paint stamp scenes."""
     include = tuple(include)
     unknown = set(include) - {"photos", "procedural", "stamps"}
     if unknown:

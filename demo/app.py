@@ -2,13 +2,12 @@
 
 The UI is a thin layer around an injected ``Assistant``: nothing is loaded at import and there are
 no module-level arguments. One image (optionally a second one, B, and a pristine reference) and a
-mode go in; a streamed chat answer and a report panel (rating with a score bar, distortions with
+mode go in; a chat answer streamed token by token and a report panel (rating with a score bar, distortions with
 severity, A/B verdict, forgery verdict, confidence, the forgery mask as an overlay and a PNG to
 download) come out.
 
-Streaming: the Assistant generates a whole answer at once (greedy, with the probabilities the
-numbers are read from), so the chat streams that finished text progressively, word by word. It is
-not token-by-token streaming from the model.
+Streaming: ``Assistant.stream`` yields the answer's text as the model writes it (greedy), then the
+finished result, whose numbers come from the same pass's probabilities; the report fills in then.
 
 Every model call shares one ``concurrency_id`` with ``concurrency_limit=1`` behind gradio's queue,
 and one ``threading.Lock`` that ``loupe serve`` also holds for its API calls, so two users never run
@@ -25,7 +24,6 @@ import shutil
 import sys
 import tempfile
 import threading
-import time
 import uuid
 import weakref
 from pathlib import Path
@@ -34,6 +32,7 @@ from typing import Any, Iterator
 import gradio as gr
 
 from loupe_vlm.assistant.inference import Assistant, Request, Result
+from loupe_vlm.assistant.processing import ImageError
 from loupe_vlm.prompts import canonical_question, user_content
 from loupe_vlm.prompts.parsing import strip_mask_tokens
 
@@ -217,7 +216,23 @@ def build_demo(assistant: Assistant, lock: threading.Lock | None = None) -> gr.B
             req = fresh_request(image, image_b, reference, mode, question)
             shown_q = req.question
             state = None
-        result = run(req)
+        labels = [r if r != "reference" else "ref" for r in req.roles]
+        history.append({"role": "user", "content": f"[{', '.join(labels)}] {shown_q}"})
+        history.append({"role": "assistant", "content": ""})
+        result = None
+        with lock:  # one model call at a time, shared with the API; held while the answer streams
+            try:
+                pieces = assistant.stream(req)
+            except (ImageError, ValueError, OSError) as exc:
+                raise gr.Error(str(exc)) from None
+            text = ""
+            for item in pieces:  # the answer token by token, as the model writes it
+                if isinstance(item, Result):
+                    result = item
+                    break
+                text += item
+                history[-1] = {"role": "assistant", "content": text}
+                yield history, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), ""
         if state is None:
             state = {"images": req.images, "roles": req.roles,
                      "messages": [{"role": "user", "content": user_content(req.roles, req.question)}]}
@@ -225,18 +240,9 @@ def build_demo(assistant: Assistant, lock: threading.Lock | None = None) -> gr.B
             state = dict(state, messages=state["messages"] + [req.messages[-1]])
         state["messages"] = state["messages"] + [
             {"role": "assistant", "content": [{"type": "text", "text": result.raw_text}]}]
-        labels = [r if r != "reference" else "ref" for r in req.roles]
-        history.append({"role": "user", "content": f"[{', '.join(labels)}] {shown_q}"})
-        history.append({"role": "assistant", "content": ""})
         report, mask_img, mask_file, record = outputs_for(result, image)
-        text = strip_mask_tokens(result.text)  # already stripped by the Assistant; never show the token
-        words = text.split(" ")
-        # Progressive display of the finished answer (see the module docstring), at most ~0.5 s in all.
-        delay = min(0.02, 0.5 / max(1, len(words)))
-        for i in range(1, len(words) + 1):
-            history[-1] = {"role": "assistant", "content": " ".join(words[:i])}
-            yield history, report, mask_img, mask_file, record, state, ""
-            time.sleep(delay)
+        history[-1] = {"role": "assistant", "content": strip_mask_tokens(result.text)}  # never show the token
+        yield history, report, mask_img, mask_file, record, state, ""
 
     def analyse(image, image_b, reference, mode, question) -> dict:
         """Structured analysis for API clients: DESIGN.md's record, mask as base64 PNG."""

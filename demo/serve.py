@@ -20,8 +20,8 @@ three are reference, A, B.
 Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: a bad image or
 request 400, a file outside ``--allow-files`` 403, an unknown model 404, too large 413.
 
-Answers are generated whole (greedy, with the probabilities the numbers come from); streaming sends
-that finished text in word-sized chunks. It is not token-by-token streaming from the model.
+With ``"stream": true`` the answer goes out token by token as the model writes it (greedy); the last
+chunk carries Loupe's record, whose numbers come from the same pass's probabilities.
 ``max_tokens`` and ``temperature`` are ignored: the server's ``--max-new-tokens`` applies and decoding
 is greedy. Model calls are serialised by one lock that the mounted demo shares.
 """
@@ -38,7 +38,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, Iterator
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.concurrency import run_in_threadpool
@@ -48,6 +48,7 @@ from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loupe_vlm.assistant.inference import Assistant, Request, Result
+from loupe_vlm.assistant.processing import ImageError
 
 from .common import (
     MAX_IMAGE_BYTES,
@@ -218,17 +219,29 @@ def _completion(result: Result, model: str, cid: str, created: int) -> dict:
                          "finish_reason": "stop", "logprobs": None, "loupe": api_record(result)}]}
 
 
-async def _chunks(result: Result, model: str, cid: str, created: int) -> AsyncIterator[str]:
-    def chunk(delta: dict, finish: str | None = None, extra: dict | None = None) -> str:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None, **(extra or {})}
-        return "data: " + json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created,
-                                      "model": model, "choices": [choice]}) + "\n\n"
+def _chunk(cid: str, created: int, model: str, delta: dict, finish: str | None = None,
+           extra: dict | None = None) -> str:
+    choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None, **(extra or {})}
+    return "data: " + json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created,
+                                  "model": model, "choices": [choice]}) + "\n\n"
 
-    yield chunk({"role": "assistant", "content": ""})
-    for piece in re.findall(r"\s*\S+", result.text):  # pieces join back to the exact text
-        yield chunk({"content": piece})
-    yield chunk({}, "stop", {"loupe": api_record(result)})
-    yield "data: [DONE]\n\n"
+
+def _stream_chunks(pieces: Iterator[str | Result], lock: threading.Lock, model: str, cid: str,
+                   created: int) -> Iterator[str]:
+    """SSE chunks of an answer as the model writes it (``Assistant.stream``), then the final chunk with
+    Loupe's record. The model lock is taken when the first chunk is asked for and held until the answer is
+    finished or the client goes away (the generator is then closed, which releases it)."""
+    lock.acquire()
+    try:
+        yield _chunk(cid, created, model, {"role": "assistant", "content": ""})
+        for item in pieces:
+            if isinstance(item, Result):
+                yield _chunk(cid, created, model, {}, "stop", {"loupe": api_record(item)})
+                break
+            yield _chunk(cid, created, model, {"content": item})
+        yield "data: [DONE]\n\n"
+    finally:
+        lock.release()
 
 
 # ---- the app -----------------------------------------------------------------------------------
@@ -298,13 +311,18 @@ def create_app(assistant: Assistant, allow_files: str | Path | None = None, *, l
             raise APIError(404, f"model {name!r} not found; this server has {assistant.name!r} (see /v1/models)",
                            param="model", code="model_not_found")
         request = await run_in_threadpool(build_request, body, images)  # decodes images off the event loop
+        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if body.get("stream"):
+            try:  # images are loaded and encoded here, before anything is sent: a bad one is a 400
+                pieces = await run_in_threadpool(assistant.stream, request)
+            except (ImageError, ValueError, OSError) as exc:
+                raise APIError(400, str(exc), param="messages", code=getattr(exc, "kind", None)) from None
+            # a sync iterator: Starlette runs each step in its thread pool, so tokens go out as they come
+            return StreamingResponse(_stream_chunks(pieces, lock, assistant.name, cid, created),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         result = await run_in_threadpool(run, request)
         if result.error is not None:
             raise APIError(400, result.error["message"], param="messages", code=result.error["type"])
-        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        if body.get("stream"):
-            return StreamingResponse(_chunks(result, assistant.name, cid, created), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
         return _completion(result, assistant.name, cid, created)
 
     if mount_ui:

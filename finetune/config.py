@@ -106,6 +106,10 @@ class TrainConfig(ModelOptions):
     """Also train the vision-language projector (the vision tower's merger)."""
     trust_remote_code: bool = False
     """Allow the base's own Python code to run (off unless you trust the base)."""
+    image_pretrained: bool = True
+    """Text-only LM bases: start the ImageEncoder's trunk from its pretrained weights (false: random init)."""
+    train_image_trunk: bool = True
+    """Text-only LM bases: fine-tune the ImageEncoder's trunk (false: keep it fixed; its projector trains)."""
     scratch: ScratchTrainOptions = field(default_factory=ScratchTrainOptions)
     """Knobs of small from-scratch models (loupe-tiny); see ScratchTrainOptions. Off by default."""
 
@@ -129,7 +133,8 @@ class TrainConfig(ModelOptions):
     lr: float = 2e-4
     """Peak learning rate."""
     head_lr: float = 0.0
-    """Learning rate of the LowLevelEncoder and MaskDecoder (0: same as lr)."""
+    """Learning rate of the LowLevelEncoder, MaskDecoder and ImageEncoder projector (0: same as lr); a
+    pretrained ImageEncoder trunk trains at lr."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     schedule: str = "cosine"

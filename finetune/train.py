@@ -178,7 +178,7 @@ def build_model(cfg: TrainConfig, device: torch.device, precision: str) -> tuple
         elif method == "lora" and half is not None:
             load["dtype"] = half  # frozen base in half precision; LoRA weights and heads stay fp32
         model, processor = new_model(cfg.base, seed=cfg.seed, load_kwargs=load, trust_remote_code=cfg.trust_remote_code,
-                                     **loupe_fields)
+                                     pretrained_trunk=cfg.image_pretrained, **loupe_fields)
     if method == "full":
         model.requires_grad_(True)
         if cfg.gradient_checkpointing:
@@ -207,6 +207,8 @@ def build_model(cfg: TrainConfig, device: torch.device, precision: str) -> tuple
             p.requires_grad_(True)
     for _, module in model.head_modules():  # Loupe's own modules train fully
         module.requires_grad_(True)
+    if model.image_encoder is not None and not cfg.train_image_trunk:
+        model.image_encoder.trunk.requires_grad_(False)
     return model, processor
 
 
@@ -233,6 +235,8 @@ def lr_curve(step: int, warmup: int, total: int, schedule: str) -> float:
 def build_optimizer(model: ExplainableVLM, cfg: TrainConfig) -> tuple[Any, Any]:
     """AdamW over the trainable parameters (heads may get their own lr) and the warmup + decay schedule."""
     heads = {id(p) for name, m in model.head_modules() if name != "fusion" for p in m.parameters()}
+    if model.image_encoder is not None:  # a pretrained trunk is fine-tuned at the body's lr, not the new heads'
+        heads -= {id(p) for p in model.image_encoder.trunk.parameters()}
     fusion = {id(p) for p in model.fusion.parameters()} if model.fusion is not None else set()
     body = [p for p in model.parameters() if p.requires_grad and id(p) not in heads | fusion]
     head = [p for p in model.parameters() if p.requires_grad and id(p) in heads]

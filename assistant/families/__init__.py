@@ -104,6 +104,10 @@ class BaseFamily:
     def lm_head(self, model: nn.Module) -> nn.Module:
         return _unwrap(model).get_output_embeddings()
 
+    def keep_layers(self, model: nn.Module, n: int) -> None:
+        """Keep only the first ``n`` decoder layers of the language model (in place)."""
+        raise FamilyError(f"family {self.name}: keeping only some of the language model's layers is not supported")
+
     def module_role(self, parameter_name: str) -> str | None:
         """"vision", "projector" or None (language model) for a parameter name of the base."""
         return None

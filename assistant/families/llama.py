@@ -211,5 +211,16 @@ class LlamaFamily(BaseFamily):
     def final_norm(self, model):
         return _unwrap(model).model.norm
 
+    def keep_layers(self, model, n):
+        inner = _unwrap(model).model
+        total = len(inner.layers)
+        if not 0 < n <= total:
+            raise FamilyError(f"lm_layers: {n} is not between 1 and the base's {total} layers")
+        inner.layers = torch.nn.ModuleList(list(inner.layers)[:n])
+        for cfg in {id(c): c for c in (_unwrap(model).config, inner.config)}.values():
+            cfg.num_hidden_layers = n
+            if getattr(cfg, "layer_types", None):
+                cfg.layer_types = list(cfg.layer_types)[:n]
+
     def module_role(self, parameter_name):
         return None  # no vision tower or projector inside the base: Loupe's ImageEncoder is outside it

@@ -242,6 +242,22 @@ def _stem(p: str) -> str:
     return f"{head}/{tail}" if head else tail
 
 
+@lru_cache(maxsize=32)
+def _matchers(path: str, any_extension: bool) -> tuple[dict[str, int], tuple[tuple[int, re.Pattern], ...]]:
+    """Stanza index by literal pattern (the last one wins), and the wildcard patterns compiled: a
+    copyright file has hundreds of patterns and a package hundreds of photos."""
+    literal: dict[str, int] = {}
+    wild: list[tuple[int, re.Pattern]] = []
+    for i, st in enumerate(copyright_stanzas(path)):
+        for pat in st.patterns:
+            pat = _stem(pat) if any_extension else pat
+            if any(c in pat for c in "*?["):
+                wild.append((i, re.compile(fnmatch.translate(pat))))
+            else:
+                literal[pat] = i
+    return literal, tuple(wild)
+
+
 def licence_of(copyright_file: str | os.PathLike, relpath: str, any_extension: bool = False) -> str | None:
     """The licence of ``relpath`` (a path in the upstream source tree) per a DEP-5 copyright file,
     as ``"LICENCE (copyright holder; comment)"``; the last matching stanza wins, as DEP-5 says.
@@ -250,12 +266,10 @@ def licence_of(copyright_file: str | os.PathLike, relpath: str, any_extension: b
     ``.jpg`` in the source tree installed as ``.webp``). ``None`` when nothing matches.
     """
     stanzas = copyright_stanzas(str(copyright_file))
+    literal, wild = _matchers(str(copyright_file), any_extension)
     key = _stem(relpath) if any_extension else relpath
-    hit = None
-    for st in stanzas:
-        for pat in st.patterns:
-            if fnmatch.fnmatchcase(key, _stem(pat) if any_extension else pat):
-                hit = st
+    best = max([literal.get(key, -1)] + [i for i, rx in wild if rx.match(key)])
+    hit = stanzas[best] if best >= 0 else None
     if hit is None or not hit.licence:
         return None
     if hit.patterns == ("*",):  # the package-wide default: its copyright list names code authors

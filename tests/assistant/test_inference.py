@@ -175,3 +175,23 @@ def test_two_threads_on_one_model_match_one_at_a_time(tiny_assistant):
         assert (mask_s is None) == (mask_c is None)
         if mask_s is not None:
             assert np.array_equal(mask_s, mask_c)
+
+
+def test_stream_yields_the_answer_token_by_token_then_the_result(tiny_assistant):
+    from loupe_vlm.assistant.inference import Result
+
+    whole = tiny_assistant.detect_forgery(ASSETS / "tampered.png")
+    items = list(tiny_assistant.stream(Request("forgery.detect", [ASSETS / "tampered.png"], ["A"], detail=True)))
+    *pieces, result = items
+    assert isinstance(result, Result) and all(isinstance(p, str) for p in pieces)
+    n_tokens = len(tiny_assistant.tokenizer.encode(whole.raw_text, add_special_tokens=False))
+    assert len(pieces) >= n_tokens // 2 > 3  # a piece per token or so, not the finished text at once
+    assert "".join(pieces) == result.text == whole.text
+    assert not any("<|mask|>" in p for p in pieces)
+    assert result.forgery.probability == pytest.approx(whole.forgery.probability, abs=1e-6)
+    assert np.array_equal(result.forgery.mask, whole.forgery.mask)
+    pair = list(tiny_assistant.stream(Request("quality.rate", [ASSETS / "clean.png", ASSETS / "noisy.png"],
+                                              ["A", "B"])))
+    assert pair[-1].comparison.better == "A" and pair[-1].comparison.consistent is True
+    with pytest.raises(ImageError):
+        tiny_assistant.stream(Request("quality.assess", [ASSETS / "missing.png"], ["A"]))

@@ -43,9 +43,10 @@ def test_lowlevel_tokens_fill_the_placeholder_rows():
     ids = batch["input_ids"]
     n_images = len(batch["lowlevel_pixels"])
     assert int((ids == model.config.lowlevel_token_id).sum()) == n_images * model.config.n_lowlevel_tokens
-    tokens = model.encode_lowlevel(batch["lowlevel_pixels"]).tokens
+    low = model.encode_lowlevel(batch["lowlevel_pixels"])
+    tokens = low.tokens
     emb = model.vlm.get_input_embeddings()
-    filled = model.embed(ids, tokens)
+    filled = model.embed(ids, low)
     where = ids == model.config.lowlevel_token_id
     assert torch.allclose(filled[where], tokens)
     assert torch.equal(filled[~where], emb(ids)[~where])

