@@ -11,8 +11,6 @@ embedded ``loupe-tiny`` model was born.
 
 from __future__ import annotations
 
-import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -23,8 +21,6 @@ from transformers import AutoConfig, PreTrainedTokenizerFast
 from loupe_vlm.prompts import SPECIAL_TOKENS, all_vocabulary_text
 
 from .families import FAMILIES, BaseFamily, FamilyError, get_family
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -141,7 +137,11 @@ def resolve_base(name_or_path: str) -> str:
 def base_family(name_or_path: str, trust_remote_code: bool = False) -> BaseFamily:
     """The family of a packaged base, hub id or local folder, from its config; a clear error if it is none
     of Loupe's."""
-    name_or_path = resolve_base(name_or_path)
+    return _family_at(resolve_base(name_or_path), trust_remote_code)
+
+
+def _family_at(name_or_path: str, trust_remote_code: bool) -> BaseFamily:
+    """The family of a hub id or local folder (a packaged base already resolved to its folder)."""
     path = Path(name_or_path)
     if path.is_dir() and (path / "loupe_config.json").is_file():
         raise FamilyError(f"{name_or_path}: is a Loupe checkpoint, not a base model; load it with --model")
@@ -160,16 +160,7 @@ def base_family(name_or_path: str, trust_remote_code: bool = False) -> BaseFamil
 def load_base(name_or_path: str, *, dtype: torch.dtype | None = None, quantization_config: Any = None,
               trust_remote_code: bool = False, device_map: Any = None) -> tuple[Any, Any]:
     """Load ``(model, processor)`` from a packaged base, a hub id or a local folder, safetensors only."""
-    family = base_family(name_or_path, trust_remote_code)
-    return family.load(resolve_base(name_or_path), dtype=dtype, quantization_config=quantization_config,
-                       trust_remote_code=trust_remote_code, device_map=device_map)
-
-
-def load_processor(path: str | os.PathLike, family: str, trust_remote_code: bool = False) -> Any:
-    """The processor saved in ``path``, loaded the way its family needs."""
-    return get_family(family).load_processor(path, trust_remote_code=trust_remote_code)
-
-
-def family_of(config: Any) -> str:
-    """The model family name (``qwen2_5_vl``, ``qwen3_vl``...) of a transformers config."""
-    return get_family(getattr(config, "model_type", "unknown")).name
+    resolved = resolve_base(name_or_path)
+    return _family_at(resolved, trust_remote_code).load(
+        resolved, dtype=dtype, quantization_config=quantization_config, trust_remote_code=trust_remote_code,
+        device_map=device_map)

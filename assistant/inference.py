@@ -204,6 +204,11 @@ class _KeyWords:
         return out
 
 
+def _names(req: Request) -> list[str]:
+    """How a request's images are named in its result: given names, else the paths."""
+    return req.names or [str(x) if isinstance(x, (str, Path)) else "<image>" for x in req.images]
+
+
 class _PieceStreamer:
     """A transformers generation streamer (``put``/``end``) that turns the new tokens of one answer into text
     pieces on a queue, decoding the whole answer so far and sending what it adds (mask tokens removed, held
@@ -316,17 +321,10 @@ class Assistant:
         results: list[Result] = []
         jobs: list[tuple[int, int, Any]] = []  # (request index, order, encoded)
         for i, req in enumerate(requests):
-            names = req.names or [str(x) if isinstance(x, (str, Path)) else "<image>" for x in req.images]
+            names = _names(req)
             t0 = time.perf_counter()
             try:
-                pil = [load_image(x, self.processor.max_image_pixels) for x in req.images]
-                orders = [pil]
-                if req.task in ("quality.rate", "quality.compare"):
-                    swapped = list(pil)
-                    ia, ib = req.roles.index("A"), req.roles.index("B")
-                    swapped[ia], swapped[ib] = pil[ib], pil[ia]
-                    orders.append(swapped)
-                encoded = [self._encode(req, imgs) for imgs in orders]
+                encoded = self._encode_orders(req)
             except (ImageError, ValueError, OSError) as exc:
                 if errors is not None:
                     errors[i] = exc
@@ -351,6 +349,17 @@ class Assistant:
                 results[i].seconds = (results[i].seconds or 0.0) + time.perf_counter() - t0
         return results
 
+    def _encode_orders(self, req: Request) -> list[Any]:
+        """The request encoded as asked and, for a comparison, with A and B swapped (loads the images)."""
+        pil = [load_image(x, self.processor.max_image_pixels) for x in req.images]
+        orders = [pil]
+        if req.task in ("quality.rate", "quality.compare"):
+            swapped = list(pil)
+            ia, ib = req.roles.index("A"), req.roles.index("B")
+            swapped[ia], swapped[ib] = pil[ib], pil[ia]
+            orders.append(swapped)
+        return [self._encode(req, imgs) for imgs in orders]
+
     def _encode(self, req: Request, images: list[Any]):
         if req.task == "chat":
             messages = req.messages or []
@@ -366,16 +375,8 @@ class Assistant:
         loaded and encoded before this returns, so a bad image raises here, not while iterating.
 
         A comparison runs its second (swapped) order after the first has streamed."""
-        pil = [load_image(x, self.processor.max_image_pixels) for x in request.images]
-        first = self._encode(request, pil)
-        swapped = None
-        if request.task in ("quality.rate", "quality.compare"):
-            imgs = list(pil)
-            ia, ib = request.roles.index("A"), request.roles.index("B")
-            imgs[ia], imgs[ib] = pil[ib], pil[ia]
-            swapped = self._encode(request, imgs)
-        names = request.names or [str(x) if isinstance(x, (str, Path)) else "<image>" for x in request.images]
-        return self._stream(request, first, swapped, names)
+        first, *swapped = self._encode_orders(request)
+        return self._stream(request, first, swapped[0] if swapped else None, _names(request))
 
     def _stream(self, request: Request, first: Any, swapped: Any, names: list[str]) -> Iterator[str | Result]:
         t0 = time.perf_counter()

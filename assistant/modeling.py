@@ -202,9 +202,6 @@ class LoupeConfig(ModelOptions):
         s = self.scratch
         if s.evidence_fusion and s.fusion_scope == "key" and not s.key_token_ids:
             problems.append("scratch.evidence_fusion: fusion_scope 'key' biases key_token_ids, and there are none")
-        if s.evidence_word_ids and self.aux_weight <= 0:
-            problems.append("scratch.evidence_word_ids: evidence tokens are read from the auxiliary heads; "
-                            "they need aux_weight > 0")
         if problems:
             raise ValueError("model config: " + "; ".join(problems))
         return self
@@ -702,12 +699,12 @@ class ExplainableVLM(nn.Module):
         """Wrap a base VLM with freshly initialised LowLevelEncoder and MaskDecoder (and ImageEncoder, whose
         trunk starts from its pretrained weights when ``pretrained_trunk``)."""
         config.check()
-        hidden = get_family(config.family).text_config(vlm).hidden_size
+        family = get_family(config.family)
+        hidden = family.text_config(vlm).hidden_size
         grid = config.n_lowlevel_tokens - len(config.scratch.evidence_word_ids)
         grid = grid if config.lowlevel_branch else LOWLEVEL_TOKENS_PER_IMAGE  # built, unused, for the head sizes
         low = LowLevelEncoder(hidden, config.lowlevel_width, grid, AUX_DIM if config.aux_weight > 0 else 0,
                               context=config.scratch.lowlevel_context, pool_map=config.scratch.lowlevel_pool_map)
-        family = get_family(config.family)
         enc = (ImageEncoder(hidden, config.image_trunk, config.image_width, family.cell, pretrained=pretrained_trunk)
                if family.own_image_tokens else None)
         dec = MaskDecoder(hidden, low.dense_dim, config.decoder_width, prior=config.scratch.mask_prior,

@@ -198,11 +198,11 @@ class LoupeProcessor:
     """Turns messages + images (or a ``Sample``) into model inputs for one base family."""
 
     def __init__(self, processor: Any, n_lowlevel_tokens: int, lowlevel_max_side: int = 448,
-                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, family: str | None = None):
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, *, family: str):
         from .families import get_family
 
         self.processor = processor
-        self.family = get_family(family) if family else None
+        self.family = get_family(family)
         self.tokenizer = processor.tokenizer
         self.n_lowlevel_tokens = n_lowlevel_tokens
         self.lowlevel_max_side = lowlevel_max_side
@@ -221,8 +221,6 @@ class LoupeProcessor:
 
     def image_token_count(self, width: int, height: int) -> int:
         """Image tokens an image of this size becomes (the family's rule and this processor's pixel budget)."""
-        if self.family is None:
-            raise ValueError("this LoupeProcessor was built without its family; use LoupeProcessor.for_model")
         return self.family.image_token_count(width, height, self.processor)
 
     def _single_id(self, token: str) -> int:

@@ -195,10 +195,8 @@ def build_model(cfg: TrainConfig, device: torch.device, precision: str) -> tuple
         model.vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.vlm.enable_input_require_grads()  # so checkpointed blocks see a grad-requiring input under peft
     # LoRA on the language model; the mask token's embedding (and output) row is trained too
-    tok = processor.tokenizer
-    new_rows = [model.config.mask_token_id]
-    if model.family.own_image_tokens:  # the image delimiters are new rows of a text-only LM too
-        new_rows += [tok.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>")]
+    new_rows = [model.config.mask_token_id] + [processor.tokenizer.convert_tokens_to_ids(t)
+                                                for t in model.family.new_trainable_tokens]
     model.apply_lora(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target or None,
                      trainable_token_ids=new_rows)
     for name, p in model.vlm.named_parameters():

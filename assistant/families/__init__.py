@@ -37,6 +37,9 @@ class BaseFamily:
     own_image_tokens: ClassVar[bool] = False
     """True when Loupe's own image encoder supplies the image tokens (a text-only LM), False when the
     base's vision tower does."""
+    new_trainable_tokens: ClassVar[tuple[str, ...]] = ()
+    """Tokens Loupe adds to a pretrained base of this family (besides its own mask token) whose embedding rows
+    LoRA training must learn: a text-only LM has no image delimiters of its own."""
     lora_target: ClassVar[str] = ""
     """Default peft ``target_modules`` regex: the language model's linear layers only."""
     quant_skip: ClassVar[tuple[str, ...]] = ()

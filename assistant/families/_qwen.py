@@ -146,6 +146,12 @@ class QwenVLFamily(BaseFamily):
                     tie_word_embeddings=True, bos_token_id=None,
                     eos_token_id=tokenizer.convert_tokens_to_ids(self.end_token), pad_token_id=tokenizer.pad_token_id)
 
+    def _vision_config(self, s: Any, **specific: Any) -> dict[str, Any]:
+        """The vision tower of a from-scratch base: what both families share, plus ``specific``."""
+        return dict(depth=s.vision_depth, hidden_size=s.vision_hidden, intermediate_size=2 * s.vision_hidden,
+                    num_heads=s.vision_heads, out_hidden_size=s.text_hidden, patch_size=self.patch_size,
+                    spatial_merge_size=2, temporal_patch_size=2, **specific)
+
     @staticmethod
     def _vision_ids(tokenizer: Any) -> dict[str, int]:
         return {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (

@@ -139,6 +139,7 @@ class LlamaFamily(BaseFamily):
     image_token = "<|image_pad|>"
     end_token = "<|im_end|>"
     own_image_tokens = True
+    new_trainable_tokens = (VISION_TOKENS[0], VISION_TOKENS[2])
     lora_target: ClassVar[str] = r".*layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
     quant_skip: ClassVar[tuple[str, ...]] = ("lm_head",)
     special_tokens: ClassVar[tuple[str, ...]] = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", *VISION_TOKENS)

@@ -18,10 +18,6 @@ class Qwen2_5_VLFamily(QwenVLFamily):
     processor_class = Qwen2_5_VLImageProcessor
 
     def scratch_config(self, size, tokenizer):
-        s = size
-        vision = dict(depth=s.vision_depth, hidden_size=s.vision_hidden, intermediate_size=2 * s.vision_hidden,
-                      num_heads=s.vision_heads, out_hidden_size=s.text_hidden, patch_size=14,
-                      spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                      fullatt_block_indexes=list(range(s.vision_depth)))
-        return Qwen2_5_VLConfig(text_config=self._text_config(s, tokenizer), vision_config=vision,
+        vision = self._vision_config(size, window_size=112, fullatt_block_indexes=list(range(size.vision_depth)))
+        return Qwen2_5_VLConfig(text_config=self._text_config(size, tokenizer), vision_config=vision,
                                 tie_word_embeddings=True, **self._vision_ids(tokenizer))

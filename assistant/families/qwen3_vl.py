@@ -19,13 +19,9 @@ class Qwen3VLFamily(QwenVLFamily):
     processor_class = Qwen3VLImageProcessor
 
     def scratch_config(self, size, tokenizer):
-        s = size
-        text = self._text_config(s, tokenizer)
-        text["head_dim"] = s.text_hidden // s.text_heads
+        text = self._text_config(size, tokenizer)
+        text["head_dim"] = size.text_hidden // size.text_heads
         text["rope_parameters"]["mrope_interleaved"] = True
-        vision = dict(depth=s.vision_depth, hidden_size=s.vision_hidden, intermediate_size=2 * s.vision_hidden,
-                      num_heads=s.vision_heads, out_hidden_size=s.text_hidden, patch_size=16,
-                      spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=256,
-                      deepstack_visual_indexes=[s.vision_depth - 1])
+        vision = self._vision_config(size, num_position_embeddings=256, deepstack_visual_indexes=[size.vision_depth - 1])
         return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True,
                              **self._vision_ids(tokenizer))

@@ -149,7 +149,6 @@ def test_confidence_is_the_mean_probability_of_the_key_tokens(tiny_assistant):
     expected = float(np.mean([chosen[i] for i in starts]))
     r = a.assess(ASSETS / "noisy.png")
     assert r.confidence == pytest.approx(expected, abs=1e-6)
-    assert r.confidence != pytest.approx(chosen[starts[-1]], abs=1e-9) or len(set(chosen[i] for i in starts)) == 1
 
 
 def test_two_threads_on_one_model_match_one_at_a_time(tiny_assistant):
