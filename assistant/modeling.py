@@ -88,6 +88,12 @@ class ModelOptions:
     token. "scratch": a small strided CNN trained from nothing."""
     image_width: int = 32
     """Text-only LM bases only: the width of a scratch ImageEncoder trunk."""
+    lowlevel_trunk: bool = False
+    """The LowLevelEncoder's auxiliary heads also read the ImageEncoder's pretrained trunk, run on the
+    low-level image: its pooled stride-32 features join the image-level heads' input and its stride-8/16
+    map the tampering map. The branch's verdicts (evidence tokens, fusion, mask prior) then rest on
+    ImageNet features, not on the small high-pass CNN alone. Needs image_trunk efficientnet-lite0 and
+    aux_weight > 0; lowlevel_freeze then holds the trunk fixed too."""
 
     def model_problems(self) -> list[str]:
         """Every problem with these fields and the ``scratch`` group, each naming its field."""
@@ -96,6 +102,10 @@ class ModelOptions:
             p.append(f"lm_layers: must be >= 0, got {self.lm_layers}")
         if self.image_trunk not in IMAGE_TRUNKS:
             p.append(f"image_trunk: {self.image_trunk!r} is not one of {', '.join(IMAGE_TRUNKS)}")
+        if self.lowlevel_trunk and self.image_trunk == "scratch":
+            p.append("lowlevel_trunk: the branch reads a pretrained ImageEncoder trunk; set image_trunk efficientnet-lite0")
+        if self.lowlevel_trunk and self.aux_weight <= 0:
+            p.append("lowlevel_trunk: the trunk feeds the auxiliary heads; set aux_weight > 0 too")
         for name in ("decoder_width", "lowlevel_width", "lowlevel_max_side", "min_pixels", "max_pixels", "image_width"):
             if getattr(self, name) <= 0:
                 p.append(f"{name}: must be > 0, got {getattr(self, name)}")
@@ -311,7 +321,7 @@ class LowLevelEncoder(nn.Module):
     """
 
     def __init__(self, lm_hidden: int, width: int = 32, n_tokens: int = 4, aux_dim: int = 0, context: int = 0,
-                 pool_map: bool = False):
+                 pool_map: bool = False, trunk_dims: tuple[int, int] = (0, 0)):
         super().__init__()
         side = int(round(n_tokens ** 0.5))
         if side * side != n_tokens:
@@ -334,12 +344,20 @@ class LowLevelEncoder(nn.Module):
         # features and a per-pixel tampering map from the dense one, trained on the builders' labels.
         # Their probabilities also feed every token, so the language model reads a distilled signal.
         self.aux_dim = aux_dim
+        # ``trunk_dims`` (pooled, dense): channels of a pretrained trunk's features given to ``forward``
+        # (ExplainableVLM's lowlevel_trunk); the heads read them beside the branch's own
+        self.trunk_dims = trunk_dims
+        if any(trunk_dims) and not aux_dim:
+            raise ValueError("trunk features feed the auxiliary heads: they need aux_dim > 0")
         if aux_dim:
-            self.aux_head = nn.Sequential(nn.Linear(4 * width + n_stats + 2 * int(pool_map), 2 * width), nn.GELU(),
-                                          nn.Linear(2 * width, aux_dim))
+            self.aux_head = nn.Sequential(nn.Linear(4 * width + n_stats + 2 * int(pool_map) + 2 * trunk_dims[0],
+                                                    2 * width * (1 + int(trunk_dims[0] > 0))), nn.GELU(),
+                                          nn.Linear(2 * width * (1 + int(trunk_dims[0] > 0)), aux_dim))
             # the map sees both the 1/4 features and the wider context of the 1/16 ones
             self.aux_dense = nn.Conv2d(width, 1, 1)
             self.aux_deep = nn.Conv2d(2 * width, 1, 1)
+            self.aux_trunk = (nn.Sequential(nn.Conv2d(trunk_dims[1], width, 1), nn.GELU(), nn.Conv2d(width, 1, 1))
+                              if trunk_dims[1] else None)
         # tokens: per grid cell, mean and std of the deep features, plus global residual energies
         self.to_tokens = nn.Sequential(nn.Linear(4 * width + n_stats + aux_dim, lm_hidden), nn.GELU(),
                                        nn.Linear(lm_hidden, lm_hidden))
@@ -350,7 +368,12 @@ class LowLevelEncoder(nn.Module):
         r = F.conv2d(F.pad(x, (2, 2, 2, 2), mode="reflect"), self.highpass)  # (3, 4, H, W)
         return (r / 8.0).clamp(-4, 4).reshape(1, -1, *image.shape[-2:])[0]
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    def forward(self, image: torch.Tensor, trunk: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """``trunk``: (pooled (C, h, w), dense (C', h', w')) features of a pretrained trunk on the same image,
+        required when built with ``trunk_dims``."""
+        if any(self.trunk_dims) and trunk is None:
+            raise ValueError("this LowLevelEncoder reads a pretrained trunk's features; none were given")
         res = self.residuals(image)  # (12, H, W)
         x = torch.cat([image * 2 - 1, res]).unsqueeze(0)  # (1, 15, H, W)
         dense = self.context(self.stem(x))  # (1, C, H/4, W/4)
@@ -369,7 +392,17 @@ class LowLevelEncoder(nn.Module):
             gstd = deep.std(dim=(2, 3))[0] if deep[0, 0].numel() > 1 else torch.zeros_like(gmean)
             wide = F.interpolate(self.aux_deep(deep), size=dense.shape[-2:], mode="bilinear", align_corners=False)
             tamper_map = (self.aux_dense(dense) + wide)[0, 0]
-            pooled = [map_pool(tamper_map)] if self.pool_map else []
+            pooled = []
+            if any(self.trunk_dims):
+                feats, tdense = trunk
+                if self.aux_trunk is not None:
+                    tamper_map = tamper_map + F.interpolate(self.aux_trunk(tdense.unsqueeze(0).to(dense.dtype)),
+                                                            size=dense.shape[-2:], mode="bilinear",
+                                                            align_corners=False)[0, 0]
+                f = feats.flatten(1).to(dense.dtype)  # (C, h*w): mean and peak of each channel
+                pooled += [f.mean(1), f.amax(1)]
+            if self.pool_map:
+                pooled.append(map_pool(tamper_map))
             logits = self.aux_head(torch.cat([gmean, gstd, stats, *pooled]))  # (aux_dim,)
             aux = (logits, tamper_map)
             glob.append(logits.sigmoid().expand(cells.shape[0], -1))
@@ -703,10 +736,15 @@ class ExplainableVLM(nn.Module):
         hidden = family.text_config(vlm).hidden_size
         grid = config.n_lowlevel_tokens - len(config.scratch.evidence_word_ids)
         grid = grid if config.lowlevel_branch else LOWLEVEL_TOKENS_PER_IMAGE  # built, unused, for the head sizes
-        low = LowLevelEncoder(hidden, config.lowlevel_width, grid, AUX_DIM if config.aux_weight > 0 else 0,
-                              context=config.scratch.lowlevel_context, pool_map=config.scratch.lowlevel_pool_map)
         enc = (ImageEncoder(hidden, config.image_trunk, config.image_width, family.cell, pretrained=pretrained_trunk)
                if family.own_image_tokens else None)
+        if config.lowlevel_trunk and (enc is None or not enc.dense_dim):
+            raise ValueError("lowlevel_trunk: the LowLevelEncoder reads a pretrained ImageEncoder trunk, and this "
+                             f"{family.name} model has none (image_trunk efficientnet-lite0 on a text-only base)")
+        trunk_dims = (enc.trunk.out_dim, enc.dense_dim) if config.lowlevel_trunk else (0, 0)
+        low = LowLevelEncoder(hidden, config.lowlevel_width, grid, AUX_DIM if config.aux_weight > 0 else 0,
+                              context=config.scratch.lowlevel_context, pool_map=config.scratch.lowlevel_pool_map,
+                              trunk_dims=trunk_dims)
         dec = MaskDecoder(hidden, low.dense_dim, config.decoder_width, prior=config.scratch.mask_prior,
                           extra_dim=enc.dense_dim if enc is not None else 0)
         return cls(vlm, low, dec, config, enc)
@@ -735,7 +773,10 @@ class ExplainableVLM(nn.Module):
             return LowLevel(zeros, None, [None] * len(images))
         dense, tokens, aux = [], [], []
         for img in images:
-            d, t, a = self.lowlevel(img.to(self.device))
+            img = img.to(self.device)
+            # lowlevel_trunk: the pretrained trunk looks at the same low-level image for the heads
+            trunk = self.image_encoder.trunk(img.unsqueeze(0)) if self.config.lowlevel_trunk else None
+            d, t, a = self.lowlevel(img, None if trunk is None else (trunk[0][0], trunk[1][0]))
             if self.config.scratch.evidence_word_ids:
                 t = torch.cat([t, self.evidence_tokens(a[0]).to(t.dtype)])
             dense.append(d)

@@ -339,12 +339,16 @@ def load_lowlevel(model: ExplainableVLM, checkpoint: Path) -> None:
     logger.info("LowLevelEncoder initialised from %s", checkpoint)
 
 
-def set_lowlevel_frozen(model: ExplainableVLM, frozen: bool) -> None:
-    """Freeze (or unfreeze) the LowLevelEncoder's convolutions and auxiliary heads; its token projection
-    (``to_tokens``) always trains with the language model."""
+def set_lowlevel_frozen(model: ExplainableVLM, frozen: bool, train_trunk: bool = True) -> None:
+    """Freeze (or unfreeze) the LowLevelEncoder's convolutions and auxiliary heads, and with
+    ``lowlevel_trunk`` the ImageEncoder trunk the heads read; its token projection (``to_tokens``) and
+    the ImageEncoder's projector always train with the language model. Unfreezing leaves the trunk
+    fixed unless ``train_trunk`` (the recipe's train_image_trunk)."""
     for name, p in model.lowlevel.named_parameters():
         if not name.startswith("to_tokens."):
             p.requires_grad_(not frozen)
+    if model.config.lowlevel_trunk:
+        model.image_encoder.trunk.requires_grad_(not frozen and train_trunk)
 
 
 def pretrain_lowlevel(run: Run) -> None:
@@ -358,9 +362,15 @@ def pretrain_lowlevel(run: Run) -> None:
     if not cfg.scratch.lowlevel_pretrain_steps or run.step > 0 or run.batch > 0 or run.epoch > 0:
         return
     model = run.unwrapped
-    set_lowlevel_frozen(model, False)  # trained here by its own optimizer, outside DDP
+    set_lowlevel_frozen(model, False, cfg.train_image_trunk)  # trained here by its own optimizer, outside DDP
     params = [p for p in model.lowlevel.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = [{"params": params, "lr": cfg.lr}]
+    if cfg.lowlevel_trunk:  # the heads are new (head_lr); the pretrained trunk they read is fine-tuned at lr
+        groups = [{"params": params, "lr": cfg.head_lr or cfg.lr}]
+        trunk = [p for p in model.image_encoder.trunk.parameters() if p.requires_grad]
+        groups.append({"params": trunk, "lr": cfg.lr})
+        params = params + trunk
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     warmup = max(1, min(cfg.warmup_steps, cfg.scratch.lowlevel_pretrain_steps // 10))
     # (step + 1): the first step already trains, as it did under the warm-up-then-constant schedule
     sched = torch.optim.lr_scheduler.LambdaLR(

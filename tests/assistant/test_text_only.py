@@ -95,3 +95,43 @@ def test_without_the_high_pass_branch_there_are_no_low_level_tokens():
     out = model(batch)
     assert torch.isfinite(out.loss) and out.lowlevel.tokens is None
     assert all(float(d.abs().sum()) == 0 for d in out.lowlevel.dense)
+
+
+def test_lowlevel_trunk_feeds_the_auxiliary_heads_and_round_trips(tmp_path):
+    # the branch's heads read the pretrained trunk: its features change the aux logits and the tampering
+    # map, its gradients reach the trunk, and a saved model rebuilds the same outputs
+    torch.manual_seed(0)
+    model, processor = new_model("scratch:test:llama", corpus=CORPUS, image_trunk="efficientnet-lite0",
+                                 lowlevel_trunk=True, aux_weight=1.0, pretrained_trunk=False, lowlevel_max_side=64,
+                                 lowlevel_width=8, decoder_width=16, min_pixels=64 * 64, max_pixels=96 * 96)
+    assert model.lowlevel.trunk_dims == (432, 152)
+    lp = LoupeProcessor.for_model(model, processor)
+    batch = training_batch(lp)
+    out = model(batch)
+    assert torch.isfinite(out.loss)
+    sum(a[0].sum() + a[1].sum() for a in out.lowlevel.aux).backward()
+    assert model.image_encoder.trunk.blocks[15]._project_conv.weight.grad.abs().sum() > 0
+    img = batch["lowlevel_pixels"][0]
+    with torch.no_grad():
+        feats, dense = model.image_encoder.trunk(img.unsqueeze(0))
+        base = model.lowlevel(img, (feats[0], dense[0]))[2]
+        moved = model.lowlevel(img, (feats[0] + 1.0, dense[0] + 1.0))[2]
+    assert not torch.allclose(base[0], moved[0]) and not torch.allclose(base[1], moved[1])
+    with pytest.raises(ValueError, match="trunk"):
+        model.lowlevel(img)
+    model.eval()
+    with torch.no_grad():
+        before = model(batch).logits
+    model.save_pretrained(tmp_path / "ck", processor=processor)
+    loaded, _ = ExplainableVLM.from_pretrained(tmp_path / "ck")
+    with torch.no_grad():
+        after = loaded(batch).logits
+    assert loaded.config.lowlevel_trunk and torch.allclose(before, after, atol=1e-5)
+
+
+def test_lowlevel_trunk_needs_a_pretrained_trunk_and_aux_heads():
+    from loupe_vlm.assistant.modeling import ModelOptions
+
+    problems = ModelOptions(lowlevel_trunk=True).model_problems()
+    assert any("image_trunk efficientnet-lite0" in p for p in problems)
+    assert any("aux_weight" in p for p in problems)
