@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from .inference import Assistant, Request
+from .inference import MODEL_HELP, Assistant, Request
 from .processing import ImageError, load_image
 
 TASK_CHOICES = ("auto", "quality", "identify", "compare", "forgery")
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", metavar="R", help="a pristine reference image (quality tasks)")
     p.add_argument("--task", choices=TASK_CHOICES, default="auto", help="what to do (default: auto)")
     p.add_argument("--detail", action="store_true", help="a detailed answer instead of a brief one")
-    p.add_argument("--model", metavar="M", help="a Loupe checkpoint folder (default: the embedded loupe-tiny)")
+    p.add_argument("--model", metavar="M", help=MODEL_HELP)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto: the GPU if there is one, else the CPU)")
     p.add_argument("--json", action="store_true", help="print the result record of DESIGN.md as JSON")
     p.add_argument("--mask-out", metavar="PNG", help="save the forgery mask (255 = tampered) to this PNG")

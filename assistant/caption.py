@@ -36,7 +36,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 from PIL import Image
 
-from .inference import SCHEMA_TASK, Assistant, Request, Result, error_result
+from .inference import MODEL_HELP, SCHEMA_TASK, Assistant, Request, Result, error_result
 from .processing import ImageError, load_image
 
 logger = logging.getLogger(__name__)
@@ -641,7 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masks-dir", type=Path, metavar="DIR", help="save forgery masks here as PNGs named by item id")
     p.add_argument("--ext", default=",".join(IMAGE_EXTENSIONS),
                    help=f"extensions taken from folders and globs (default: {','.join(IMAGE_EXTENSIONS)})")
-    p.add_argument("--model", metavar="M", help="a Loupe checkpoint folder (default: the embedded loupe-tiny)")
+    p.add_argument("--model", metavar="M", help=MODEL_HELP)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto; under "
                    "accelerate launch each process takes its own GPU)")
     p.add_argument("--batch-size", type=int, default=8, help="generations per batch (default: 8)")

@@ -46,7 +46,10 @@ from .processing import ImageError, LoupeProcessor, load_image, resize_logits
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "weights" / "loupe-tiny"
+DEFAULT_MODEL_NAME = "loupe-tiny"
+"""The embedded model every command uses without --model (``assistant/weights/<name>``, ``make <name>``)."""
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "weights" / DEFAULT_MODEL_NAME
+MODEL_HELP = f"a Loupe checkpoint folder (default: the embedded {DEFAULT_MODEL_NAME})"
 
 # Result schema "task" names for each template task.
 SCHEMA_TASK = {"quality.assess": "quality", "quality.identify": "quality", "quality.rate": "compare",
@@ -54,11 +57,11 @@ SCHEMA_TASK = {"quality.assess": "quality", "quality.identify": "quality", "qual
 
 
 def default_model_path() -> Path:
-    """The embedded ``loupe-tiny`` checkpoint; a clear error if it has not been built."""
+    """The embedded default checkpoint (``DEFAULT_MODEL_NAME``); a clear error if it has not been built."""
     if not (DEFAULT_MODEL_DIR / "loupe_config.json").is_file():
         raise FileNotFoundError(
-            f"the default model loupe-tiny is not in this checkout ({DEFAULT_MODEL_DIR}). Pass --model "
-            "PATH to a Loupe checkpoint, or build it with `make loupe-tiny`.")
+            f"the default model {DEFAULT_MODEL_NAME} is not in this checkout ({DEFAULT_MODEL_DIR}). Pass --model "
+            f"PATH to a Loupe checkpoint, or build it with `make {DEFAULT_MODEL_NAME}`.")
     return DEFAULT_MODEL_DIR
 
 
@@ -260,7 +263,7 @@ class Assistant:
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, *, device: str = "cpu", dtype: torch.dtype | None = None,
                         trust_remote_code: bool = False, max_new_tokens: int = 160) -> "Assistant":
-        """Load a Loupe checkpoint folder (``None``: the embedded loupe-tiny)."""
+        """Load a Loupe checkpoint folder (``None``: the embedded default model, ``DEFAULT_MODEL_NAME``)."""
         path = Path(path) if path is not None else default_model_path()
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"

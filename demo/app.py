@@ -31,7 +31,7 @@ from typing import Any, Iterator
 
 import gradio as gr
 
-from loupe_vlm.assistant.inference import Assistant, Request, Result
+from loupe_vlm.assistant.inference import MODEL_HELP, Assistant, Request, Result
 from loupe_vlm.assistant.processing import ImageError
 from loupe_vlm.prompts import canonical_question, user_content
 from loupe_vlm.prompts.parsing import strip_mask_tokens
@@ -330,7 +330,7 @@ def build_demo(assistant: Assistant, lock: threading.Lock | None = None) -> gr.B
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loupe demo", description="The Loupe chat web demo (gradio). It binds "
                                 "127.0.0.1 unless --host says otherwise; --share makes a public gradio link.")
-    p.add_argument("--model", metavar="M", help="a Loupe checkpoint folder (default: the embedded loupe-tiny)")
+    p.add_argument("--model", metavar="M", help=MODEL_HELP)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto: the GPU if there is one, else the CPU)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default: 7860)")

@@ -47,7 +47,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from loupe_vlm.assistant.inference import Assistant, Request, Result
+from loupe_vlm.assistant.inference import MODEL_HELP, Assistant, Request, Result
 from loupe_vlm.assistant.processing import ImageError
 
 from .common import (
@@ -342,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog="example client:\n  from openai import OpenAI\n"
                                        "  c = OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='none')",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", metavar="M", help="a Loupe checkpoint folder (default: the embedded loupe-tiny)")
+    p.add_argument("--model", metavar="M", help=MODEL_HELP)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto: the GPU if there is one, else the CPU)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")

@@ -40,7 +40,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from loupe_vlm.assistant.inference import Assistant, Request, Result
+from loupe_vlm.assistant.inference import MODEL_HELP, Assistant, Request, Result
 from loupe_vlm.prompts import CATEGORIES, RATINGS, TASKS, Sample, SampleError, canonical_question, iter_jsonl, rating_value
 from loupe_vlm.prompts.parsing import parse_locations, parse_verdict
 
@@ -710,7 +710,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  loupe eval --model ckpt/ --data kadid/test.jsonl --tasks quality.assess --limit 500 --out r/kadid\n"
                "  loupe eval --compare reports/a reports/b",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", metavar="M", help="a Loupe checkpoint folder (default: the embedded loupe-tiny)")
+    p.add_argument("--model", metavar="M", help=MODEL_HELP)
     p.add_argument("--data", metavar="JSONL", type=Path, help="a Sample JSONL, e.g. DATASET/test.jsonl")
     p.add_argument("--tasks", nargs="+", metavar="TASK",
                    help=f"only these tasks (full names or prefixes quality/forgery): {', '.join(TASKS)}")

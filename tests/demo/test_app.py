@@ -90,14 +90,14 @@ def test_demo_main_exits_2_with_a_clear_message_without_a_model(tmp_path, capsys
     assert "loupe demo:" in capsys.readouterr().err
 
 
-def test_demo_without_a_model_asks_for_loupe_tiny(capsys, monkeypatch, tmp_path):
+def test_demo_without_a_model_asks_for_the_default_model(capsys, monkeypatch, tmp_path):
     from loupe_vlm.assistant import inference as assistant_inference
     from loupe_vlm.demo.app import main
 
     # as on a checkout where the embedded weights are missing
     monkeypatch.setattr(assistant_inference, "DEFAULT_MODEL_DIR", tmp_path / "no-loupe-tiny")
     assert main(["--port", "1"]) == 2
-    assert "make loupe-tiny" in capsys.readouterr().err
+    assert f"make {assistant_inference.DEFAULT_MODEL_NAME}" in capsys.readouterr().err
 
 
 def test_serve_main_exits_2_with_a_clear_message_without_a_model(tmp_path, capsys):
