@@ -62,12 +62,14 @@ def loss_of(enc: LowLevelEncoder, batch: list[tuple]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def measure(enc: LowLevelEncoder, data: list[tuple]) -> dict[str, float]:
+def measure(enc: LowLevelEncoder, data: list[tuple], model: ExplainableVLM | None = None) -> dict[str, float]:
+    """The heads' figures on ``data``; with ``model`` (a checkpoint's), through ``encode_lowlevel``, so a
+    branch that also reads the ImageEncoder's trunk (lowlevel_trunk) gets its features."""
     enc.eval()
     hit = single = clean_ok = clean = 0
     sev, tam_y, tam_p, f1s = [], [], [], []
     for img, y, target in data:
-        logits, dense = enc(img)[2]
+        logits, dense = enc(img)[2] if model is None else model.encode_lowlevel([img]).aux[0]
         if not torch.isnan(y[0]):
             cats = y[:-2]
             if cats.sum() == 1:
@@ -123,9 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.quality is None and args.forgery is None:
         p.error("give --quality and/or --forgery")
     torch.manual_seed(args.seed)
-    enc = None
+    enc = model = None
     if args.checkpoint is not None:
         model, _ = ExplainableVLM.from_pretrained(args.checkpoint)
+        model.eval()
         if model.config.aux_weight <= 0:
             p.error(f"{args.checkpoint}: was trained without auxiliary heads (aux_weight 0); nothing to measure")
         enc = model.lowlevel
@@ -152,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             report += 60.0
             print(f"{time.perf_counter() - start:5.0f} s step {step} loss {loss.item():.3f} "
                   f"{measure(enc, val[:: max(1, len(val) // 150)])}", flush=True)
-    print(f"final after {step} steps ({args.batch} images each): {measure(enc, val)}")
+    print(f"final after {step} steps ({args.batch} images each): {measure(enc, val, model)}")
     return 0
 
 
