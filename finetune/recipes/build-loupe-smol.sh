@@ -12,8 +12,9 @@ RUN=${RUN:-runs/loupe-smol}
 OUT=${OUT:-assistant/weights/loupe-smol}
 N_QUALITY=${N_QUALITY:-6000}
 N_FORGERY=${N_FORGERY:-4000}
-# One torch thread per process: on a shared 2-core machine torch's default thread pool was many times slower.
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
+EVAL_LIMIT=${EVAL_LIMIT:-200}   # the first 200 records of each test split (~25 min for both on 2 cores)
+# Two torch threads: one process at a time uses both cores (set 1 on a machine shared with other work).
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} MKL_NUM_THREADS=${MKL_NUM_THREADS:-2}
 
 $LOUPE build-data quality --out "$DATA/quality" --n "$N_QUALITY" --image-size 224 --seed 2 --no-progress
 $LOUPE build-data forgery --out "$DATA/forgery" --n "$N_FORGERY" --size 224 --seed 2
@@ -21,6 +22,9 @@ $LOUPE train --config finetune/recipes/loupe-smol.yaml --data "$DATA/quality" "$
   --output "$RUN" "$@"
 rm -rf "$OUT"
 $LOUPE export --checkpoint "$RUN" --out "$OUT"
-$LOUPE eval --model "$OUT" --data "$DATA/quality/test.jsonl" --batch-size 8 --out runs/eval-loupe-smol-quality --restart
-$LOUPE eval --model "$OUT" --data "$DATA/forgery/test.jsonl" --batch-size 8 --out runs/eval-loupe-smol-forgery --restart
+$LOUPE eval --model "$OUT" --data "$DATA/quality/test.jsonl" --batch-size 8 --limit "$EVAL_LIMIT" --out runs/eval-loupe-smol-quality --restart
+$LOUPE eval --model "$OUT" --data "$DATA/forgery/test.jsonl" --batch-size 8 --limit "$EVAL_LIMIT" --out runs/eval-loupe-smol-forgery --restart
+# the forensic branch's auxiliary heads alone, on the same test records
+.venv/bin/python benchmarks/lowlevel_probe.py --checkpoint "$OUT" --quality "$DATA/quality" --forgery "$DATA/forgery" \
+  --split test --val-limit "$EVAL_LIMIT" | tee runs/probe-loupe-smol.txt
 echo "loupe-smol rebuilt in $OUT; reports in runs/eval-loupe-smol-*/report.md"
