@@ -124,9 +124,10 @@ class ModelOptions:
 
 @dataclass
 class ScratchOptions:
-    """Knobs made for a small model trained from scratch (loupe-tiny, 5 M parameters), kept in their own
-    group: a pretrained base needs none of them, and each defaults to off. In a recipe they sit under
-    ``scratch:``; on the command line they are ``--scratch.NAME``."""
+    """Knobs that make a small model read the image through the forensic branch, kept in their own group,
+    each off by default. Made for loupe-tiny (5 M parameters, from scratch); loupe-smol (SmolLM2-135M +
+    LoRA, trained on 2 CPU cores) needed them too. A large base trained on a GPU needs none. In a recipe
+    they sit under ``scratch:``; on the command line they are ``--scratch.NAME``."""
 
     key_token_weight: float = 1.0
     """Weight of the answer tokens that carry the verdict (first tokens of the taxonomy's words:

@@ -111,7 +111,8 @@ class TrainConfig(ModelOptions):
     train_image_trunk: bool = True
     """Text-only LM bases: fine-tune the ImageEncoder's trunk (false: keep it fixed; its projector trains)."""
     scratch: ScratchTrainOptions = field(default_factory=ScratchTrainOptions)
-    """Knobs of small from-scratch models (loupe-tiny); see ScratchTrainOptions. Off by default."""
+    """Knobs that make a small model read the image (loupe-tiny, loupe-smol); see ScratchTrainOptions.
+    Off by default."""
 
     # ---- data ----------------------------------------------------------------------------------
     data: list[str] = field(default_factory=list)
