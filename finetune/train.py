@@ -673,8 +673,12 @@ def resolve_resume(resume: str, out: Path) -> Path:
 
 def resumable_names(model: ExplainableVLM) -> set[str]:
     """Parameters a checkpoint must carry to resume: the trainable ones, plus the whole LowLevelEncoder,
-    which may be frozen after its pretraining stage yet cannot be rebuilt from the base."""
-    return {n for n, p in model.named_parameters() if p.requires_grad or n.startswith("lowlevel.")}
+    which may be frozen after its pretraining stage yet cannot be rebuilt from the base, and with
+    ``lowlevel_trunk`` the ImageEncoder trunk that stage fine-tuned (frozen after it, and not the
+    pretrained weights a resumed run would rebuild: a run resumed without it read ImageNet features
+    through heads trained on the fine-tuned ones, and its verdicts fell to chance)."""
+    frozen_trained = ("lowlevel.", "image_encoder.trunk.") if model.config.lowlevel_trunk else ("lowlevel.",)
+    return {n for n, p in model.named_parameters() if p.requires_grad or n.startswith(frozen_trained)}
 
 
 def load_checkpoint(run: Run, path: Path) -> None:

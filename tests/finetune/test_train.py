@@ -165,3 +165,23 @@ def test_lowlevel_init_starts_from_another_runs_encoder(dataset, tmp_path, capsy
     assert main(base + ["--output", str(tmp_path / "third"), "--scratch.lowlevel_init", str(first), "--lowlevel_width", "16",
                         "--max_steps", "1"]) == 2
     assert "lowlevel_init" in capsys.readouterr().err
+
+
+def test_a_trunk_fine_tuned_by_stage_one_is_kept_and_restored_on_resume(dataset, tmp_path):
+    # lowlevel_trunk: stage 1 fine-tunes the ImageEncoder trunk with the heads, then freezes it; a resumed
+    # run must restore that trunk, not rebuild the initial one (which made the heads' verdicts chance)
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    key = "image_encoder.trunk.blocks.15._project_conv.weight"
+    args = ["--config", RECIPE, "--data", str(dataset), "--output", str(out), "--base", "scratch:test:llama",
+            "--image_trunk", "efficientnet-lite0", "--image_pretrained", "false", "--lowlevel_trunk", "true",
+            "--min_pixels", "4096", "--max_pixels", "9216", "--aux_weight", "1",
+            "--scratch.lowlevel_pretrain_steps", "3", "--scratch.lowlevel_freeze", "true", "--max_steps", "2",
+            "--save_every", "1", "--keep_last", "3", "--batch_size", "4", "--lr", "1e-2", "--warmup_steps", "0"]
+    assert main(args) == 0
+    first = [load_file(str(out / "checkpoints" / f"step-{s:07d}" / "heads.safetensors"))[key] for s in (1, 2)]
+    assert torch.equal(first[0], first[1])  # frozen in stage 2
+    assert main(args + ["--resume", str(out / "checkpoints" / "step-0000001")]) == 0
+    again = load_file(str(out / "checkpoints" / "step-0000002" / "heads.safetensors"))[key]
+    assert torch.equal(again, first[1])
