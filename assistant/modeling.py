@@ -351,9 +351,9 @@ class LowLevelEncoder(nn.Module):
         if any(trunk_dims) and not aux_dim:
             raise ValueError("trunk features feed the auxiliary heads: they need aux_dim > 0")
         if aux_dim:
-            self.aux_head = nn.Sequential(nn.Linear(4 * width + n_stats + 2 * int(pool_map) + 2 * trunk_dims[0],
-                                                    2 * width * (1 + int(trunk_dims[0] > 0))), nn.GELU(),
-                                          nn.Linear(2 * width * (1 + int(trunk_dims[0] > 0)), aux_dim))
+            hidden = 2 * width * (2 if trunk_dims[0] else 1)  # wider when it also reads the trunk
+            self.aux_head = nn.Sequential(nn.Linear(4 * width + n_stats + 2 * int(pool_map) + 2 * trunk_dims[0], hidden),
+                                          nn.GELU(), nn.Linear(hidden, aux_dim))
             # the map sees both the 1/4 features and the wider context of the 1/16 ones
             self.aux_dense = nn.Conv2d(width, 1, 1)
             self.aux_deep = nn.Conv2d(2 * width, 1, 1)
@@ -820,13 +820,11 @@ class ExplainableVLM(nn.Module):
         SmolLM2's 49k-word vocabulary those allocations took 28% of a training step (py-spy)."""
         emb = self.vlm.get_input_embeddings().weight
         groups = self.config.scratch.evidence_word_ids
-        flat = [i for group in groups for ids in group for i in ids]
-        rows = emb[torch.tensor(flat, device=emb.device)].float()
-        owner = torch.tensor([k for k, ids in enumerate(ids for group in groups for ids in group) for _ in ids],
-                             device=emb.device)
-        n_classes = sum(len(group) for group in groups)
-        sums = torch.zeros(n_classes, rows.shape[1], device=emb.device).index_add(0, owner, rows)
-        counts = torch.bincount(owner, minlength=n_classes).clamp_min(1).unsqueeze(1)
+        classes = [ids for group in groups for ids in group]
+        rows = emb[torch.tensor([i for ids in classes for i in ids], device=emb.device)].float()
+        owner = torch.tensor([k for k, ids in enumerate(classes) for _ in ids], device=emb.device)
+        sums = torch.zeros(len(classes), rows.shape[1], device=emb.device).index_add(0, owner, rows)
+        counts = torch.tensor([len(ids) for ids in classes], device=emb.device).clamp_min(1).unsqueeze(1)
         return list((sums / counts).split([len(group) for group in groups]))
 
     def evidence_tokens(self, logits: torch.Tensor, words: list[torch.Tensor] | None = None) -> torch.Tensor:

@@ -12,7 +12,7 @@ RUN=${RUN:-runs/loupe-smol}
 OUT=${OUT:-assistant/weights/loupe-smol}
 N_QUALITY=${N_QUALITY:-6000}
 N_FORGERY=${N_FORGERY:-4000}
-EVAL_LIMIT=${EVAL_LIMIT:-200}   # the first 200 records of each test split (~25 min for both on 2 cores)
+EVAL_LIMIT=${EVAL_LIMIT:-200}   # the first 200 records of each test split (forgery: 3.5 min on 2 cores)
 # Two torch threads: one process at a time uses both cores (set 1 on a machine shared with other work).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} MKL_NUM_THREADS=${MKL_NUM_THREADS:-2}
 
