@@ -20,8 +20,10 @@ $LOUPE build-data quality --out "$DATA/quality" --n "$N_QUALITY" --image-size 22
 $LOUPE build-data forgery --out "$DATA/forgery" --n "$N_FORGERY" --size 224 --seed 2
 $LOUPE train --config finetune/recipes/loupe-smol.yaml --data "$DATA/quality" "$DATA/forgery" --data_weights 1 1 \
   --output "$RUN" "$@"
-rm -rf "$OUT"
+# a clean export folder, keeping the committed model card (its numbers are updated by hand from the reports)
+if [ -d "$OUT" ]; then find "$OUT" -mindepth 1 -maxdepth 1 ! -name MODEL_CARD.md -exec rm -rf {} +; fi
 $LOUPE export --checkpoint "$RUN" --out "$OUT"
+rm -f "$OUT/adapter/README.md"   # peft's generic card; MODEL_CARD.md is the model's
 $LOUPE eval --model "$OUT" --data "$DATA/quality/test.jsonl" --batch-size 8 --limit "$EVAL_LIMIT" --out runs/eval-loupe-smol-quality --restart
 $LOUPE eval --model "$OUT" --data "$DATA/forgery/test.jsonl" --batch-size 8 --limit "$EVAL_LIMIT" --out runs/eval-loupe-smol-forgery --restart
 # the forensic branch's auxiliary heads alone, on the same test records
