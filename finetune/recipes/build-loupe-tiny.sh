@@ -16,7 +16,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-
 $LOUPE build-data quality --out "$DATA/quality" --n 10000 --image-size 224 --seed 1 --no-progress
 $LOUPE build-data forgery --out "$DATA/forgery" --n 10000 --size 224 --seed 1
 $LOUPE train --config finetune/recipes/loupe-tiny.yaml --data "$DATA/quality" "$DATA/forgery" --data_weights 1 1 --output "$RUN"
-rm -rf "$OUT"
+# a clean export folder, keeping the committed model card (its numbers are updated by hand from the reports)
+if [ -d "$OUT" ]; then find "$OUT" -mindepth 1 -maxdepth 1 ! -name MODEL_CARD.md -exec rm -rf {} +; fi
 $LOUPE export --checkpoint "$RUN" --out "$OUT"
 $LOUPE eval --model "$OUT" --data "$DATA/quality/test.jsonl" --batch-size 8 --out runs/eval-loupe-tiny-quality --restart
 $LOUPE eval --model "$OUT" --data "$DATA/forgery/test.jsonl" --batch-size 8 --out runs/eval-loupe-tiny-forgery --restart
