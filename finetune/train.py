@@ -232,14 +232,15 @@ def lr_curve(step: int, warmup: int, total: int, schedule: str) -> float:
 
 def build_optimizer(model: ExplainableVLM, cfg: TrainConfig) -> tuple[Any, Any]:
     """AdamW over the trainable parameters (heads may get their own lr) and the warmup + decay schedule."""
-    heads = {id(p) for name, m in model.head_modules() if name != "fusion" for p in m.parameters()}
+    fusion_parts = ("fusion", "fusion_gate")
+    heads = {id(p) for name, m in model.head_modules() if name not in fusion_parts for p in m.parameters()}
     if model.image_encoder is not None:  # a pretrained trunk is fine-tuned at the body's lr, not the new heads'
         heads -= {id(p) for p in model.image_encoder.trunk.parameters()}
-    fusion = {id(p) for p in model.fusion.parameters()} if model.fusion is not None else set()
+    fusion = {id(p) for name, m in model.head_modules() if name in fusion_parts for p in m.parameters()}
     body = [p for p in model.parameters() if p.requires_grad and id(p) not in heads | fusion]
     head = [p for p in model.parameters() if p.requires_grad and id(p) in heads]
     groups = [{"params": body, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr or cfg.lr},
-              # the fusion map is small and starts at zero: its own lr, and no decay pulling it back
+              # the fusion map (and its gate) starts at zero: its own lr, and no decay pulling it back
               {"params": [p for p in model.parameters() if id(p) in fusion], "lr": cfg.scratch.fusion_lr or cfg.lr,
                "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay)
@@ -328,11 +329,16 @@ def sync_batch(run: Run, batch: Any) -> bool:
 
 
 def load_lowlevel(model: ExplainableVLM, checkpoint: Path) -> None:
-    """Start the LowLevelEncoder from another checkpoint's (its heads.safetensors, sizes must match)."""
+    """Start the LowLevelEncoder from another checkpoint's (its heads.safetensors, sizes must match), and
+    with ``lowlevel_trunk`` the ImageEncoder trunk its heads read, so that stage 1 of an earlier run of
+    the same recipe can be reused as a whole (the trunk would otherwise start from ImageNet)."""
     from safetensors.torch import load_file
 
     try:
-        load_prefixed(model.lowlevel, load_file(str(checkpoint / "heads.safetensors")), "lowlevel.")
+        state = load_file(str(checkpoint / "heads.safetensors"))
+        load_prefixed(model.lowlevel, state, "lowlevel.")
+        if model.config.lowlevel_trunk:
+            load_prefixed(model.image_encoder.trunk, state, "image_encoder.trunk.")
     except RuntimeError as exc:
         raise ConfigError([f"lowlevel_init: {checkpoint}'s LowLevelEncoder does not match this recipe's "
                            f"(lowlevel_width, aux_weight > 0): {str(exc).splitlines()[0]}"]) from None

@@ -227,6 +227,50 @@ def test_vocab_fusion_reaches_any_token_per_row_and_round_trips(tmp_path):
         _tiny(1.0, evidence_fusion=True, fusion_scope="all")
 
 
+def test_fusion_gate_scales_the_bias_by_the_token_before_and_generation_decides_on_it(tmp_path):
+    torch.manual_seed(0)
+    model, lp = _tiny(1.0, evidence_fusion=True, fusion_scope="vocab", fusion_gate=True)
+    vocab = model.vlm.get_output_embeddings().weight.shape[0]
+    assert model.fusion_gate is not None and model.fusion_gate.num_embeddings == vocab
+    batch = _batch(lp, tmp_path)
+    ids = batch["input_ids"]
+    model.eval()
+    target = 5  # a token the bias pushes
+    with torch.no_grad():
+        neutral = model(batch).logits
+        model.fusion.bias[target] = 4.0
+        half = model(batch).logits - neutral
+        assert torch.allclose(half[..., target], torch.full_like(half[..., target], 2.0), atol=1e-4)  # gate 0.5
+        closed = int(ids[0, -1])  # after this token the gate shuts; after every other it stays at 0.5
+        model.fusion_gate.weight[closed] = -30.0
+        delta = (model(batch).logits - neutral)[..., target]
+    after_closed = ids == closed
+    assert delta[after_closed].abs().max() < 1e-4
+    assert torch.allclose(delta[~after_closed], torch.full_like(delta[~after_closed], 2.0), atol=1e-4)
+    # generation: a wide-open gate after the prompt's last token makes the pushed token the first answer
+    item = lp.collate([lp.encode_sample(TAMPERED, tmp_path, train=False)], padding_side="left")
+    with torch.no_grad():
+        model.fusion_gate.weight.zero_()
+        model.fusion.bias[target] = 0.0
+        plain = int(model.generate(item, max_new_tokens=1)["new_tokens"][0, 0])
+        target = 5 if plain != 5 else 6  # a token the LM alone would not say first
+        model.fusion.bias[target] = 200.0
+        model.fusion_gate.weight[int(item["input_ids"][0, -1])] = 30.0
+        model.fusion_gate.weight[target] = -30.0  # and shut after it: the bias cannot repeat it
+        gen = model.generate(item, max_new_tokens=2)
+    assert int(gen["new_tokens"][0, 0]) == target
+    assert gen["logits"][0, 0, target] > 100  # the returned logits carry the gated bias of each step
+    if gen["new_tokens"].shape[1] > 1:
+        assert gen["logits"][0, 1, target] < 100
+    model.save_pretrained(tmp_path / "ck", processor=lp.processor)
+    loaded, _ = ExplainableVLM.from_pretrained(tmp_path / "ck")
+    assert loaded.config.scratch.fusion_gate
+    with torch.no_grad():
+        assert torch.equal(loaded(batch).logits, model(batch).logits)
+    with pytest.raises(ValueError, match="fusion_gate"):
+        _tiny(1.0, fusion_gate=True)
+
+
 def test_context_convs_and_map_pooling_train_and_round_trip(tmp_path):
     from loupe_vlm.assistant.modeling import map_pool
 
