@@ -41,6 +41,7 @@ FORMAT_VERSION = 1  # bump when the checkpoint layout changes incompatibly
 
 
 FUSION_SCOPES = ("key", "vocab")
+KEY_TOKEN_MODES = ("first", "distinct")
 IMAGE_TRUNKS = ("scratch", "efficientnet-lite0")
 
 
@@ -133,6 +134,12 @@ class ScratchOptions:
     """Weight of the answer tokens that carry the verdict (first tokens of the taxonomy's words:
     distortions, severities, ratings, verdicts, manipulations, locations, A/B) in the token
     cross-entropy, relative to the other answer tokens (1: plain mean)."""
+    key_tokens: str = "first"
+    """Which token of each taxonomy phrasing is a key token: "first", or "distinct", the token where the
+    phrasing parts from the other terms' (see ``distinct_token_ids``). With SmolLM2's tokenizer several
+    distortion names open with one token (" HSV" starts four of them in four categories); weighted 5x as
+    a key token, loupe-smol's answers opened with it in 55-63% of its assessments (9% of training
+    answers) and then named the wrong category."""
     evidence_tokens: bool = False
     """Give the language model the auxiliary heads' verdicts as three extra tokens per image, each a
     probability-weighted mix of the LM's own embeddings of the words (distortion category, severity,
@@ -166,6 +173,8 @@ class ScratchOptions:
             p.append(f"scratch.fusion_scope: {self.fusion_scope!r} is not one of {', '.join(FUSION_SCOPES)}")
         if self.fusion_gate and not self.evidence_fusion:
             p.append("scratch.fusion_gate: gates the evidence-fusion bias; set scratch.evidence_fusion too")
+        if self.key_tokens not in KEY_TOKEN_MODES:
+            p.append(f"scratch.key_tokens: {self.key_tokens!r} is not one of {', '.join(KEY_TOKEN_MODES)}")
         if self.key_token_weight < 0:
             p.append(f"scratch.key_token_weight: must be >= 0, got {self.key_token_weight}")
         if self.lowlevel_context < 0:
@@ -596,14 +605,39 @@ class MaskDecoder(nn.Module):
         return logits
 
 
-def key_token_ids(tokenizer: Any) -> list[int]:
-    """First-token ids of every phrasing of the words an answer's verdict rests on: distortion
-    categories and names, severities, ratings, verdicts, manipulations, locations, and A/B. Ids that
-    also start common words are left out when the tokenizer shows them to be short fragments
-    (one or two characters, e.g. " a"), so ordinary text is not up-weighted by accident."""
-    words = [w for vocab in (CATEGORIES, DISTORTIONS, SEVERITIES, RATINGS, VERDICTS, MANIPULATIONS, LOCATIONS)
-             for term in vocab.terms for w in term.phrasings]
-    ids = {tokenizer.encode(" " + w, add_special_tokens=False)[0] for w in words if w.strip()}
+def distinct_token_ids(phrasings: dict[str, list[list[int]]]) -> set[int]:
+    """For each phrasing (token ids, per term), the first token at which it parts from every phrasing of
+    the other terms: the token that decides which term is meant. A shared opening token (" HSV" of
+    "HSV brightening" and "HSV saturation loss") is left out, unless it decides a term of its own.
+    Hand-written: it is a prefix walk over a few hundred short phrases."""
+    out = set()
+    for term, seqs in phrasings.items():
+        others = [o for t, group in phrasings.items() if t != term for o in group]
+        for seq in seqs:
+            for k in range(len(seq)):
+                if not any(o[:k + 1] == seq[:k + 1] for o in others):
+                    out.add(seq[k])
+                    break
+    return out
+
+
+def key_token_ids(tokenizer: Any, mode: str = "first") -> list[int]:
+    """Ids of the tokens an answer's verdict rests on, in the phrasings of distortion categories and
+    names, severities, ratings, verdicts, manipulations, locations, and A/B. ``mode`` "first": each
+    phrasing's first token; "distinct": the token where it parts from the other terms of its
+    vocabulary (``distinct_token_ids``). Ids that are short fragments (one or two characters, e.g. " a")
+    are left out, so ordinary text is not up-weighted by accident."""
+    if mode not in KEY_TOKEN_MODES:
+        raise ValueError(f"key tokens: {mode!r} is not one of {', '.join(KEY_TOKEN_MODES)}")
+    vocabs = (CATEGORIES, DISTORTIONS, SEVERITIES, RATINGS, VERDICTS, MANIPULATIONS, LOCATIONS)
+    if mode == "first":
+        ids = {tokenizer.encode(" " + w, add_special_tokens=False)[0] for vocab in vocabs for term in vocab.terms
+               for w in term.phrasings if w.strip()}
+    else:
+        ids = set()
+        for vocab in vocabs:
+            ids |= distinct_token_ids({term.id: [tokenizer.encode(" " + w, add_special_tokens=False)
+                                                 for w in term.phrasings if w.strip()] for term in vocab.terms})
     ids = {i for i in ids if len(tokenizer.decode([i]).strip()) > 2}
     ids |= {tokenizer.encode(" " + ab, add_special_tokens=False)[0] for ab in ("A", "B")}
     return sorted(ids)
@@ -1182,7 +1216,7 @@ def new_model(base: str, *, corpus: Any = (), seed: int = 0, load_kwargs: dict[s
         setattr(gen, key, None)
     state = ScratchState(**asdict(options))
     if state.key_token_weight != 1.0 or state.evidence_fusion:
-        state.key_token_ids = key_token_ids(tok)
+        state.key_token_ids = key_token_ids(tok, state.key_tokens)
     n_low = LOWLEVEL_TOKENS_PER_IMAGE if config_fields.get("lowlevel_branch", True) else 0
     if state.evidence_tokens:
         state.evidence_word_ids = evidence_word_ids(tok)

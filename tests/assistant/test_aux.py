@@ -140,6 +140,29 @@ def test_key_token_weight_changes_the_ce_and_its_ids_are_taxonomy_words(tmp_path
     assert not torch.allclose(plain, weighted, atol=1e-3)
 
 
+def test_distinct_key_tokens_skip_a_shared_opening_token():
+    from loupe_vlm.assistant.modeling import distinct_token_ids
+
+    # word-level ids: 1 HSV, 2 brightening, 3 darkening, 4 blur, 5 Gaussian, 6 noise, 7 saturation, 8 loss, 9 boost
+    terms = {"brighten_hsv": [[1, 2]], "darken_hsv": [[1, 3]], "blur": [[4], [5, 4]], "noise": [[5, 6]],
+             "sat_weaken": [[1, 7, 8]], "sat_strengthen": [[1, 7, 9]]}
+    assert distinct_token_ids(terms) == {2, 3, 4, 6, 8, 9}  # never 1 (HSV) or 5 (Gaussian), which open several
+    # a token that opens one term's phrasing alone is its deciding token
+    assert distinct_token_ids({"a": [[1, 2]], "b": [[3, 2]]}) == {1, 3}
+
+
+def test_key_token_modes_on_a_real_tokenizer():
+    from loupe_vlm.assistant.modeling import key_token_ids
+
+    model, lp = _tiny(aux_weight=0.0)
+    first, distinct = (set(key_token_ids(lp.tokenizer, m)) for m in ("first", "distinct"))
+    assert first and distinct and first != distinct
+    with pytest.raises(ValueError, match="key tokens"):
+        key_token_ids(lp.tokenizer, "last")
+    with pytest.raises(ValueError, match="key_tokens"):
+        _tiny(1.0, key_tokens="last")
+
+
 def test_evidence_tokens_are_soft_words_the_lm_can_copy(tmp_path):
     torch.manual_seed(0)
     model, lp = _tiny(1.0, evidence_tokens=True)
