@@ -138,8 +138,8 @@ class ScratchOptions:
     """Which token of each taxonomy phrasing is a key token: "first", or "distinct", the token where the
     phrasing parts from the other terms' (see ``distinct_token_ids``). With SmolLM2's tokenizer several
     distortion names open with one token (" HSV" starts four of them in four categories); weighted 5x as
-    a key token, loupe-smol's answers opened with it in 55-63% of its assessments (9% of training
-    answers) and then named the wrong category."""
+    a key token, it was in 50-63% of loupe-smol's identify/assess answers (9% of the training answers),
+    which then named the wrong category."""
     evidence_tokens: bool = False
     """Give the language model the auxiliary heads' verdicts as three extra tokens per image, each a
     probability-weighted mix of the LM's own embeddings of the words (distortion category, severity,
@@ -155,8 +155,8 @@ class ScratchOptions:
     """Scale the evidence-fusion bias at each step by a learned gate on the token before it,
     sigmoid(gate[previous token]), starting at 0.5: the bias then acts where the evidence decides the next
     word ("shows extreme ..." -> a distortion) and can fall silent elsewhere. Without it a vocabulary-wide
-    bias pushes the same words at every step: loupe-smol's quality answers borrowed forgery sentences
-    ("nothing looks pasted") in 23 of 75 assessments, and none with the bias removed."""
+    bias pushes the same words at every step: loupe-smol's identify/assess answers borrowed forgery
+    sentences ("nothing looks pasted") in 23 of 105, and in 3 of 40 with the bias zeroed."""
     mask_prior: bool = False
     """The mask decoder starts from the LowLevelEncoder's own tampering map (added to its logits with a
     learned scale) and learns the rest. Needs aux_weight > 0."""
@@ -731,18 +731,17 @@ class LowLevel:
 
 class _AddBias:
     """A generation logits processor that adds one call's evidence-fusion bias (B, V) at every step,
-    scaled by ``gate`` of each row's last token when the model has a fusion gate.
+    through ``add`` (``ExplainableVLM.add_fusion``, which gates it by each row's last token).
 
     Greedy decoding decides on the fused logits; the raw logits that ``generate`` returns get the same
     bias added afterwards (``ExplainableVLM.generate``), so probabilities are read from what decided."""
 
-    def __init__(self, bias: torch.Tensor, gate: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    def __init__(self, bias: torch.Tensor, add: Callable[..., torch.Tensor]):
         self.bias = bias
-        self.gate = gate
+        self.add = add
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        bias = self.bias if self.gate is None else self.bias * self.gate(input_ids[:, -1:])[:, 0]
-        return scores + bias.to(scores.dtype)
+        return self.add(scores.unsqueeze(1), self.bias, input_ids[:, -1:])[:, 0]
 
 
 class ExplainableVLM(nn.Module):
@@ -925,10 +924,6 @@ class ExplainableVLM(nn.Module):
         ids = torch.tensor(self.config.scratch.key_token_ids, device=feats.device)
         return torch.zeros(feats.shape[0], vocab, device=feats.device).index_add(1, ids, self.fusion(feats))
 
-    def gate(self, prev_ids: torch.Tensor) -> torch.Tensor:
-        """The fusion gate after each token of ``prev_ids`` (B, T): (B, T, 1), in (0, 1)."""
-        return self.fusion_gate(prev_ids).float().sigmoid()
-
     def add_fusion(self, logits: torch.Tensor, bias: torch.Tensor | None, prev_ids: torch.Tensor) -> torch.Tensor:
         """``logits`` (B, T, V) plus the fusion ``bias`` (B, V), gated per step by the token before it,
         ``prev_ids`` (B, T), when the model has a gate (the logits at step t predict the token after
@@ -937,7 +932,7 @@ class ExplainableVLM(nn.Module):
             return logits
         bias = bias.unsqueeze(1)
         if self.fusion_gate is not None:
-            bias = bias * self.gate(prev_ids.to(bias.device))
+            bias = bias * self.fusion_gate(prev_ids.to(bias.device)).float().sigmoid()  # (B, T, 1)
         return logits + bias.to(logits.dtype)
 
     def aux_loss(self, low: LowLevel, batch: dict[str, Any]) -> torch.Tensor | None:
@@ -1042,8 +1037,7 @@ class ExplainableVLM(nn.Module):
         input_ids = batch["input_ids"].to(self.device)
         embeds = self.embed(input_ids, low, batch)
         bias = self.fusion_bias(input_ids, batch, low)
-        processors = LogitsProcessorList([_AddBias(bias, self.gate if self.fusion_gate is not None else None)]
-                                         if bias is not None else [])
+        processors = LogitsProcessorList([_AddBias(bias, self.add_fusion)] if bias is not None else [])
         tok = self.vlm.generation_config
         # ids and embeddings together: generate feeds the embeddings at the prefill step and keeps the ids
         # for the returned sequences and Qwen's 3D positions

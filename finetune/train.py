@@ -340,8 +340,8 @@ def load_lowlevel(model: ExplainableVLM, checkpoint: Path) -> None:
         if model.config.lowlevel_trunk:
             load_prefixed(model.image_encoder.trunk, state, "image_encoder.trunk.")
     except RuntimeError as exc:
-        raise ConfigError([f"lowlevel_init: {checkpoint}'s LowLevelEncoder does not match this recipe's "
-                           f"(lowlevel_width, aux_weight > 0): {str(exc).splitlines()[0]}"]) from None
+        raise ConfigError([f"lowlevel_init: {checkpoint}'s LowLevelEncoder (or trunk) does not match this recipe's "
+                           f"(lowlevel_width, aux_weight > 0, image_trunk): {str(exc).splitlines()[0]}"]) from None
     logger.info("LowLevelEncoder initialised from %s", checkpoint)
 
 
