@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from .inference import MODEL_HELP, Assistant, Request
+from .inference import GUIDANCE_HELP, MODEL_HELP, Assistant, Request
 from .processing import ImageError, load_image
 
 TASK_CHOICES = ("auto", "quality", "identify", "compare", "forgery")
@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result record of DESIGN.md as JSON")
     p.add_argument("--mask-out", metavar="PNG", help="save the forgery mask (255 = tampered) to this PNG")
     p.add_argument("--max-new-tokens", type=int, default=160, help="answer length cap (default: 160)")
+    p.add_argument("--evidence-guidance", type=float, metavar="S", help=GUIDANCE_HELP)
     return p
 
 
@@ -80,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"loupe ask: {exc}", file=sys.stderr)
             return 1
     try:
-        assistant = Assistant.from_pretrained(args.model, device=args.device, max_new_tokens=args.max_new_tokens)
+        assistant = Assistant.from_pretrained(args.model, device=args.device, max_new_tokens=args.max_new_tokens,
+                                              evidence_guidance=args.evidence_guidance)
     except (FileNotFoundError, RuntimeError, ValueError) as exc:
         print(f"loupe ask: {exc}", file=sys.stderr)
         return 2

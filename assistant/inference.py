@@ -41,8 +41,9 @@ from loupe_vlm.prompts import (
 )
 from loupe_vlm.prompts.parsing import find_terms, parse_distortions, parse_manipulation, strip_mask_tokens
 
+from .guidance import GUIDED_TASKS, EvidenceGuide
 from .modeling import ExplainableVLM
-from .processing import ImageError, LoupeProcessor, load_image, resize_logits
+from .processing import AUX_CATEGORIES, ImageError, LoupeProcessor, load_image, resize_logits
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ DEFAULT_MODEL_NAME = "loupe-tiny"
 """The embedded model every command uses without --model (``assistant/weights/<name>``, ``make <name>``)."""
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "weights" / DEFAULT_MODEL_NAME
 MODEL_HELP = f"a Loupe checkpoint folder (default: the embedded {DEFAULT_MODEL_NAME})"
+GUIDANCE_HELP = ("how strongly the image heads steer the distortion and severity words of identify and assess "
+                 "answers: 0 off, about 1-3 on (default: the model's own setting)")
 
 # Result schema "task" names for each template task.
 SCHEMA_TASK = {"quality.assess": "quality", "quality.identify": "quality", "quality.rate": "compare",
@@ -248,7 +251,8 @@ class _PieceStreamer:
 class Assistant:
     """Explainable image analysis with one model. Build it with ``Assistant.from_pretrained``."""
 
-    def __init__(self, model: ExplainableVLM, processor: Any, name: str = "loupe", max_new_tokens: int = 160):
+    def __init__(self, model: ExplainableVLM, processor: Any, name: str = "loupe", max_new_tokens: int = 160,
+                 evidence_guidance: float | None = None):
         self.model = model.eval()
         self.processor = LoupeProcessor.for_model(model, processor)
         self.tokenizer = self.processor.tokenizer
@@ -259,11 +263,19 @@ class Assistant:
         self.ab = _KeyWords(self.tokenizer, {"A": ["A"], "B": ["B"]})
         self.eos_ids = {i for i in (model.vlm.generation_config.eos_token_id, self.tokenizer.pad_token_id)
                         if isinstance(i, int)}
+        self.evidence_guidance = (model.config.evidence_guidance if evidence_guidance is None
+                                  else float(evidence_guidance))
+        if not 0 <= self.evidence_guidance <= 10:
+            raise ValueError(f"evidence guidance {self.evidence_guidance} is not from 0 (off) to 10")
+        # a model without auxiliary heads has nothing to guide by: generate then leaves every row alone
+        self.guide = EvidenceGuide(self.tokenizer, AUX_CATEGORIES) if self.evidence_guidance else None
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, *, device: str = "cpu", dtype: torch.dtype | None = None,
-                        trust_remote_code: bool = False, max_new_tokens: int = 160) -> "Assistant":
-        """Load a Loupe checkpoint folder (``None``: the embedded default model, ``DEFAULT_MODEL_NAME``)."""
+                        trust_remote_code: bool = False, max_new_tokens: int = 160,
+                        evidence_guidance: float | None = None) -> "Assistant":
+        """Load a Loupe checkpoint folder (``None``: the embedded default model, ``DEFAULT_MODEL_NAME``).
+        ``evidence_guidance``: None keeps the checkpoint's own setting (see ``assistant/guidance.py``)."""
         path = Path(path) if path is not None else default_model_path()
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -278,7 +290,9 @@ class Assistant:
         for f in ("loupe_config.json", "heads.safetensors"):
             digest.update((path / f).read_bytes())
         name = f"{model.config.name}@{digest.hexdigest()[:10]}"
-        return cls(model, processor, name=name, max_new_tokens=max_new_tokens)
+        if evidence_guidance is not None and evidence_guidance != model.config.evidence_guidance:
+            name += f"+guidance{evidence_guidance:g}"  # answers differ from the checkpoint's own setting
+        return cls(model, processor, name=name, max_new_tokens=max_new_tokens, evidence_guidance=evidence_guidance)
 
     # ---- one-call API --------------------------------------------------------------------------
     def assess(self, image: Any, reference: Any = None, detail: bool = False) -> Result:
@@ -340,7 +354,8 @@ class Assistant:
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start:start + batch_size]
             t0 = time.perf_counter()
-            for (i, k, _), out in zip(chunk, self._generate([e for _, _, e in chunk])):
+            tasks = [requests[i].task for i, _, _ in chunk]
+            for (i, k, _), out in zip(chunk, self._generate([e for _, _, e in chunk], tasks=tasks)):
                 outputs[(i, k)] = out
             share = (time.perf_counter() - t0) / len(chunk)
             for i, _, _ in chunk:
@@ -388,7 +403,8 @@ class Assistant:
 
         def work() -> None:
             try:
-                done["out"] = self._generate([first], streamer=_PieceStreamer(self.tokenizer, self.eos_ids, pieces))[0]
+                done["out"] = self._generate([first], streamer=_PieceStreamer(self.tokenizer, self.eos_ids, pieces),
+                                             tasks=[request.task])[0]
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
                 done["error"] = exc
             finally:
@@ -401,17 +417,22 @@ class Assistant:
         thread.join()
         if "error" in done:
             raise done["error"]
-        other = self._generate([swapped])[0] if swapped is not None else None
+        other = self._generate([swapped], tasks=[request.task])[0] if swapped is not None else None
         result = Result(task=request.task, images=names, id=request.id, model=self.name)
         self._fill(result, request, done["out"], other)
         result.seconds = time.perf_counter() - t0
         yield result
 
     @torch.no_grad()
-    def _generate(self, encoded: list[Any], streamer: Any = None) -> list[dict]:
-        """Greedy-generate for a batch; per row: tokens, per-step logits, mask probability maps."""
+    def _generate(self, encoded: list[Any], streamer: Any = None, tasks: Sequence[str] = ()) -> list[dict]:
+        """Greedy-generate for a batch; per row: tokens, per-step logits, mask probability maps. Rows
+        whose task (``tasks``, per row) is in ``GUIDED_TASKS`` get evidence guidance, when it is on."""
         batch = self.processor.collate(encoded, padding_side="left")
-        extra = {"streamer": streamer} if streamer is not None else {}
+        extra: dict[str, Any] = {"streamer": streamer} if streamer is not None else {}
+        if self.guide is not None and any(t in GUIDED_TASKS for t in tasks):
+            extra["guide"] = self.guide
+            extra["guide_strength"] = torch.tensor([self.evidence_guidance if t in GUIDED_TASKS else 0.0
+                                                    for t in tasks])
         gen = self.model.generate(batch, max_new_tokens=self.max_new_tokens, **extra)
         rows = []
         positions = []

@@ -224,9 +224,14 @@ class LoupeConfig(ModelOptions):
     taxonomy_version: str = TAXONOMY_VERSION
     format_version: int = FORMAT_VERSION
     training: dict[str, Any] = field(default_factory=dict)
+    evidence_guidance: float = 0.0
+    """Decoding: how strongly the auxiliary heads steer the taxonomy words of identify and assess
+    answers (``assistant/guidance.py``); 0 is off. ``loupe ... --evidence-guidance`` overrides it."""
 
     def check(self) -> "LoupeConfig":
         problems = self.model_problems()
+        if not (isinstance(self.evidence_guidance, (int, float)) and 0 <= self.evidence_guidance <= 10):
+            problems.append(f"evidence_guidance: {self.evidence_guidance!r} is not a number from 0 (off) to 10")
         s = self.scratch
         if s.evidence_fusion and s.fusion_scope == "key" and not s.key_token_ids:
             problems.append("scratch.evidence_fusion: fusion_scope 'key' biases key_token_ids, and there are none")
@@ -908,13 +913,9 @@ class ExplainableVLM(nn.Module):
         did not learn to read it through attention; the language model still writes every word."""
         if self.fusion is None or not low.aux or low.aux[0] is None:
             return None
-        spans = self.family.image_spans(input_ids, batch, self.config.image_token_id)
         probs = [a[0].sigmoid() for a in low.aux]
         feats = torch.zeros(input_ids.shape[0], 2 * AUX_DIM, device=probs[0].device)
-        per_row: dict[int, list[int]] = {}
-        for i, (row, _, _) in enumerate(spans):
-            per_row.setdefault(row, []).append(i)
-        for row, imgs in per_row.items():
+        for row, imgs in self.row_images(input_ids, batch).items():
             feats[row, :AUX_DIM] = probs[imgs[-1]]
             if len(imgs) > 1:
                 feats[row, AUX_DIM:] = probs[imgs[-2]]
@@ -923,6 +924,32 @@ class ExplainableVLM(nn.Module):
         vocab = self.family.lm_head(self.vlm).weight.shape[0]
         ids = torch.tensor(self.config.scratch.key_token_ids, device=feats.device)
         return torch.zeros(feats.shape[0], vocab, device=feats.device).index_add(1, ids, self.fusion(feats))
+
+    def row_images(self, input_ids: torch.Tensor, batch: dict[str, Any]) -> dict[int, list[int]]:
+        """Batch row -> the indices (in ``LowLevel.aux`` order) of its images, in prompt order."""
+        per_row: dict[int, list[int]] = {}
+        for i, (row, _, _) in enumerate(self.family.image_spans(input_ids, batch, self.config.image_token_id)):
+            per_row.setdefault(row, []).append(i)
+        return per_row
+
+    def guide_processor(self, guide: Any, strength: torch.Tensor, input_ids: torch.Tensor, batch: dict[str, Any],
+                        low: LowLevel) -> Any:
+        """The ``EvidenceGuide`` processor of one batch (see ``assistant/guidance.py``), or None when
+        the model has no auxiliary heads or no row is guided. A row's category probabilities are the
+        largest over its images (a reference is clean, so it adds nothing); its severity is read
+        from its last image, the judged one."""
+        if guide is None or not low.aux or low.aux[0] is None or not bool((strength != 0).any()):
+            return None
+        n_cat = len(AUX_CATEGORIES)
+        rows = input_ids.shape[0]
+        p_cat = torch.zeros(rows, n_cat)
+        p_sev = torch.ones(rows, 5)
+        for row, imgs in self.row_images(input_ids, batch).items():
+            probs = torch.stack([low.aux[i][0].float().sigmoid().cpu() for i in imgs])
+            p_cat[row] = probs[:, :n_cat].amax(0)
+            level = probs[-1, n_cat] * 5
+            p_sev[row] = torch.softmax(-(level - torch.arange(1, 6)) ** 2 / 0.5, dim=0)
+        return guide.processor(p_cat, p_sev, strength.cpu())
 
     def add_fusion(self, logits: torch.Tensor, bias: torch.Tensor | None, prev_ids: torch.Tensor) -> torch.Tensor:
         """``logits`` (B, T, V) plus the fusion ``bias`` (B, V), gated per step by the token before it,
@@ -1026,10 +1053,12 @@ class ExplainableVLM(nn.Module):
 
     # ---- generation ----------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, batch: dict[str, Any], max_new_tokens: int = 128, **kwargs: Any) -> dict[str, Any]:
-        """Greedy generation for a left-padded batch. Returns the new token ids (B, T), the raw (fused)
-        logits per step (B, T, V), the final hidden states of prompt+answer (B, L+T-1, D) and the
-        ``LowLevel`` of the batch."""
+    def generate(self, batch: dict[str, Any], max_new_tokens: int = 128, guide: Any = None,
+                 guide_strength: torch.Tensor | None = None, **kwargs: Any) -> dict[str, Any]:
+        """Greedy generation for a left-padded batch. Returns the new token ids (B, T), the raw (fused,
+        guided) logits per step (B, T, V), the final hidden states of prompt+answer (B, L+T-1, D) and the
+        ``LowLevel`` of the batch. ``guide`` (an ``EvidenceGuide``) with ``guide_strength`` (B,) steers
+        the taxonomy words of the rows with a nonzero strength by the auxiliary heads."""
         from transformers import LogitsProcessorList
 
         low = self.encode_lowlevel(batch.get("lowlevel_pixels", []))
@@ -1038,6 +1067,10 @@ class ExplainableVLM(nn.Module):
         embeds = self.embed(input_ids, low, batch)
         bias = self.fusion_bias(input_ids, batch, low)
         processors = LogitsProcessorList([_AddBias(bias, self.add_fusion)] if bias is not None else [])
+        guided = (self.guide_processor(guide, guide_strength, input_ids, batch, low)
+                  if guide_strength is not None else None)
+        if guided is not None:
+            processors.append(guided)
         tok = self.vlm.generation_config
         # ids and embeddings together: generate feeds the embeddings at the prefill step and keeps the ids
         # for the returned sequences and Qwen's 3D positions
@@ -1051,6 +1084,8 @@ class ExplainableVLM(nn.Module):
         logits = torch.stack(out.logits, dim=1)
         # step t was decided after token prompt_len - 1 + t: the prompt's last, then each new one
         logits = self.add_fusion(logits, bias, out.sequences[:, prompt_len - 1:prompt_len - 1 + logits.shape[1]])
+        if guided is not None:
+            logits = guided.added(logits)
         new = out.sequences[:, -logits.shape[1]:]
         return {"sequences": out.sequences, "new_tokens": new, "logits": logits, "hidden": hidden,
                 "lowlevel": low, "prompt_len": prompt_len}

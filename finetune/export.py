@@ -23,8 +23,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def export(checkpoint: str | Path, out: str | Path, merge: bool = False, dtype: str | None = None,
-           trust_remote_code: bool = False) -> Path:
-    """Write ``checkpoint`` to ``out`` (merged when ``merge``); returns ``out``."""
+           trust_remote_code: bool = False, evidence_guidance: float | None = None) -> Path:
+    """Write ``checkpoint`` to ``out`` (merged when ``merge``); returns ``out``. ``evidence_guidance``
+    sets the exported model's own decoding setting (``assistant/guidance.py``); None keeps it."""
     checkpoint, out = Path(checkpoint), Path(out)
     if out.resolve() == checkpoint.resolve():
         raise CheckpointError(f"{out}: export needs a new folder, not the checkpoint itself")
@@ -38,6 +39,9 @@ def export(checkpoint: str | Path, out: str | Path, merge: bool = False, dtype: 
         model.config.training = {**model.config.training, "merged_from": {"base": model.config.base,
                                                                           "lora": model.config.lora}}
         model.config.base, model.config.lora = "bundled", None
+    if evidence_guidance is not None:
+        model.config.evidence_guidance = float(evidence_guidance)
+        model.config.check()
     model.save_pretrained(out, processor=processor)
     logger.info("exported %s -> %s%s", checkpoint, out, " (LoRA merged)" if merge and is_peft else "")
     return out
@@ -51,12 +55,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge", action="store_true",
                         help="fold the LoRA adapter into the base weights: a bundled model that loads without peft")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="weights' dtype in the export (default: as stored)")
+    parser.add_argument("--evidence-guidance", type=float, metavar="S",
+                        help="the export's own evidence-guidance strength: how strongly its image heads steer the "
+                             "distortion and severity words of identify and assess answers (0 off; default: as "
+                             "the checkpoint has it)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the base's own code to run")
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        out = export(args.checkpoint, args.out, args.merge, args.dtype, args.trust_remote_code)
+        out = export(args.checkpoint, args.out, args.merge, args.dtype, args.trust_remote_code,
+                     args.evidence_guidance)
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"loupe export: {exc}", file=sys.stderr)
         return 2

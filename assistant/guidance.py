@@ -1,0 +1,142 @@
+"""Evidence-guided decoding: the auxiliary heads' verdicts steer which taxonomy words the LM writes.
+
+The late-fusion bias (``ExplainableVLM.fusion_bias``) is learnt, and on the SmolLM2 builds it stays near
+one logit, so the language model's prior picks the distortion name ("HSV saturation loss" in half the
+answers) while the heads, read alone, name the right category three to four times as often. This
+module makes the heads' verdicts a product of experts at decode time:
+
+    score(token) += strength * log( q(token's classes) / q(most likely reading) )
+
+applied only to tokens that start or continue a taxonomy phrasing (categories and distortion names
+with the category they belong to; severity words), where ``q`` is the heads' probability of the class
+the phrasing names. The words of the best-supported class are left as they are; the others are pushed
+down by how much less the heads believe them; every other token is untouched, so the language model
+still writes the whole answer. For a clean image (every category unlikely) the distortion names are
+pushed down against the heads' "nothing visible" reading.
+
+Hand-written: transformers' ``SequenceBiasLogitsProcessor`` biases token sequences the same way in
+every batch row, and here the bias depends on each row's image.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..prompts.taxonomy import CATEGORIES, DISTORTIONS, SEVERITIES
+
+GUIDED_TASKS = ("quality.identify", "quality.assess")
+"""The tasks whose answers describe one judged image's distortions, which is what the heads see."""
+
+FLOOR = -10.0
+"""The most a token is pushed down, in logits (a class the heads rule out is unlikely, not impossible)."""
+
+
+def _variants(phrase: str) -> set[str]:
+    return {" " + phrase, " " + phrase[:1].upper() + phrase[1:]}
+
+
+class _Table:
+    """Token-sequence prefixes of one group's phrasings: for each prefix (a tuple of token ids, the
+    empty one included) the tokens that continue some phrasing, and which classes each may name."""
+
+    def __init__(self, tokenizer: Any, phrasings: list[tuple[str, int]], n_classes: int):
+        grow: dict[tuple[int, ...], dict[int, set[int]]] = {}
+        for phrase, cls in phrasings:
+            for text in _variants(phrase):
+                seq = tokenizer.encode(text, add_special_tokens=False)
+                for k, tok in enumerate(seq):
+                    grow.setdefault(tuple(seq[:k]), {}).setdefault(tok, set()).add(cls)
+        self.entries: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        for prefix, nxt in grow.items():
+            toks = torch.tensor(sorted(nxt))
+            member = torch.zeros(len(toks), n_classes, dtype=torch.bool)
+            for row, tok in enumerate(toks.tolist()):
+                member[row, sorted(nxt[tok])] = True
+            self.entries[prefix] = (toks, member)
+        self.longest = max((len(p) for p in self.entries), default=0)
+
+    def bias(self, tail: list[int], log_q: torch.Tensor) -> dict[int, float]:
+        """Token -> log q of the best-supported class it may name, for every prefix that ``tail`` (the
+        row's last tokens) ends with. A token reachable from several prefixes keeps its highest value."""
+        out: dict[int, float] = {}
+        for k in range(0, min(self.longest, len(tail)) + 1):
+            entry = self.entries.get(tuple(tail[len(tail) - k:]) if k else ())
+            if entry is None:
+                continue
+            toks, member = entry
+            vals = log_q.unsqueeze(0).masked_fill(~member, float("-inf")).amax(1)
+            for tok, v in zip(toks.tolist(), vals.tolist()):
+                if v > out.get(tok, float("-inf")):
+                    out[tok] = v
+        return out
+
+
+class EvidenceGuide:
+    """Built once per tokenizer; ``processor`` makes the logits processor of one ``generate`` call."""
+
+    def __init__(self, tokenizer: Any, categories: tuple[str, ...]):
+        index = {c: i for i, c in enumerate(categories)}
+        cat_phrases = [(p, index[t.id]) for t in CATEGORIES for p in t.phrasings]
+        cat_phrases += [(p, index[t.category]) for t in DISTORTIONS for p in t.phrasings]
+        self.categories = _Table(tokenizer, cat_phrases, len(categories))
+        self.severities = _Table(tokenizer, [(p, t.value - 1) for t in SEVERITIES for p in t.phrasings],
+                                 len(SEVERITIES))
+
+    def processor(self, p_category: torch.Tensor, p_severity: torch.Tensor, strength: torch.Tensor) -> "GuideProcessor":
+        """``p_category`` (B, C): each category's probability from the heads; ``p_severity`` (B, 5): a
+        distribution over the severity levels; ``strength`` (B,): 0 leaves a row unguided."""
+        p_category = p_category.float().clamp(1e-6, 1.0)
+        none = (1 - p_category.amax(1)).clamp_min(1e-6)
+        ref = torch.maximum(p_category.amax(1), none)  # the heads' most likely reading, "nothing visible" included
+        cat = p_category.log() - ref.log().unsqueeze(1)
+        sev = p_severity.float().clamp_min(1e-6)
+        sev = sev.log() - sev.amax(1, keepdim=True).log()
+        return GuideProcessor(self, cat, sev, strength.float())
+
+
+class GuideProcessor:
+    """A generation logits processor (see ``EvidenceGuide``). It remembers what it added at each step,
+    so that ``ExplainableVLM.generate`` returns the logits that decided (``added``)."""
+
+    def __init__(self, guide: EvidenceGuide, log_cat: torch.Tensor, log_sev: torch.Tensor, strength: torch.Tensor):
+        self.guide, self.log_cat, self.log_sev, self.strength = guide, log_cat, log_sev, strength
+        self.steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (rows, tokens, values) per step
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        rows, toks, vals = [], [], []
+        width = max(self.guide.categories.longest, self.guide.severities.longest)
+        for b in range(input_ids.shape[0]):
+            s = float(self.strength[b])
+            if s == 0.0:
+                continue
+            tail = input_ids[b, -width:].tolist() if width else []
+            found = self.guide.severities.bias(tail, self.log_sev[b])
+            for tok, v in self.guide.categories.bias(tail, self.log_cat[b]).items():
+                found[tok] = max(v, found.get(tok, float("-inf")))
+            for tok, v in found.items():
+                rows.append(b)
+                toks.append(tok)
+                vals.append(max(s * v, FLOOR))
+        step = (torch.tensor(rows, dtype=torch.long), torch.tensor(toks, dtype=torch.long),
+                torch.tensor(vals, dtype=torch.float32))
+        self.steps.append(step)
+        return self.apply(scores, step)
+
+    @staticmethod
+    def apply(scores: torch.Tensor, step: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        rows, toks, vals = step
+        if rows.numel() == 0:
+            return scores
+        scores = scores.clone()
+        keep = toks < scores.shape[-1]
+        scores[rows[keep].to(scores.device), toks[keep].to(scores.device)] += vals[keep].to(scores.device, scores.dtype)
+        return scores
+
+    def added(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` (B, T, V) from ``generate`` with each step's guidance added, as it was when deciding."""
+        out = logits.clone()
+        for t, step in enumerate(self.steps[:logits.shape[1]]):
+            out[:, t] = self.apply(out[:, t], step)
+        return out

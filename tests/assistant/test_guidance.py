@@ -1,0 +1,128 @@
+"""Evidence-guided decoding (assistant/guidance.py): the heads' verdicts steer the taxonomy words."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+import torch
+
+from loupe_vlm.assistant.guidance import FLOOR, GUIDED_TASKS, EvidenceGuide
+from loupe_vlm.assistant.processing import AUX_CATEGORIES
+from tests.assistant.test_aux import _tiny
+from tests.helpers import ASSETS
+
+CAT = {c: i for i, c in enumerate(AUX_CATEGORIES)}
+
+
+def _ids(tok, text: str) -> list[int]:
+    return tok.encode(text, add_special_tokens=False)
+
+
+def _probs(**high: float) -> torch.Tensor:
+    p = torch.full((1, len(AUX_CATEGORIES)), 0.01)
+    for c, v in high.items():
+        p[0, CAT[c]] = v
+    return p
+
+
+def _step(guide, p_cat, level: int, strength: float, tail: list[int]) -> torch.Tensor:
+    p_sev = torch.full((1, 5), 0.01)
+    p_sev[0, level - 1] = 0.96
+    proc = guide.processor(p_cat, p_sev, torch.tensor([strength]))
+    scores = torch.zeros(1, 2000)
+    return proc(torch.tensor([tail]), scores)[0]
+
+
+def test_guide_pushes_down_the_words_of_classes_the_heads_doubt_and_leaves_the_rest():
+    _, lp = _tiny(1.0)
+    tok = lp.tokenizer
+    guide = EvidenceGuide(tok, AUX_CATEGORIES)
+    blur, noise, gauss = _ids(tok, " blur")[0], _ids(tok, " noise")[0], _ids(tok, " Gaussian")[0]
+    the, image = _ids(tok, " the image")
+    out = _step(guide, _probs(blur=0.9), 4, 2.0, [the, image])
+    assert out[blur] == 0  # the heads' best reading is left alone
+    assert math.isclose(float(out[noise]), 2.0 * math.log(0.01 / 0.9), rel_tol=1e-4)
+    assert out[gauss] == 0  # " Gaussian" opens a blur name too: the best class it may name decides
+    assert out[the] == 0 and out[image] == 0  # ordinary words are untouched
+    # after " Gaussian", the continuation decides between Gaussian blur and Gaussian noise
+    after = _step(guide, _probs(noise=0.8), 4, 2.0, [the, gauss])
+    assert after[blur] < -5 and after[noise] == 0
+    # severity words follow the heads' level: " s" opens both "serious" (4) and "slight" (1)
+    s, er, light = _ids(tok, " serious")[0], _ids(tok, " serious")[1], _ids(tok, " slight")[1]
+    sev = _step(guide, _probs(blur=0.9), 4, 2.0, [the, s])
+    assert sev[er] == 0 and sev[light] < -5
+    # a clean image: every distortion name is pushed down against "nothing visible"
+    clean = _step(guide, _probs(), 4, 2.0, [the])
+    assert math.isclose(float(clean[blur]), 2.0 * math.log(0.01 / 0.99), rel_tol=1e-4)
+    # strength 0 leaves a row alone; a huge strength stops at FLOOR
+    assert not _step(guide, _probs(blur=0.9), 4, 0.0, [the]).any()
+    assert float(_step(guide, _probs(blur=0.9), 4, 9.0, [the])[noise]) == FLOOR
+
+
+def test_generate_returns_the_guided_logits_and_only_guided_rows_change(tmp_path):
+    torch.manual_seed(0)
+    model, lp = _tiny(1.0)
+    model.eval()
+    shutil.copy(ASSETS / "noisy.png", tmp_path / "A.png")
+    from tests.assistant.test_aux import _sample
+
+    item = lp.encode_sample(_sample("quality.identify", ["A"], {}), tmp_path, train=False)
+    batch = lp.collate([item, item], padding_side="left")
+    guide = EvidenceGuide(lp.tokenizer, AUX_CATEGORIES)
+    with torch.no_grad():
+        plain = model.generate(batch, max_new_tokens=1)
+        guided = model.generate(batch, max_new_tokens=1, guide=guide, guide_strength=torch.tensor([3.0, 0.0]))
+    delta = guided["logits"][:, 0] - plain["logits"][:, 0]
+    assert not delta[1].any()  # strength 0: untouched
+    moved = delta[0].nonzero().flatten().tolist()
+    assert moved and (delta[0] <= 0).all() and delta[0].min() >= FLOOR
+    # exactly the tokens that open some taxonomy phrase (after the prompt) may move
+    openers = set(guide.categories.entries[()][0].tolist()) | set(guide.severities.entries[()][0].tolist())
+    assert set(moved) <= openers
+    # the decision was made on these logits
+    assert int(guided["new_tokens"][0, 0]) == int(guided["logits"][0, 0].argmax())
+    # a model whose heads are off has nothing to guide by: generation is unchanged
+    bare, lp2 = _tiny(0.0)
+    bare.eval()
+    b2 = lp2.collate([lp2.encode_sample(_sample("quality.identify", ["A"], {}), tmp_path, train=False)],
+                     padding_side="left")
+    with torch.no_grad():
+        a = bare.generate(b2, max_new_tokens=1)["logits"]
+        b = bare.generate(b2, max_new_tokens=1, guide=guide, guide_strength=torch.tensor([3.0]))["logits"]
+    assert torch.equal(a, b)
+
+
+def test_assistant_guides_identify_and_assess_only_and_the_setting_round_trips(tmp_path, monkeypatch):
+    from loupe_vlm.assistant.inference import Assistant, Request
+    from loupe_vlm.finetune.export import export
+
+    model, lp = _tiny(1.0)
+    model.save_pretrained(tmp_path / "ck", processor=lp.processor)
+    export(tmp_path / "ck", tmp_path / "ex", evidence_guidance=1.5)
+    a = Assistant.from_pretrained(tmp_path / "ex")
+    assert a.evidence_guidance == 1.5 and a.guide is not None and "+guidance" not in a.name
+    off = Assistant.from_pretrained(tmp_path / "ex", evidence_guidance=0)
+    assert off.guide is None and off.name.endswith("+guidance0")
+    assert Assistant.from_pretrained(tmp_path / "ck").guide is None  # 0 unless the checkpoint says so
+    with pytest.raises(ValueError, match="evidence_guidance"):
+        export(tmp_path / "ck", tmp_path / "bad", evidence_guidance=-1)
+    with pytest.raises(ValueError, match="guidance"):
+        Assistant.from_pretrained(tmp_path / "ck", evidence_guidance=11)
+
+    seen = []
+    real = a.model.generate
+
+    def spy(batch, **kw):
+        seen.append(kw.get("guide_strength"))
+        return real(batch, **kw)
+
+    monkeypatch.setattr(a.model, "generate", spy)
+    img = str(ASSETS / "noisy.png")
+    a.run([Request("quality.identify", [img], ["A"]), Request("forgery.detect", [img], ["A"]),
+           Request("quality.assess", [img], ["A"])], batch_size=8)
+    assert seen[-1].tolist() == [1.5, 0.0, 1.5]
+    assert set(GUIDED_TASKS) == {"quality.identify", "quality.assess"}
+    a.run([Request("forgery.detect", [img], ["A"])])
+    assert seen[-1] is None  # no guided row: no guidance passed at all
