@@ -11,8 +11,9 @@ applied only to tokens that start or continue a taxonomy phrasing (categories an
 with the category they belong to; severity words), where ``q`` is the heads' probability of the class
 the phrasing names. The words of the best-supported class are left as they are; the others are pushed
 down by how much less the heads believe them; every other token is untouched, so the language model
-still writes the whole answer. For a clean image (every category unlikely) the distortion names are
-pushed down against the heads' "nothing visible" reading.
+still writes the whole answer. "Nothing visible" is a class too (``NO_DISTORTION``), with probability
+1 - the largest category's: for a clean image the distortion names are pushed down, and for a
+distorted one the words that would call it clean.
 
 Hand-written: transformers' ``SequenceBiasLogitsProcessor`` biases token sequences the same way in
 every batch row, and here the bias depends on each row's image.
@@ -28,6 +29,10 @@ from ..prompts.taxonomy import CATEGORIES, DISTORTIONS, SEVERITIES
 
 GUIDED_TASKS = ("quality.identify", "quality.assess")
 """The tasks whose answers describe one judged image's distortions, which is what the heads see."""
+
+NO_DISTORTION = ("no visible distortion", "free of visible distortion")
+"""How the builders' answers say an image is clean (data_builders/labellers/template.py): the
+"nothing visible" reading, pushed down like a distortion name when the heads see a distortion."""
 
 FLOOR = -10.0
 """The most a token is pushed down, in logits (a class the heads rule out is unlikely, not impossible)."""
@@ -80,7 +85,8 @@ class EvidenceGuide:
         index = {c: i for i, c in enumerate(categories)}
         cat_phrases = [(p, index[t.id]) for t in CATEGORIES for p in t.phrasings]
         cat_phrases += [(p, index[t.category]) for t in DISTORTIONS for p in t.phrasings]
-        self.categories = _Table(tokenizer, cat_phrases, len(categories))
+        cat_phrases += [(p, len(categories)) for p in NO_DISTORTION]  # the last class: nothing visible
+        self.categories = _Table(tokenizer, cat_phrases, len(categories) + 1)
         self.severities = _Table(tokenizer, [(p, t.value - 1) for t in SEVERITIES for p in t.phrasings],
                                  len(SEVERITIES))
 
@@ -90,7 +96,7 @@ class EvidenceGuide:
         p_category = p_category.float().clamp(1e-6, 1.0)
         none = (1 - p_category.amax(1)).clamp_min(1e-6)
         ref = torch.maximum(p_category.amax(1), none)  # the heads' most likely reading, "nothing visible" included
-        cat = p_category.log() - ref.log().unsqueeze(1)
+        cat = torch.cat([p_category, none.unsqueeze(1)], 1).log() - ref.log().unsqueeze(1)
         sev = p_severity.float().clamp_min(1e-6)
         sev = sev.log() - sev.amax(1, keepdim=True).log()
         return GuideProcessor(self, cat, sev, strength.float())

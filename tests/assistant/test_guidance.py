@@ -56,6 +56,9 @@ def test_guide_pushes_down_the_words_of_classes_the_heads_doubt_and_leaves_the_r
     # a clean image: every distortion name is pushed down against "nothing visible"
     clean = _step(guide, _probs(), 4, 2.0, [the])
     assert math.isclose(float(clean[blur]), 2.0 * math.log(0.01 / 0.99), rel_tol=1e-4)
+    free = _ids(tok, " free of visible distortion")[0]
+    assert clean[free] == 0  # ... and the words that call it clean, when it is not:
+    assert math.isclose(float(out[free]), 2.0 * math.log(0.1 / 0.9), rel_tol=1e-4)
     # strength 0 leaves a row alone; a huge strength stops at FLOOR
     assert not _step(guide, _probs(blur=0.9), 4, 0.0, [the]).any()
     assert float(_step(guide, _probs(blur=0.9), 4, 9.0, [the])[noise]) == FLOOR
