@@ -62,19 +62,26 @@ class _Table:
             self.entries[prefix] = (toks, member)
         self.longest = max((len(p) for p in self.entries), default=0)
 
-    def bias(self, tail: list[int], log_q: torch.Tensor) -> dict[int, float]:
+    def _values(self, prefix: tuple[int, ...], log_q: torch.Tensor, out: dict[int, float]) -> None:
+        entry = self.entries.get(prefix)
+        if entry is None:
+            return
+        toks, member = entry
+        vals = log_q.unsqueeze(0).masked_fill(~member, float("-inf")).amax(1)
+        for tok, v in zip(toks.tolist(), vals.tolist()):
+            if v > out.get(tok, float("-inf")):
+                out[tok] = v
+
+    def bias(self, tail: list[int], log_q: torch.Tensor, opening: dict[int, float] | None = None) -> dict[int, float]:
         """Token -> log q of the best-supported class it may name, for every prefix that ``tail`` (the
-        row's last tokens) ends with. A token reachable from several prefixes keeps its highest value."""
-        out: dict[int, float] = {}
-        for k in range(0, min(self.longest, len(tail)) + 1):
-            entry = self.entries.get(tuple(tail[len(tail) - k:]) if k else ())
-            if entry is None:
-                continue
-            toks, member = entry
-            vals = log_q.unsqueeze(0).masked_fill(~member, float("-inf")).amax(1)
-            for tok, v in zip(toks.tolist(), vals.tolist()):
-                if v > out.get(tok, float("-inf")):
-                    out[tok] = v
+        row's last tokens) ends with, the empty one included. A token reachable from several prefixes
+        keeps its highest value. ``opening``: the empty prefix's values for this ``log_q``, computed
+        once per row (``bias([], log_q)``) instead of at every step."""
+        out = dict(opening) if opening is not None else {}
+        if opening is None:
+            self._values((), log_q, out)
+        for k in range(1, min(self.longest, len(tail)) + 1):
+            self._values(tuple(tail[len(tail) - k:]), log_q, out)
         return out
 
 
@@ -109,6 +116,9 @@ class GuideProcessor:
     def __init__(self, guide: EvidenceGuide, log_cat: torch.Tensor, log_sev: torch.Tensor, strength: torch.Tensor):
         self.guide, self.log_cat, self.log_sev, self.strength = guide, log_cat, log_sev, strength
         self.steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (rows, tokens, values) per step
+        # the phrase openers' values do not change from step to step: one per row and group
+        self.openings = [(guide.categories.bias([], log_cat[b]), guide.severities.bias([], log_sev[b]))
+                         if float(strength[b]) != 0.0 else None for b in range(len(strength))]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         rows, toks, vals = [], [], []
@@ -118,13 +128,15 @@ class GuideProcessor:
             if s == 0.0:
                 continue
             tail = input_ids[b, -width:].tolist() if width else []
-            found = self.guide.severities.bias(tail, self.log_sev[b])
-            for tok, v in self.guide.categories.bias(tail, self.log_cat[b]).items():
+            cat_open, sev_open = self.openings[b]
+            found = self.guide.severities.bias(tail, self.log_sev[b], sev_open)
+            for tok, v in self.guide.categories.bias(tail, self.log_cat[b], cat_open).items():
                 found[tok] = max(v, found.get(tok, float("-inf")))
             for tok, v in found.items():
-                rows.append(b)
-                toks.append(tok)
-                vals.append(max(s * v, FLOOR))
+                if v < 0:  # the best reading's words get 0: nothing to add
+                    rows.append(b)
+                    toks.append(tok)
+                    vals.append(max(s * v, FLOOR))
         step = (torch.tensor(rows, dtype=torch.long), torch.tensor(toks, dtype=torch.long),
                 torch.tensor(vals, dtype=torch.float32))
         self.steps.append(step)
