@@ -37,6 +37,15 @@ NO_DISTORTION = ("no visible distortion", "free of visible distortion")
 FLOOR = -10.0
 """The most a token is pushed down, in logits (a class the heads rule out is unlikely, not impossible)."""
 
+MAX_STRENGTH = 10.0
+
+
+def guidance_problem(strength: Any) -> str | None:
+    """What is wrong with a guidance strength (a number from 0, off, to ``MAX_STRENGTH``), or None."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= MAX_STRENGTH:
+        return f"{strength!r} is not a number from 0 (off) to {MAX_STRENGTH:g}"
+    return None
+
 
 def _variants(phrase: str) -> set[str]:
     return {" " + phrase, " " + phrase[:1].upper() + phrase[1:]}
@@ -72,14 +81,17 @@ class _Table:
             if v > out.get(tok, float("-inf")):
                 out[tok] = v
 
-    def bias(self, tail: list[int], log_q: torch.Tensor, opening: dict[int, float] | None = None) -> dict[int, float]:
+    def opening(self, log_q: torch.Tensor) -> dict[int, float]:
+        """Token -> log q for the tokens that open a phrasing (the empty prefix): the same at every step."""
+        out: dict[int, float] = {}
+        self._values((), log_q, out)
+        return out
+
+    def bias(self, tail: list[int], log_q: torch.Tensor, opening: dict[int, float]) -> dict[int, float]:
         """Token -> log q of the best-supported class it may name, for every prefix that ``tail`` (the
-        row's last tokens) ends with, the empty one included. A token reachable from several prefixes
-        keeps its highest value. ``opening``: the empty prefix's values for this ``log_q``, computed
-        once per row (``bias([], log_q)``) instead of at every step."""
-        out = dict(opening) if opening is not None else {}
-        if opening is None:
-            self._values((), log_q, out)
+        row's last tokens) ends with, the empty one included (``opening``, this ``log_q``'s). A token
+        reachable from several prefixes keeps its highest value."""
+        out = dict(opening)
         for k in range(1, min(self.longest, len(tail)) + 1):
             self._values(tuple(tail[len(tail) - k:]), log_q, out)
         return out
@@ -117,17 +129,17 @@ class GuideProcessor:
         self.guide, self.log_cat, self.log_sev, self.strength = guide, log_cat, log_sev, strength
         self.steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (rows, tokens, values) per step
         # the phrase openers' values do not change from step to step: one per row and group
-        self.openings = [(guide.categories.bias([], log_cat[b]), guide.severities.bias([], log_sev[b]))
+        self.openings = [(guide.categories.opening(log_cat[b]), guide.severities.opening(log_sev[b]))
                          if float(strength[b]) != 0.0 else None for b in range(len(strength))]
+        self.width = max(guide.categories.longest, guide.severities.longest)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         rows, toks, vals = [], [], []
-        width = max(self.guide.categories.longest, self.guide.severities.longest)
         for b in range(input_ids.shape[0]):
             s = float(self.strength[b])
             if s == 0.0:
                 continue
-            tail = input_ids[b, -width:].tolist() if width else []
+            tail = input_ids[b, -self.width:].tolist() if self.width else []
             cat_open, sev_open = self.openings[b]
             found = self.guide.severities.bias(tail, self.log_sev[b], sev_open)
             for tok, v in self.guide.categories.bias(tail, self.log_cat[b], cat_open).items():

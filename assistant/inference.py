@@ -41,7 +41,7 @@ from loupe_vlm.prompts import (
 )
 from loupe_vlm.prompts.parsing import find_terms, parse_distortions, parse_manipulation, strip_mask_tokens
 
-from .guidance import GUIDED_TASKS, EvidenceGuide
+from .guidance import GUIDED_TASKS, EvidenceGuide, guidance_problem
 from .modeling import ExplainableVLM
 from .processing import AUX_CATEGORIES, ImageError, LoupeProcessor, load_image, resize_logits
 
@@ -265,8 +265,8 @@ class Assistant:
                         if isinstance(i, int)}
         self.evidence_guidance = (model.config.evidence_guidance if evidence_guidance is None
                                   else float(evidence_guidance))
-        if not 0 <= self.evidence_guidance <= 10:
-            raise ValueError(f"evidence guidance {self.evidence_guidance} is not from 0 (off) to 10")
+        if (problem := guidance_problem(self.evidence_guidance)) is not None:
+            raise ValueError(f"evidence guidance: {problem}")
         # a model without auxiliary heads has nothing to guide by: generate then leaves every row alone
         self.guide = EvidenceGuide(self.tokenizer, AUX_CATEGORIES) if self.evidence_guidance else None
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from loupe_vlm.prompts import (CATEGORIES, DISTORTIONS, LOCATIONS, LOWLEVEL_TOKEN, LOWLEVEL_TOKENS_PER_IMAGE, MANIPULATIONS,
                      MASK_TOKEN, RATINGS, SEVERITIES, TAXONOMY_VERSION, TEMPLATE_VERSION, VERDICTS)
 
+from .guidance import guidance_problem
 from .families import get_family
 from .processing import AUX_CATEGORIES, AUX_DIM
 
@@ -230,8 +231,8 @@ class LoupeConfig(ModelOptions):
 
     def check(self) -> "LoupeConfig":
         problems = self.model_problems()
-        if not (isinstance(self.evidence_guidance, (int, float)) and 0 <= self.evidence_guidance <= 10):
-            problems.append(f"evidence_guidance: {self.evidence_guidance!r} is not a number from 0 (off) to 10")
+        if (problem := guidance_problem(self.evidence_guidance)) is not None:
+            problems.append(f"evidence_guidance: {problem}")
         s = self.scratch
         if s.evidence_fusion and s.fusion_scope == "key" and not s.key_token_ids:
             problems.append("scratch.evidence_fusion: fusion_scope 'key' biases key_token_ids, and there are none")
@@ -660,6 +661,12 @@ def evidence_word_ids(tokenizer: Any) -> list[list[list[int]]]:
                                                                     ids(VERDICTS["authentic"].text)]]
 
 
+def severity_weights(level: torch.Tensor) -> torch.Tensor:
+    """The five severity levels weighted around ``level`` (a predicted level in 0..5): (..., 5), each row
+    summing to 1. Shared by the evidence tokens and evidence guidance."""
+    return torch.softmax(-(level.unsqueeze(-1) - torch.arange(1, 6, device=level.device)) ** 2 / 0.5, dim=-1)
+
+
 def weighted_token_ce(logits: torch.Tensor, labels: torch.Tensor, key_ids: list[int], weight: float) -> torch.Tensor:
     """Next-token cross-entropy (labels shifted as transformers does) where tokens in ``key_ids``
     count ``weight`` times; the mean is over the weights, so weight 1 gives the plain mean."""
@@ -895,8 +902,7 @@ class ExplainableVLM(nn.Module):
         n_cat = len(AUX_CATEGORIES)
         p_cat = logits[:n_cat].float().sigmoid()
         w_cat = torch.cat([p_cat, (1 - p_cat.max()).view(1)])
-        level = logits[n_cat].float().sigmoid() * 5
-        w_sev = torch.softmax(-(level - torch.arange(1, 6, device=logits.device)) ** 2 / 0.5, dim=0)
+        w_sev = severity_weights(logits[n_cat].float().sigmoid() * 5)
         p_t = logits[n_cat + 1].float().sigmoid()
         weights = [w_cat / w_cat.sum(), w_sev, torch.stack([p_t, 1 - p_t])]
         words = self.evidence_words() if words is None else words
@@ -932,24 +938,25 @@ class ExplainableVLM(nn.Module):
             per_row.setdefault(row, []).append(i)
         return per_row
 
-    def guide_processor(self, guide: Any, strength: torch.Tensor, input_ids: torch.Tensor, batch: dict[str, Any],
+    def guide_processor(self, guide: Any, strengths: torch.Tensor, input_ids: torch.Tensor, batch: dict[str, Any],
                         low: LowLevel) -> Any:
         """The ``EvidenceGuide`` processor of one batch (see ``assistant/guidance.py``), or None when
         the model has no auxiliary heads or no row is guided. A row's category probabilities are the
         largest over its images (a reference is clean, so it adds nothing); its severity is read
         from its last image, the judged one."""
-        if guide is None or not low.aux or low.aux[0] is None or not bool((strength != 0).any()):
+        if guide is None or not low.aux or low.aux[0] is None or not bool((strengths != 0).any()):
             return None
         n_cat = len(AUX_CATEGORIES)
         rows = input_ids.shape[0]
         p_cat = torch.zeros(rows, n_cat)
         p_sev = torch.ones(rows, 5)
+        strength = torch.zeros(rows)  # a row without an image has nothing to be guided by
         for row, imgs in self.row_images(input_ids, batch).items():
             probs = torch.stack([low.aux[i][0].float().sigmoid().cpu() for i in imgs])
             p_cat[row] = probs[:, :n_cat].amax(0)
-            level = probs[-1, n_cat] * 5
-            p_sev[row] = torch.softmax(-(level - torch.arange(1, 6)) ** 2 / 0.5, dim=0)
-        return guide.processor(p_cat, p_sev, strength.cpu())
+            p_sev[row] = severity_weights(probs[-1, n_cat] * 5)
+            strength[row] = float(strengths[row])
+        return guide.processor(p_cat, p_sev, strength)
 
     def add_fusion(self, logits: torch.Tensor, bias: torch.Tensor | None, prev_ids: torch.Tensor) -> torch.Tensor:
         """``logits`` (B, T, V) plus the fusion ``bias`` (B, V), gated per step by the token before it,
