@@ -15,6 +15,11 @@ still writes the whole answer. "Nothing visible" is a class too (``NO_DISTORTION
 1 - the largest category's: for a clean image the distortion names are pushed down, and for a
 distorted one the words that would call it clean.
 
+Comparisons (``COMPARE_TASKS``) are guided at one word only, the verdict: until the answer has written
+" A" or " B", those two tokens get ``strength * log(q / q_best)``, where q is the heads' P(A better), a
+logistic of the gap between the two images' predicted worst severities (``COMPARE_SLOPE`` per level).
+The heads judge each image alone, so this reading does not depend on the order the pair is shown in.
+
 Hand-written: transformers' ``SequenceBiasLogitsProcessor`` biases token sequences the same way in
 every batch row, and here the bias depends on each row's image.
 """
@@ -27,8 +32,17 @@ import torch
 
 from ..prompts.taxonomy import CATEGORIES, DISTORTIONS, SEVERITIES
 
-GUIDED_TASKS = ("quality.identify", "quality.assess")
+DESCRIBE_TASKS = ("quality.identify", "quality.assess")
 """The tasks whose answers describe one judged image's distortions, which is what the heads see."""
+
+COMPARE_TASKS = ("quality.compare", "quality.rate")
+"""The A/B tasks: only their verdict word is guided, by the two images' predicted severities."""
+
+GUIDED_TASKS = DESCRIBE_TASKS + COMPARE_TASKS
+
+COMPARE_SLOPE = 2.0
+"""P(A better) = sigmoid(COMPARE_SLOPE * (severity of B - severity of A)), severities in levels 0-5: one
+level of difference reads as 0.88 against 0.12."""
 
 NO_DISTORTION = ("no visible distortion", "free of visible distortion")
 """How the builders' answers say an image is clean (data_builders/labellers/template.py): the
@@ -101,6 +115,8 @@ class EvidenceGuide:
     """Built once per tokenizer; ``processor`` makes the logits processor of one ``generate`` call."""
 
     def __init__(self, tokenizer: Any, categories: tuple[str, ...]):
+        # the verdict tokens of a comparison, as the Assistant reads them (the first token of " A" / " B")
+        self.ab_ids = tuple(tokenizer.encode(" " + k, add_special_tokens=False)[0] for k in ("A", "B"))
         index = {c: i for i, c in enumerate(categories)}
         cat_phrases = [(p, index[t.id]) for t in CATEGORIES for p in t.phrasings]
         cat_phrases += [(p, index[t.category]) for t in DISTORTIONS for p in t.phrasings]
@@ -109,24 +125,35 @@ class EvidenceGuide:
         self.severities = _Table(tokenizer, [(p, t.value - 1) for t in SEVERITIES for p in t.phrasings],
                                  len(SEVERITIES))
 
-    def processor(self, p_category: torch.Tensor, p_severity: torch.Tensor, strength: torch.Tensor) -> "GuideProcessor":
+    def processor(self, p_category: torch.Tensor, p_severity: torch.Tensor, strength: torch.Tensor,
+                  p_a: torch.Tensor | None = None) -> "GuideProcessor":
         """``p_category`` (B, C): each category's probability from the heads; ``p_severity`` (B, 5): a
-        distribution over the severity levels; ``strength`` (B,): 0 leaves a row unguided."""
+        distribution over the severity levels; ``strength`` (B,): 0 leaves a row unguided; ``p_a`` (B,):
+        for a comparison row the heads' P(A better), which guides its verdict instead (NaN elsewhere)."""
         p_category = p_category.float().clamp(1e-6, 1.0)
         none = (1 - p_category.amax(1)).clamp_min(1e-6)
         ref = torch.maximum(p_category.amax(1), none)  # the heads' most likely reading, "nothing visible" included
         cat = torch.cat([p_category, none.unsqueeze(1)], 1).log() - ref.log().unsqueeze(1)
         sev = p_severity.float().clamp_min(1e-6)
         sev = sev.log() - sev.amax(1, keepdim=True).log()
-        return GuideProcessor(self, cat, sev, strength.float())
+        if p_a is None:
+            p_a = torch.full((len(strength),), float("nan"))
+        pa = p_a.float().clamp(1e-6, 1 - 1e-6)
+        ab = torch.stack([pa, 1 - pa], 1).log()
+        ab = ab - ab.amax(1, keepdim=True)  # NaN rows stay NaN: not comparisons
+        return GuideProcessor(self, cat, sev, strength.float(), ab)
 
 
 class GuideProcessor:
     """A generation logits processor (see ``EvidenceGuide``). It remembers what it added at each step,
     so that ``ExplainableVLM.generate`` returns the logits that decided (``added``)."""
 
-    def __init__(self, guide: EvidenceGuide, log_cat: torch.Tensor, log_sev: torch.Tensor, strength: torch.Tensor):
+    def __init__(self, guide: EvidenceGuide, log_cat: torch.Tensor, log_sev: torch.Tensor, strength: torch.Tensor,
+                 log_ab: torch.Tensor):
         self.guide, self.log_cat, self.log_sev, self.strength = guide, log_cat, log_sev, strength
+        self.log_ab = log_ab  # (B, 2): log q(A better), log q(B better) minus the larger; NaN: not a comparison
+        self.compare = ~torch.isnan(log_ab[:, 0])
+        self.prompt_len: int | None = None  # set at the first step: what comes after it was generated
         self.steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (rows, tokens, values) per step
         # the phrase openers' values do not change from step to step: one per row and group
         self.openings = [(guide.categories.opening(log_cat[b]), guide.severities.opening(log_sev[b]))
@@ -135,9 +162,20 @@ class GuideProcessor:
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         rows, toks, vals = [], [], []
+        if self.prompt_len is None:
+            self.prompt_len = input_ids.shape[1]
         for b in range(input_ids.shape[0]):
             s = float(self.strength[b])
             if s == 0.0:
+                continue
+            if bool(self.compare[b]):
+                written = input_ids[b, self.prompt_len:].tolist()
+                if not any(t in self.guide.ab_ids for t in written):  # the verdict is not written yet
+                    for tok, v in zip(self.guide.ab_ids, self.log_ab[b].tolist()):
+                        if v < 0:
+                            rows.append(b)
+                            toks.append(tok)
+                            vals.append(max(s * v, FLOOR))
                 continue
             tail = input_ids[b, -self.width:].tolist() if self.width else []
             cat_open, sev_open = self.openings[b]

@@ -41,7 +41,7 @@ from loupe_vlm.prompts import (
 )
 from loupe_vlm.prompts.parsing import find_terms, parse_distortions, parse_manipulation, strip_mask_tokens
 
-from .guidance import GUIDED_TASKS, EvidenceGuide, guidance_problem
+from .guidance import COMPARE_TASKS, GUIDED_TASKS, EvidenceGuide, guidance_problem
 from .modeling import ExplainableVLM
 from .processing import AUX_CATEGORIES, ImageError, LoupeProcessor, load_image, resize_logits
 
@@ -52,7 +52,8 @@ DEFAULT_MODEL_NAME = "loupe-tiny"
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "weights" / DEFAULT_MODEL_NAME
 MODEL_HELP = f"a Loupe checkpoint folder (default: the embedded {DEFAULT_MODEL_NAME})"
 GUIDANCE_HELP = ("how strongly the image heads steer the distortion and severity words of identify and assess "
-                 "answers: 0 off, about 1-3 on (default: the model's own setting)")
+                 "answers and the A/B verdict of comparisons: 0 off, about 1-3 on (default: the model's own "
+                 "setting)")
 
 # Result schema "task" names for each template task.
 SCHEMA_TASK = {"quality.assess": "quality", "quality.identify": "quality", "quality.rate": "compare",
@@ -433,6 +434,7 @@ class Assistant:
             extra["guide"] = self.guide
             extra["guide_strength"] = torch.tensor([self.evidence_guidance if t in GUIDED_TASKS else 0.0
                                                     for t in tasks])
+            extra["guide_compare"] = torch.tensor([t in COMPARE_TASKS for t in tasks])
         gen = self.model.generate(batch, max_new_tokens=self.max_new_tokens, **extra)
         rows = []
         positions = []

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from loupe_vlm.prompts import (CATEGORIES, DISTORTIONS, LOCATIONS, LOWLEVEL_TOKEN, LOWLEVEL_TOKENS_PER_IMAGE, MANIPULATIONS,
                      MASK_TOKEN, RATINGS, SEVERITIES, TAXONOMY_VERSION, TEMPLATE_VERSION, VERDICTS)
 
-from .guidance import guidance_problem
+from .guidance import COMPARE_SLOPE, guidance_problem
 from .families import get_family
 from .processing import AUX_CATEGORIES, AUX_DIM
 
@@ -939,24 +939,31 @@ class ExplainableVLM(nn.Module):
         return per_row
 
     def guide_processor(self, guide: Any, strengths: torch.Tensor, input_ids: torch.Tensor, batch: dict[str, Any],
-                        low: LowLevel) -> Any:
+                        low: LowLevel, compare: torch.Tensor | None = None) -> Any:
         """The ``EvidenceGuide`` processor of one batch (see ``assistant/guidance.py``), or None when
         the model has no auxiliary heads or no row is guided. A row's category probabilities are the
         largest over its images (a reference is clean, so it adds nothing); its severity is read
-        from its last image, the judged one."""
+        from its last image, the judged one. Rows marked in ``compare`` (B,) are A/B comparisons, whose
+        last two images are A and B: their P(A better) comes from the two images' predicted severities."""
         if guide is None or not low.aux or low.aux[0] is None or not bool((strengths != 0).any()):
             return None
         n_cat = len(AUX_CATEGORIES)
         rows = input_ids.shape[0]
         p_cat = torch.zeros(rows, n_cat)
         p_sev = torch.ones(rows, 5)
+        p_a = torch.full((rows,), float("nan"))
         strength = torch.zeros(rows)  # a row without an image has nothing to be guided by
         for row, imgs in self.row_images(input_ids, batch).items():
             probs = torch.stack([low.aux[i][0].float().sigmoid().cpu() for i in imgs])
+            if compare is not None and bool(compare[row]):
+                if len(imgs) < 2:
+                    continue  # not a pair: left alone
+                sev_a, sev_b = probs[-2, n_cat] * 5, probs[-1, n_cat] * 5
+                p_a[row] = torch.sigmoid(COMPARE_SLOPE * (sev_b - sev_a))
             p_cat[row] = probs[:, :n_cat].amax(0)
             p_sev[row] = severity_weights(probs[-1, n_cat] * 5)
             strength[row] = float(strengths[row])
-        return guide.processor(p_cat, p_sev, strength)
+        return guide.processor(p_cat, p_sev, strength, p_a)
 
     def add_fusion(self, logits: torch.Tensor, bias: torch.Tensor | None, prev_ids: torch.Tensor) -> torch.Tensor:
         """``logits`` (B, T, V) plus the fusion ``bias`` (B, V), gated per step by the token before it,
@@ -1061,11 +1068,13 @@ class ExplainableVLM(nn.Module):
     # ---- generation ----------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, batch: dict[str, Any], max_new_tokens: int = 128, guide: Any = None,
-                 guide_strength: torch.Tensor | None = None, **kwargs: Any) -> dict[str, Any]:
+                 guide_strength: torch.Tensor | None = None, guide_compare: torch.Tensor | None = None,
+                 **kwargs: Any) -> dict[str, Any]:
         """Greedy generation for a left-padded batch. Returns the new token ids (B, T), the raw (fused,
         guided) logits per step (B, T, V), the final hidden states of prompt+answer (B, L+T-1, D) and the
         ``LowLevel`` of the batch. ``guide`` (an ``EvidenceGuide``) with ``guide_strength`` (B,) steers
-        the taxonomy words of the rows with a nonzero strength by the auxiliary heads."""
+        the taxonomy words of the rows with a nonzero strength by the auxiliary heads; the rows marked
+        in ``guide_compare`` (B,) are comparisons, whose A/B verdict is steered instead."""
         from transformers import LogitsProcessorList
 
         low = self.encode_lowlevel(batch.get("lowlevel_pixels", []))
@@ -1074,7 +1083,7 @@ class ExplainableVLM(nn.Module):
         embeds = self.embed(input_ids, low, batch)
         bias = self.fusion_bias(input_ids, batch, low)
         processors = LogitsProcessorList([_AddBias(bias, self.add_fusion)] if bias is not None else [])
-        guided = (self.guide_processor(guide, guide_strength, input_ids, batch, low)
+        guided = (self.guide_processor(guide, guide_strength, input_ids, batch, low, guide_compare)
                   if guide_strength is not None else None)
         if guided is not None:
             processors.append(guided)

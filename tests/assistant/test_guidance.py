@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from loupe_vlm.assistant.guidance import FLOOR, GUIDED_TASKS, EvidenceGuide
+from loupe_vlm.assistant.guidance import COMPARE_SLOPE, FLOOR, GUIDED_TASKS, EvidenceGuide
 from loupe_vlm.assistant.processing import AUX_CATEGORIES
 from tests.assistant.test_aux import _tiny
 from tests.helpers import ASSETS
@@ -126,6 +126,54 @@ def test_assistant_guides_identify_and_assess_only_and_the_setting_round_trips(t
     a.run([Request("quality.identify", [img], ["A"]), Request("forgery.detect", [img], ["A"]),
            Request("quality.assess", [img], ["A"])], batch_size=8)
     assert seen[-1].tolist() == [1.5, 0.0, 1.5]
-    assert set(GUIDED_TASKS) == {"quality.identify", "quality.assess"}
+    assert set(GUIDED_TASKS) == {"quality.identify", "quality.assess", "quality.compare", "quality.rate"}
     a.run([Request("forgery.detect", [img], ["A"])])
     assert seen[-1] is None  # no guided row: no guidance passed at all
+
+
+def test_comparison_guidance_steers_only_the_verdict_and_only_until_it_is_written():
+    _, lp = _tiny(1.0)
+    tok = lp.tokenizer
+    guide = EvidenceGuide(tok, AUX_CATEGORIES)
+    a, b = guide.ab_ids
+    assert [a] == _ids(tok, " A")[:1] and [b] == _ids(tok, " B")[:1]
+    image, blur, noise = _ids(tok, "Image")[0], _ids(tok, " blur")[0], _ids(tok, " noise")[0]
+    # row 0: the heads see A as two levels worse than B; row 1: not a comparison, unguided by the pair
+    p_a = torch.sigmoid(torch.tensor([COMPARE_SLOPE * (1.0 - 3.0), float("nan")]))
+    p_cat = torch.cat([_probs(blur=0.9), _probs(blur=0.9)])
+    proc = guide.processor(p_cat, torch.full((2, 5), 0.2), torch.tensor([2.0, 2.0]), p_a)
+    prompt = [[image, image], [image, image]]
+    first = proc(torch.tensor(prompt), torch.zeros(2, 2000))
+    want = 2.0 * math.log(float(p_a[0]) / (1 - float(p_a[0])))
+    assert math.isclose(float(first[0, a]), want, rel_tol=1e-4) and first[0, b] == 0
+    assert first[0].nonzero().flatten().tolist() == [a]  # a comparison's distortion words are left alone
+    assert first[1, a] == 0 and first[1, noise] < 0  # the other row is guided as a description
+    # once a verdict is written (here " B"), the rest of the answer is the language model's alone
+    later = proc(torch.tensor([[image, image, b], [image, image, blur]]), torch.zeros(2, 2000))
+    assert not later[0].any()
+    # the pair's order does not matter to the heads: shown swapped, the same image is favoured
+    swapped = guide.processor(p_cat, torch.full((2, 5), 0.2), torch.tensor([2.0, 0.0]), 1 - p_a)
+    out = swapped(torch.tensor(prompt), torch.zeros(2, 2000))
+    assert math.isclose(float(out[0, b]), want, rel_tol=1e-4) and out[0, a] == 0
+
+
+def test_generate_reads_a_comparison_from_the_pair_s_severities(tmp_path):
+    torch.manual_seed(0)
+    model, lp = _tiny(1.0)
+    model.eval()
+    shutil.copy(ASSETS / "noisy.png", tmp_path / "A.png")
+    shutil.copy(ASSETS / "clean.png", tmp_path / "B.png")
+    from tests.assistant.test_aux import _sample
+
+    item = lp.encode_sample(_sample("quality.compare", ["A", "B"], {}), tmp_path, train=False)
+    batch = lp.collate([item], padding_side="left")
+    guide = EvidenceGuide(lp.tokenizer, AUX_CATEGORIES)
+    with torch.no_grad():
+        low = model.encode_lowlevel(batch["lowlevel_pixels"])
+    proc = model.guide_processor(guide, torch.tensor([2.0]), batch["input_ids"], batch, low, torch.tensor([True]))
+    sev = [float(x[0][len(AUX_CATEGORIES)].sigmoid()) * 5 for x in low.aux]
+    assert abs(sev[0] - sev[1]) > 1e-4  # two different images: the pair has a reading either way
+    want = torch.sigmoid(torch.tensor(COMPARE_SLOPE * (sev[-1] - sev[-2])))
+    assert bool(proc.compare[0]) and math.isclose(float(proc.log_ab[0].exp().max()), 1.0, rel_tol=1e-6)
+    got = float(proc.log_ab[0, 0] - proc.log_ab[0, 1])
+    assert math.isclose(got, float(torch.log(want / (1 - want))), rel_tol=1e-3, abs_tol=1e-5)
