@@ -96,6 +96,10 @@ class ModelOptions:
     map the tampering map. The branch's verdicts (evidence tokens, fusion, mask prior) then rest on
     ImageNet features, not on the small high-pass CNN alone. Needs image_trunk efficientnet-lite0 and
     aux_weight > 0; lowlevel_freeze then holds the trunk fixed too."""
+    heads_trunk: bool = False
+    """With lowlevel_trunk: the heads read their own copy of the trunk (saved as ``heads_trunk``) instead
+    of the ImageEncoder's, so it can be fine-tuned for them (``loupe train refit-heads``) without moving
+    the image tokens the language model was trained on. Costs one more trunk pass per image."""
 
     def model_problems(self) -> list[str]:
         """Every problem with these fields and the ``scratch`` group, each naming its field."""
@@ -106,6 +110,8 @@ class ModelOptions:
             p.append(f"image_trunk: {self.image_trunk!r} is not one of {', '.join(IMAGE_TRUNKS)}")
         if self.lowlevel_trunk and self.image_trunk == "scratch":
             p.append("lowlevel_trunk: the branch reads a pretrained ImageEncoder trunk; set image_trunk efficientnet-lite0")
+        if self.heads_trunk and not self.lowlevel_trunk:
+            p.append("heads_trunk: a copy of the trunk for the heads needs lowlevel_trunk true")
         if self.lowlevel_trunk and self.aux_weight <= 0:
             p.append("lowlevel_trunk: the trunk feeds the auxiliary heads; set aux_weight > 0 too")
         for name in ("decoder_width", "lowlevel_width", "lowlevel_max_side", "min_pixels", "max_pixels", "image_width"):
@@ -765,9 +771,10 @@ class ExplainableVLM(nn.Module):
     serve several threads at once. What differs between bases is asked of ``self.family``."""
 
     def __init__(self, vlm: nn.Module, lowlevel: LowLevelEncoder, mask_decoder: MaskDecoder, config: LoupeConfig,
-                 image_encoder: ImageEncoder | None = None):
+                 image_encoder: ImageEncoder | None = None, heads_trunk: nn.Module | None = None):
         super().__init__()
         self.vlm = vlm
+        self.heads_trunk = heads_trunk  # config.heads_trunk: the trunk the heads read, when not the ImageEncoder's
         self.lowlevel = lowlevel
         self.mask_decoder = mask_decoder
         self.config = config
@@ -808,13 +815,16 @@ class ExplainableVLM(nn.Module):
                               trunk_dims=trunk_dims)
         dec = MaskDecoder(hidden, low.dense_dim, config.decoder_width, prior=config.scratch.mask_prior,
                           extra_dim=enc.dense_dim if enc is not None else 0)
-        return cls(vlm, low, dec, config, enc)
+        heads_trunk = _EfficientNetTrunk(pretrained_trunk) if config.heads_trunk else None
+        return cls(vlm, low, dec, config, enc, heads_trunk)
 
     def head_modules(self) -> list[tuple[str, nn.Module]]:
         """Loupe's own modules, saved in heads.safetensors under these prefixes."""
         parts = [("lowlevel", self.lowlevel), ("mask_decoder", self.mask_decoder)]
         if self.image_encoder is not None:
             parts.append(("image_encoder", self.image_encoder))
+        if self.heads_trunk is not None:
+            parts.append(("heads_trunk", self.heads_trunk))
         if self.fusion is not None:
             parts.append(("fusion", self.fusion))
         if self.fusion_gate is not None:
@@ -825,6 +835,11 @@ class ExplainableVLM(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.lowlevel.parameters()).device
+
+    @property
+    def heads_trunk_net(self) -> nn.Module:
+        """The trunk the auxiliary heads read (``lowlevel_trunk``): their own copy, or the ImageEncoder's."""
+        return self.heads_trunk if self.heads_trunk is not None else self.image_encoder.trunk
 
     def encode_lowlevel(self, images: list[torch.Tensor]) -> LowLevel:
         """Run the LowLevelEncoder on each image: dense maps, the concatenated tokens (N*K, D), aux outputs."""
@@ -839,7 +854,7 @@ class ExplainableVLM(nn.Module):
         for img in images:
             img = img.to(self.device)
             # lowlevel_trunk: the pretrained trunk looks at the same low-level image for the heads
-            trunk = self.image_encoder.trunk(img.unsqueeze(0)) if self.config.lowlevel_trunk else None
+            trunk = self.heads_trunk_net(img.unsqueeze(0)) if self.config.lowlevel_trunk else None
             d, t, a = self.lowlevel(img, None if trunk is None else (trunk[0][0], trunk[1][0]))
             if self.config.scratch.evidence_word_ids:
                 t = torch.cat([t, self.evidence_tokens(a[0], words).to(t.dtype)])

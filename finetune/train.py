@@ -64,6 +64,8 @@ launch lines:
   accelerate launch --num_processes 4 -m loupe_vlm.finetune.train --config R.yaml         # 4 GPUs, DDP
   ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 -m loupe_vlm.finetune.train ...     # 2 CPU processes
   loupe train --config R.yaml --resume latest                                   # continue a run
+  loupe train refit-heads --checkpoint RUN --data Q F --out RUN2                # the heads alone, further
+                                                   # (loupe train refit-heads --help)
 """
 
 
@@ -98,7 +100,13 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``loupe train``; returns a process exit code."""
+    """Entry point of ``loupe train``; returns a process exit code. ``loupe train refit-heads ...`` trains a
+    finished model's heads further (``finetune/heads.py``)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["refit-heads"]:
+        from loupe_vlm.finetune.heads import main as refit_main
+
+        return refit_main(args[1:])
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -236,6 +244,8 @@ def build_optimizer(model: ExplainableVLM, cfg: TrainConfig) -> tuple[Any, Any]:
     heads = {id(p) for name, m in model.head_modules() if name not in fusion_parts for p in m.parameters()}
     if model.image_encoder is not None:  # a pretrained trunk is fine-tuned at the body's lr, not the new heads'
         heads -= {id(p) for p in model.image_encoder.trunk.parameters()}
+    if model.heads_trunk is not None:  # so is the heads' own copy of it
+        heads -= {id(p) for p in model.heads_trunk.parameters()}
     fusion = {id(p) for name, m in model.head_modules() if name in fusion_parts for p in m.parameters()}
     body = [p for p in model.parameters() if p.requires_grad and id(p) not in heads | fusion]
     head = [p for p in model.parameters() if p.requires_grad and id(p) in heads]
@@ -339,6 +349,9 @@ def load_lowlevel(model: ExplainableVLM, checkpoint: Path) -> None:
         load_prefixed(model.lowlevel, state, "lowlevel.")
         if model.config.lowlevel_trunk:
             load_prefixed(model.image_encoder.trunk, state, "image_encoder.trunk.")
+            if model.heads_trunk is not None:  # the heads' own copy, or, from a model without one, the trunk they read
+                prefix = "heads_trunk." if any(k.startswith("heads_trunk.") for k in state) else "image_encoder.trunk."
+                load_prefixed(model.heads_trunk, state, prefix)
     except RuntimeError as exc:
         raise ConfigError([f"lowlevel_init: {checkpoint}'s LowLevelEncoder (or trunk) does not match this recipe's "
                            f"(lowlevel_width, aux_weight > 0, image_trunk): {str(exc).splitlines()[0]}"]) from None
@@ -354,7 +367,7 @@ def set_lowlevel_frozen(model: ExplainableVLM, frozen: bool, train_trunk: bool =
         if not name.startswith("to_tokens."):
             p.requires_grad_(not frozen)
     if model.config.lowlevel_trunk:
-        model.image_encoder.trunk.requires_grad_(not frozen and train_trunk)
+        model.heads_trunk_net.requires_grad_(not frozen and train_trunk)
 
 
 def pretrain_lowlevel(run: Run) -> None:
@@ -373,7 +386,7 @@ def pretrain_lowlevel(run: Run) -> None:
     groups = [{"params": params, "lr": cfg.lr}]
     if cfg.lowlevel_trunk:  # the heads are new (head_lr); the pretrained trunk they read is fine-tuned at lr
         groups = [{"params": params, "lr": cfg.head_lr or cfg.lr}]
-        trunk = [p for p in model.image_encoder.trunk.parameters() if p.requires_grad]
+        trunk = [p for p in model.heads_trunk_net.parameters() if p.requires_grad]
         groups.append({"params": trunk, "lr": cfg.lr})
         params = params + trunk
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
@@ -683,7 +696,7 @@ def resumable_names(model: ExplainableVLM) -> set[str]:
     ``lowlevel_trunk`` the ImageEncoder trunk that stage fine-tuned (frozen after it, and not the
     pretrained weights a resumed run would rebuild: a run resumed without it read ImageNet features
     through heads trained on the fine-tuned ones, and its verdicts fell to chance)."""
-    frozen_trained = ("lowlevel.", "image_encoder.trunk.") if model.config.lowlevel_trunk else ("lowlevel.",)
+    frozen_trained = ("lowlevel.", "image_encoder.trunk.", "heads_trunk.") if model.config.lowlevel_trunk else ("lowlevel.",)
     return {n for n, p in model.named_parameters() if p.requires_grad or n.startswith(frozen_trained)}
 
 
