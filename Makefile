@@ -11,7 +11,7 @@ APT_PKGS := opencv-doc tuxpaint-stamps-default chromium gcompris-qt-data lomiri-
 
 .PHONY: demo test install system-deps loupe-tiny loupe-smol clean
 
-demo: $(STAMP)        ## set up, then run the chat demo on loupe-tiny at http://127.0.0.1:7860
+demo: $(STAMP)        ## set up, then run the chat demo on loupe-smol (the default model) at http://127.0.0.1:7860
 	$(VENV)/bin/loupe demo
 
 test: $(STAMP) system-deps   ## set up, then run the test suite
@@ -43,10 +43,10 @@ system-deps:          ## Debian packages, and kphotoalbum's demo photos unpacked
 	      else echo "note: could not fetch kphotoalbum's demo photos into $$kpa"; fi; rm -rf "$$tmp"; fi; \
 	  else echo "note:$${missing:+ missing Debian packages:$$missing;}$$([ -d "$$kpa" ] || echo " no kphotoalbum photos in $$kpa;") run make system-deps as root (tests that need them will skip)"; fi; fi
 
-loupe-tiny: $(STAMP) system-deps   ## rebuild the default model's data and weights from nothing (about 1 h on 2 cores)
+loupe-tiny: $(STAMP) system-deps   ## rebuild loupe-tiny (the small fast model, from scratch) from nothing (about 1 h on 2 cores)
 	bash finetune/recipes/build-loupe-tiny.sh
 
-loupe-smol: $(STAMP) system-deps   ## build loupe-smol (SmolLM2 + EfficientNet from PyPI) from nothing: data, training, export, eval (about 2.5 h on 2 cores)
+loupe-smol: $(STAMP) system-deps   ## rebuild the default model, loupe-smol (SmolLM2 + EfficientNet from PyPI), from nothing: data, training, export, eval (about 2.5-3 h on 2 cores)
 	bash finetune/recipes/build-loupe-smol.sh
 
 clean:

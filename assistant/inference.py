@@ -47,7 +47,7 @@ from .processing import AUX_CATEGORIES, ImageError, LoupeProcessor, load_image, 
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL_NAME = "loupe-tiny"
+DEFAULT_MODEL_NAME = "loupe-smol"
 """The embedded model every command uses without --model (``assistant/weights/<name>``, ``make <name>``)."""
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "weights" / DEFAULT_MODEL_NAME
 MODEL_HELP = f"a Loupe checkpoint folder (default: the embedded {DEFAULT_MODEL_NAME})"

@@ -4,7 +4,7 @@ All configurations run in one process on one loaded model, interleaved round by 
 bs4, bs8, loop, ...), so a machine shared with other jobs slows them alike; the table reports the
 median over rounds and each round's speed-up. Peak RSS is the process's high-water mark.
 
-    .venv/bin/python benchmarks/caption.py                          # the embedded loupe-tiny
+    .venv/bin/python benchmarks/caption.py                          # the embedded default model (loupe-smol)
     .venv/bin/python benchmarks/caption.py --model /tmp/tiny-ckpt   # any checkpoint
 """
 
@@ -54,7 +54,7 @@ def peak_rss_mib() -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="checkpoint folder (default: the embedded loupe-tiny)")
+    p.add_argument("--model", help="checkpoint folder (default: the embedded default model)")
     p.add_argument("--n", type=int, default=48, help="images per configuration (default: 48)")
     p.add_argument("--batch-sizes", default="1,4,8")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: 3)")

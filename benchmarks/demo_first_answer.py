@@ -4,7 +4,7 @@ Launches the demo (``build_demo``) on 127.0.0.1 with a checkpoint, then for each
 page, clicks a bundled example, presses Analyse and waits until the answer's report is on screen.
 Prints each trial and the median, plus the model's own seconds for the same answer.
 
-    .venv/bin/python benchmarks/demo_first_answer.py                      # loupe-tiny
+    .venv/bin/python benchmarks/demo_first_answer.py                      # the default model (loupe-smol)
     .venv/bin/python benchmarks/demo_first_answer.py --model CKPT --trials 5
 
 Needs Debian's chromium (/usr/bin/chromium) and Python Playwright.
@@ -27,7 +27,7 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", help="a Loupe checkpoint folder (default: loupe-tiny)")
+    p.add_argument("--model", help="a Loupe checkpoint folder (default: the embedded default model)")
     p.add_argument("--trials", type=int, default=3, help="fresh page loads to time (default: 3)")
     p.add_argument("--example", default="noisy", help="caption of the example to click (default: noisy)")
     args = p.parse_args(argv)

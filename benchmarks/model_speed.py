@@ -1,6 +1,6 @@
 """Two Loupe checkpoints side by side: the speed targets of a 448 px image on the CPU, in one run.
 
-    python benchmarks/model_speed.py                                      # loupe-tiny vs loupe-tiny (A/A)
+    python benchmarks/model_speed.py                                      # the default model (loupe-smol) vs loupe-tiny
     python benchmarks/model_speed.py --models CKPT_A CKPT_B --threads 1
     python benchmarks/model_speed.py --models CKPT_A CKPT_B --skip-ask --skip-caption --json speed.json
 

@@ -36,10 +36,10 @@ def default_assistant():
 def test_the_default_model_answers_and_its_verdict_depends_on_the_image(default_assistant):
     quality = default_assistant.assess(EXAMPLES / "noisy.png")
     assert quality.text.strip() and quality.quality is not None and quality.error is None
-    tampered = default_assistant.detect_forgery(EXAMPLES / "tampered.png")
-    clean = default_assistant.detect_forgery(EXAMPLES / "clean.png")
-    assert tampered.forgery is not None and clean.forgery is not None
+    results = [default_assistant.detect_forgery(p) for p in sorted(EXAMPLES.glob("*.png")) if "mask" not in p.name]
+    assert len(results) >= 5 and all(r.forgery is not None and r.forgery.probability is not None for r in results)
     # A model that ignores the image (what the first loupe-smol runs did) gives the same P(tampered) for every
-    # image. Which way round it is is not asserted: loupe-tiny gets these two examples wrong (0.32 for the
-    # tampered one, 0.81 for the clean one), and the model cards report accuracy, not this test.
-    assert abs(tampered.forgery.probability - clean.forgery.probability) > 0.1
+    # image. Which way round it is on each example is not asserted: both shipped models get some of these
+    # wrong (loupe-smol calls the spliced example authentic), and the model cards report accuracy, not this test.
+    probs = [r.forgery.probability for r in results]
+    assert max(probs) - min(probs) > 0.1
