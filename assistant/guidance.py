@@ -155,9 +155,10 @@ class GuideProcessor:
         self.compare = ~torch.isnan(log_ab[:, 0])
         self.prompt_len: int | None = None  # set at the first step: what comes after it was generated
         self.steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (rows, tokens, values) per step
-        # the phrase openers' values do not change from step to step: one per row and group
+        # the phrase openers' values do not change from step to step: one per described row and group
         self.openings = [(guide.categories.opening(log_cat[b]), guide.severities.opening(log_sev[b]))
-                         if float(strength[b]) != 0.0 else None for b in range(len(strength))]
+                         if float(strength[b]) != 0.0 and not bool(self.compare[b]) else None
+                         for b in range(len(strength))]
         self.width = max(guide.categories.longest, guide.severities.longest)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
