@@ -41,6 +41,7 @@ from loupe_vlm.prompts import (
 )
 from loupe_vlm.prompts.parsing import find_terms, parse_distortions, parse_manipulation, strip_mask_tokens
 
+from .consistency import VerdictProcessor
 from .guidance import COMPARE_TASKS, GUIDED_TASKS, EvidenceGuide, guidance_problem
 from .modeling import ExplainableVLM
 from .processing import AUX_CATEGORIES, ImageError, LoupeProcessor, load_image, resize_logits
@@ -67,6 +68,10 @@ def default_model_path() -> Path:
             f"the default model {DEFAULT_MODEL_NAME} is not in this checkout ({DEFAULT_MODEL_DIR}). Pass --model "
             f"PATH to a Loupe checkpoint, or build it with `make {DEFAULT_MODEL_NAME}`.")
     return DEFAULT_MODEL_DIR
+
+
+VERDICT_TASKS = ("forgery.detect", "chat")
+"""The tasks whose result reads P(tampered) at the answer's first verdict word."""
 
 
 @dataclass
@@ -427,7 +432,8 @@ class Assistant:
     @torch.no_grad()
     def _generate(self, encoded: list[Any], streamer: Any = None, tasks: Sequence[str] = ()) -> list[dict]:
         """Greedy-generate for a batch; per row: tokens, per-step logits, mask probability maps. Rows
-        whose task (``tasks``, per row) is in ``GUIDED_TASKS`` get evidence guidance, when it is on."""
+        whose task (``tasks``, per row) is in ``GUIDED_TASKS`` get evidence guidance, when it is on; rows in
+        ``VERDICT_TASKS`` write the verdict their P(tampered) reports (``consistency``)."""
         batch = self.processor.collate(encoded, padding_side="left")
         extra: dict[str, Any] = {"streamer": streamer} if streamer is not None else {}
         if self.guide is not None and any(t in GUIDED_TASKS for t in tasks):
@@ -435,6 +441,10 @@ class Assistant:
             extra["guide_strength"] = torch.tensor([self.evidence_guidance if t in GUIDED_TASKS else 0.0
                                                     for t in tasks])
             extra["guide_compare"] = torch.tensor([t in COMPARE_TASKS for t in tasks])
+        verdict_rows = torch.tensor([t in VERDICT_TASKS for t in tasks], dtype=torch.bool)
+        if bool(verdict_rows.any()):  # the verdict word written is the one P(tampered) reports
+            order = [self.verdicts.groups["tampered"]] + [g for k, g in self.verdicts.groups.items() if k != "tampered"]
+            extra["last_processors"] = [VerdictProcessor(order, verdict_rows)]
         gen = self.model.generate(batch, max_new_tokens=self.max_new_tokens, **extra)
         rows = []
         positions = []

@@ -23,7 +23,7 @@ import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -1084,12 +1084,14 @@ class ExplainableVLM(nn.Module):
     @torch.no_grad()
     def generate(self, batch: dict[str, Any], max_new_tokens: int = 128, guide: Any = None,
                  guide_strength: torch.Tensor | None = None, guide_compare: torch.Tensor | None = None,
-                 **kwargs: Any) -> dict[str, Any]:
+                 last_processors: Sequence[Any] = (), **kwargs: Any) -> dict[str, Any]:
         """Greedy generation for a left-padded batch. Returns the new token ids (B, T), the raw (fused,
         guided) logits per step (B, T, V), the final hidden states of prompt+answer (B, L+T-1, D) and the
         ``LowLevel`` of the batch. ``guide`` (an ``EvidenceGuide``) with ``guide_strength`` (B,) steers
         the taxonomy words of the rows with a nonzero strength by the auxiliary heads; the rows marked
-        in ``guide_compare`` (B,) are comparisons, whose A/B verdict is steered instead."""
+        in ``guide_compare`` (B,) are comparisons, whose A/B verdict is steered instead.
+        ``last_processors`` run after those, and what they change is not added to the returned logits
+        (``consistency.VerdictProcessor`` picks between words by the very logits returned)."""
         from transformers import LogitsProcessorList
 
         low = self.encode_lowlevel(batch.get("lowlevel_pixels", []))
@@ -1102,6 +1104,7 @@ class ExplainableVLM(nn.Module):
                   if guide_strength is not None else None)
         if guided is not None:
             processors.append(guided)
+        processors.extend(last_processors)
         tok = self.vlm.generation_config
         # ids and embeddings together: generate feeds the embeddings at the prefill step and keeps the ids
         # for the returned sequences and Qwen's 3D positions

@@ -106,11 +106,23 @@ def _pct(x: float) -> str:
     return "under 1%" if p < 1 else f"about {p:.0f}%"
 
 
-def _box_words(bbox: list[int], size: tuple[int, int]) -> str:
+# How the k-th region of a detailed answer states its area and box: each region its own wording, so an
+# answer with several regions (the builders make up to 2; these cover 4) does not repeat a run of words
+# (issue 15's no-repeated-4-gram target).
+_REGION_DETAILS = (
+    ", covering {a} of the image (from {x0}% to {x1}% across and {y0}% to {y1}% down)",
+    ", spanning {x0}-{x1}% horizontally and {y0}-{y1}% vertically, {a} in all",
+    ", taking up {a}, between {x0} and {x1}% of the width and {y0} and {y1}% of the height",
+    ", {x0}-{x1}% along the width and {y0}-{y1}% along the height ({a} of it)",
+)
+_ORDINALS = ("one", "another", "a third", "a fourth", "a fifth", "a sixth")
+
+
+def _box_numbers(bbox: list[int], size: tuple[int, int]) -> dict[str, str]:
     w, h = size
     x0, y0, x1, y1 = bbox
-    return (f"from {100 * x0 / w:.0f}% to {100 * x1 / w:.0f}% across and "
-            f"{100 * y0 / h:.0f}% to {100 * y1 / h:.0f}% down")
+    return {"x0": f"{100 * x0 / w:.0f}", "x1": f"{100 * x1 / w:.0f}", "y0": f"{100 * y0 / h:.0f}",
+            "y1": f"{100 * y1 / h:.0f}"}
 
 
 def _join(items: list[str]) -> str:
@@ -119,22 +131,33 @@ def _join(items: list[str]) -> str:
     return ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def _where(region: dict[str, Any], rng: random.Random, prep: bool) -> str:
-    """'the top-left', or with ``prep`` 'in the top-left' / 'on the right side'."""
-    phrase = rng.choice(LOCATIONS[region["location"]].phrasings)
+def _where(region: dict[str, Any], rng: random.Random, prep: bool, used: set[str] | None = None) -> str:
+    """'the top-left', or with ``prep`` 'in the top-left' / 'on the right side'. With ``used`` (the
+    phrasings an answer has said), a second region at the same place gets the other phrasing, and a
+    third one "near the ..."."""
+    options = LOCATIONS[region["location"]].phrasings
+    left = [p for p in options if used is None or p not in used]
+    phrase = rng.choice(left or options)
+    if used is not None:
+        used.add(phrase)
+    if not left:
+        return "near the " + phrase
     if not prep:
         return "the " + phrase
     return ("on the " if phrase.endswith("side") else "in the ") + phrase
 
 
 def _region_clause(region: dict[str, Any], size: tuple[int, int] | None, detail: bool, rng: random.Random,
-                   prep: bool = True) -> str:
-    """'in the top-left, covering about 7% of the image (from ... ) <|mask|>'."""
-    text = _where(region, rng, prep)
+                   prep: bool = True, k: int = 0, used: set[str] | None = None) -> str:
+    """'in the top-left, covering about 7% of the image (from ... ) <|mask|>'; ``k`` numbers the regions of
+    one answer and picks each one's wording of area and box; ``used`` as in ``_where``."""
+    text = _where(region, rng, prep, used)
     if detail:
-        text += f", covering {_pct(region['area'])} of the image"
         if size is not None:
-            text += f" ({_box_words(region['bbox'], size)})"
+            text += _REGION_DETAILS[k % len(_REGION_DETAILS)].format(a=_pct(region["area"]),
+                                                                     **_box_numbers(region["bbox"], size))
+        else:
+            text += (", covering {a} of the image", ", {a} in area")[k % 2].format(a=_pct(region["area"]))
     return f"{text} {MASK_TOKEN}"
 
 
@@ -162,7 +185,8 @@ def answer(meta: dict[str, Any], detail: bool, rng: random.Random, size: tuple[i
         what = m_text[0].upper() + m_text[1:] if m_text else "An altered region"
         if len(regions) == 1:
             return f"{opener} {what} is visible {_region_clause(regions[0], None, False, rng)}."
-        places = _join([_region_clause(r, None, False, rng, prep=False) for r in regions])
+        said: set[str] = set()
+        places = _join([_region_clause(r, None, False, rng, prep=False, used=said) for r in regions])
         return f"{opener} {what} is visible in {_NUMBER_WORDS.get(len(regions), str(len(regions)))} places: {places}."
     parts = [opener]
     if manip:
@@ -175,7 +199,9 @@ def answer(meta: dict[str, Any], detail: bool, rng: random.Random, size: tuple[i
         parts.append(f"The altered area is {_region_clause(regions[0], size, True, rng)}.")
     else:
         n = _NUMBER_WORDS.get(len(regions), str(len(regions)))
-        clauses = [f"one {_region_clause(r, size, True, rng)}" for r in regions]
+        said = set()
+        clauses = [f"{_ORDINALS[min(k, len(_ORDINALS) - 1)]} {_region_clause(r, size, True, rng, k=k, used=said)}"
+                   for k, r in enumerate(regions)]
         parts.append(f"There are {n} altered areas: " + "; ".join(clauses[:-1]) + "; and " + clauses[-1] + ".")
     cues = [c for c in meta.get("cues") or [] if c in CUES and c != "consistent"]
     if cues:

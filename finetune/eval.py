@@ -363,6 +363,7 @@ def compute_metrics(records: list[dict], root: Path,
     _forgery(ok, root, predicted_mask, table, details, correct_for_calibration, verdicts)
     _calibration(correct_for_calibration, table, details)
     _verdict_calibration(verdicts, table, details)
+    _text(ok, table)
     judged = [r["judge_score"] for r in ok if r.get("judge_score") is not None]
     table.put("explanations.judge_score", M._mean(judged),
               "LLM judge, 0-10 against the reference answer and ground truth (DepictQA-style GPT scoring)", len(judged))
@@ -476,6 +477,30 @@ def _comparison(ok: list[dict], table: _Table, calib: list, verdicts: list) -> N
             calib.append((r["confidence"], c.get("better") == r["gt"]["better"], r["sample_task"]))
         if c.get("probability") is not None:  # P(the image named better), both orders averaged
             verdicts.append((c["probability"], c.get("better") == r["gt"]["better"], r["sample_task"]))
+
+
+def _text(ok: list[dict], table: _Table) -> None:
+    """The answers against their own structured results, and against repetition (issue 15's text targets)."""
+    by_kind: dict[str, list[bool]] = defaultdict(list)
+    for r in ok:
+        reading = M.structured_reading(r)
+        if reading is not None:
+            kind, value = reading
+            by_kind[kind].append(M.text_reading(r.get("text") or "", kind) == value)
+    every = [x for rows in by_kind.values() for x in rows]
+    table.put("explanations.text_matches_result", M._mean(every),
+              "the taxonomy parser's reading of the answer equals the structured result (forgery verdict, "
+              "A/B verdict, or rating), over answers with one", len(every))
+    for kind, rows in sorted(by_kind.items()):
+        table.put(f"explanations.text_matches_result[{kind}]", M._mean(rows),
+                  f"as above, answers whose structured result is a {kind}", len(rows))
+    texts = [r.get("text") or "" for r in ok]
+    table.put("explanations.repeated_4gram", M._mean(M.repeated_ngram(t) is not None for t in texts),
+              "share of answers in which some run of 4 words occurs twice (lower-cased, punctuation and "
+              "mask tokens left out)", len(texts))
+    for task in sorted({r["sample_task"] for r in ok}):
+        rows = [M.repeated_ngram(r.get("text") or "") is not None for r in ok if r["sample_task"] == task]
+        table.put(f"explanations.repeated_4gram[{task}]", M._mean(rows), f"as above, {task} answers", len(rows))
 
 
 def _load_truth_mask(root: Path, rels: Sequence[str], shape: tuple[int, int] | None) -> np.ndarray | None:

@@ -28,6 +28,7 @@ import numpy as np
 from scipy import optimize, special, stats
 
 from loupe_vlm.prompts import SEVERITIES
+from loupe_vlm.prompts.parsing import parse_better, parse_rating, parse_verdict, repeated_ngram  # noqa: F401 (re-exported)
 
 # ---- small helpers -----------------------------------------------------------------------------
 
@@ -356,6 +357,25 @@ def forgery_text_consistency(verdict: str | None, n_regions: int, locations: Seq
     loc_ok = Counter(locations) == Counter(true_locations if tampered else [])
     return {"verdict": verdict_ok, "region_count": count_ok, "location": loc_ok,
             "consistent": verdict_ok and count_ok and loc_ok}
+
+
+def text_reading(text: str, kind: str) -> str | None:
+    """What the taxonomy parser reads from an answer for ``kind``: "verdict" (tampered / authentic),
+    "rating" (the last rating word) or "better" (A / B)."""
+    return {"verdict": parse_verdict, "rating": parse_rating, "better": parse_better}[kind](text)
+
+
+def structured_reading(rec: dict) -> tuple[str, str] | None:
+    """(kind, value) of a prediction record's structured decision, or None when it has none: the
+    forgery verdict, else the comparison's better image, else the quality rating."""
+    f, c, q = rec.get("forgery") or {}, rec.get("comparison") or {}, rec.get("quality") or {}
+    if f.get("tampered") is not None:
+        return "verdict", "tampered" if f["tampered"] else "authentic"
+    if c.get("better") is not None:
+        return "better", c["better"]
+    if q.get("rating") is not None:
+        return "rating", q["rating"]
+    return None
 
 
 def share_true(rows: Sequence[dict[str, bool]]) -> dict[str, Any]:

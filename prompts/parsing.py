@@ -126,3 +126,19 @@ def strip_mask_tokens(text: str) -> str:
     text = text.replace(MASK_TOKEN, "")
     text = re.sub(r"[ \t]+([.,;:])", r"\1", text)
     return re.sub(r"[ \t]{2,}", " ", text).strip()
+
+
+def repeated_ngram(text: str, n: int = 4) -> tuple[str, ...] | None:
+    """The first run of ``n`` words that occurs twice in ``text``, or None. Words are compared lower-cased,
+    without the punctuation around them and without mask tokens ("Image A is better ... so image A is
+    better." repeats one)."""
+    words = [w.strip(".,;:!?()\"'").lower() for w in text.replace(MASK_TOKEN, " ").split()]
+    words = [w for w in words if w]
+    seen: set[tuple[str, ...]] = set()
+    for i in range(len(words) - n + 1):
+        gram = tuple(words[i:i + n])
+        if gram in seen:
+            return gram
+        seen.add(gram)
+    return None
+

@@ -55,6 +55,9 @@ EFFECTS: dict[str, tuple[str, ...]] = {
                      "flattens subtle shades into a few uniform patches"),
 }
 
+# How a comparison states one image's damage ("Image B suffers from ...").
+STATE_FRAMES = ("suffers from {x}", "shows {x}", "has {x}")
+
 # How strongly the effect shows, by severity (no severity phrasing here: they are read as severities).
 DEGREE = {1: ("slightly", "faintly", "barely"), 2: ("visibly", "partly"), 3: ("clearly", "plainly"),
           4: ("strongly", "badly"), 5: ("almost completely", "drastically")}
@@ -97,8 +100,19 @@ def _sev(level: int, rng: random.Random) -> str:
     return rng.choice(SEVERITIES.terms[level - 1].phrasings)
 
 
-def _phrase(d: dict, rng: random.Random) -> str:
-    return f"{_sev(d['severity'], rng)} {rng.choice(DISTORTIONS[d['name']].phrasings)}"
+def _fresh(rng: random.Random, options: tuple[str, ...], used: set[str] | None) -> str:
+    """One of ``options``, not one in ``used`` while any other is left; the pick is added to ``used``."""
+    left = [o for o in options if used is None or o not in used] or list(options)
+    pick = rng.choice(left)
+    if used is not None:
+        used.add(pick)
+    return pick
+
+
+def _phrase(d: dict, rng: random.Random, used: set[str] | None = None) -> str:
+    """'serious Gaussian noise'; with ``used``, the wordings an answer has already said are avoided."""
+    sev = _fresh(rng, SEVERITIES.terms[d["severity"] - 1].phrasings, used)
+    return f"{sev} {_fresh(rng, DISTORTIONS[d['name']].phrasings, used)}"
 
 
 def _join(items: list[str]) -> str:
@@ -107,6 +121,13 @@ def _join(items: list[str]) -> str:
 
 def _cap(s: str) -> str:
     return s[:1].upper() + s[1:]
+
+
+def _draw(rng: random.Random, options: tuple[str, ...], k: int) -> list[str]:
+    """``k`` of ``options``, all different while there are enough (then they cycle): the answers of the
+    template labeller never say the same run of words twice (issue 15's no-repeated-4-gram target)."""
+    order = rng.sample(options, len(options))
+    return [order[i % len(order)] for i in range(k)]
 
 
 def _eff(t: ImageTruth) -> int:
@@ -151,11 +172,13 @@ class TemplateLabeller:
 
     def _distortion_sentences(self, t: ImageTruth, rng: random.Random, subject: str = "it") -> list[str]:
         out = []
-        for d in t.distortions:
+        # a frame at most once per answer, so two distortions never repeat a run of words
+        frames = _draw(rng, ("There is {p}, which {g} {e}.", "The image has {p}; it {g} {e}.",
+                             "{P} is present: it {g} {e}.", "{P} can also be seen, and it {g} {e}.",
+                             "On top of that comes {p}, which {g} {e}."), len(t.distortions))
+        for d, frame in zip(t.distortions, frames):
             effect = rng.choice(EFFECTS[d["category"]])
             degree = rng.choice(DEGREE[d["severity"]])
-            frame = rng.choice(("There is {p}, which {g} {e}.", "The image has {p}; it {g} {e}.",
-                                "{P} is present: it {g} {e}."))
             p = _phrase(d, rng)
             out.append(frame.format(p=p, P=_cap(p), e=effect, g=degree))
         return out
@@ -195,11 +218,11 @@ class TemplateLabeller:
         return rng.choice(("Image {w} is better.", "Image {w} has the better quality.",
                            "Image {w} looks better.", "The better one is image {w}.")).format(w=better)
 
-    def _short_state(self, t: ImageTruth, rng: random.Random) -> str:
+    def _short_state(self, t: ImageTruth, rng: random.Random, frame: str | None = None,
+                     used: set[str] | None = None) -> str:
         if t.clean:
             return "shows no visible distortion"
-        return rng.choice(("suffers from {x}", "shows {x}", "has {x}")).format(
-            x=_join([_phrase(d, rng) for d in t.distortions]))
+        return (frame or rng.choice(STATE_FRAMES)).format(x=_join([_phrase(d, rng, used) for d in t.distortions]))
 
     def _rate(self, job: LabelJob, rng: random.Random) -> str:
         assert job.b is not None and job.better in ("A", "B")
@@ -221,12 +244,17 @@ class TemplateLabeller:
         order = [("A", job.a), ("B", job.b)]
         if job.better == "B":
             order.reverse()  # describe the winner first
-        for role, t in order:
-            state = self._short_state(t, rng)
-            sent = f"Image {role} {state}"
+        # the two images get different frames and, for the same kind of damage, different effect wordings
+        # (and other phrasings of a distortion both have, and another joint before the effect)
+        states = _draw(rng, STATE_FRAMES, 2)
+        effects: dict[str, list[str]] = {}
+        used: set[str] = set()
+        for (role, t), frame, joint in zip(order, states, (", which", "; it")):
+            sent = f"Image {role} {self._short_state(t, rng, frame, used)}"
             if not t.clean:
                 d = max(t.distortions, key=lambda x: x["severity"])
-                sent += f", which {rng.choice(DEGREE[d['severity']])} {rng.choice(EFFECTS[d['category']])}"
+                left = effects.setdefault(d["category"], _draw(rng, EFFECTS[d["category"]], 2))
+                sent += f"{joint} {rng.choice(DEGREE[d['severity']])} {left.pop(0)}"
             parts.append(sent + ".")
         ea, eb = _eff(job.a), _eff(job.b)
         same = {d["name"] for d in job.a.distortions} == {d["name"] for d in job.b.distortions}
@@ -238,6 +266,7 @@ class TemplateLabeller:
         else:
             parts.append(f"The damage in image {'B' if job.better == 'A' else 'A'} is worse, so image "
                          f"{job.better} preserves more of the content.")
-        parts.append(rng.choice(("Therefore, image {w} is better.", "So image {w} has the better quality.")).format(
+        # the closing words share no run of four with the opening verdict (``_verdict``)
+        parts.append(rng.choice(("On balance, {w} comes out ahead.", "So {w} is the one to prefer.")).format(
             w=job.better))
         return " ".join(parts)

@@ -9,7 +9,8 @@ import pytest
 
 from loupe_vlm.data_builders.forgery_text import answer, location_of, region_facts
 from loupe_vlm.prompts import CUES, LOCATIONS, MANIPULATION_DOMAIN, MASK_TOKEN
-from loupe_vlm.prompts.parsing import count_mask_tokens, parse_locations, parse_manipulation, parse_verdict
+from loupe_vlm.prompts.parsing import (count_mask_tokens, parse_locations, parse_manipulation, parse_verdict,
+                                      repeated_ngram)
 
 POSTS = ([], [{"op": "jpeg", "quality": 70}], [{"op": "resize", "scale": 0.8, "size": [80, 80]},
                                                {"op": "blur", "sigma": 0.5}, {"op": "noise", "sigma": 2.0}])
@@ -36,6 +37,7 @@ def test_tampered_answers_read_back(manipulation):
         assert count_mask_tokens(text) == len(meta["regions"]), text
         assert parse_locations(text) == [r["location"] for r in meta["regions"]], text
         assert parse_manipulation(text) == manipulation, text
+        assert repeated_ngram(text) is None, text  # several regions: each worded its own way
         # Each region's mask token comes right after that region's description, in order.
         pieces = text.split(MASK_TOKEN)
         for region, before in zip(meta["regions"], pieces):

@@ -8,7 +8,7 @@ import pytest
 from loupe_vlm.data_builders.labellers.base import ImageTruth, LabelJob, check_text
 from loupe_vlm.data_builders.labellers.template import TemplateLabeller
 from loupe_vlm.data_builders.quality import _random_spec, _truth, pair_better, BuildConfig
-from loupe_vlm.prompts.parsing import parse_better, parse_distortions, parse_rating
+from loupe_vlm.prompts.parsing import parse_better, parse_distortions, parse_rating, repeated_ngram
 from loupe_vlm.prompts import RATINGS, severity_name
 
 
@@ -55,6 +55,15 @@ def test_texts_read_back_as_ground_truth():
             loser = "B" if job.better == "A" else "A"
             assert text.index(job.better) < text.find(loser) if loser in text else True
     assert len(seen_tasks) == 5
+
+
+def test_no_answer_repeats_a_run_of_four_words():
+    lab = TemplateLabeller(seed=3)
+    repeats = [(gram, text) for job in _jobs(1500, seed=3) for text in [lab.label(job)]
+               if (gram := repeated_ngram(text)) is not None]
+    assert repeats == []
+    # the check itself: a closing sentence that restates the verdict is caught
+    assert repeated_ngram("Image A is better. Both show a cat. So image A is better.") == ("image", "a", "is", "better")
 
 
 def test_detailed_assessment_covers_content_each_distortion_and_rating():

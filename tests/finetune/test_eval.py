@@ -237,6 +237,32 @@ def test_compute_metrics_on_synthetic_records(tmp_path):
     assert m["calibration[task=forgery.detect].verdict_ece"] == pytest.approx((0.1 + 0.2 + 0.7) / 3)
     assert m["cost.seconds_per_sample"] == 0.5
     assert "calibration[task=forgery.detect].ece" not in m  # one task: the pooled figure is the per-task one
+    # c's text says tampered and so does its result; b says authentic: every answer agrees with its result
+    assert m["explanations.text_matches_result[verdict]"] == 1.0 and m["explanations.repeated_4gram"] == 0.0
+
+
+def test_text_metrics_catch_an_answer_against_its_result_and_a_repeated_run(tmp_path):
+    from loupe_vlm.finetune.eval import compute_metrics
+
+    def rec(id_, task, text, **result):
+        return {"id": id_, "sample_task": task, "images": ["a.png"], "error": None, "text": text,
+                "confidence": None, "seconds": 0.1, "gt": {"task": task}, **result}
+
+    records = [rec("v", "forgery.detect", "The image is authentic. Nothing was pasted.",
+                   forgery={"tampered": True, "probability": 0.55}),  # the word and the number disagree
+               rec("r", "quality.assess", "Some blur. Overall, the quality is poor.",
+                   quality={"rating": "poor", "score": 2.1}),
+               rec("c", "quality.compare", "Image A is better. Both show a cat. So image A is better.",
+                   comparison={"better": "A", "probability": 0.8}),
+               rec("n", "quality.identify", "There is no visible distortion.", quality={"rating": None})]
+    out = compute_metrics(records, tmp_path, lambda r: (None, None))
+    m = {k: (v["value"], v["n"]) for k, v in out["metrics"].items()}
+    assert m["explanations.text_matches_result"] == (pytest.approx(2 / 3), 3)  # n has no rating: left out
+    assert m["explanations.text_matches_result[verdict]"] == (0.0, 1)
+    assert m["explanations.text_matches_result[rating]"] == (1.0, 1)
+    assert m["explanations.text_matches_result[better]"] == (1.0, 1)
+    assert m["explanations.repeated_4gram"] == (0.25, 4)
+    assert m["explanations.repeated_4gram[quality.compare]"] == (1.0, 1)
 
 
 def test_verdict_calibration_of_ab_uses_the_probability_of_the_image_named_better(tmp_path):

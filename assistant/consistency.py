@@ -1,0 +1,66 @@
+"""Verdict-consistent decoding: the verdict word an answer writes is the verdict its result reports.
+
+The Assistant reads P(tampered) at the answer's first verdict word as a softmax over every phrasing of
+both verdicts, summed per verdict ("tampered", "manipulated", "edited" against "authentic", "unedited",
+"original"; ``inference._KeyWords``). Greedy decoding picks the single most likely token. The two can
+disagree: "authentic" alone at 0.45 beats "tampered" at 0.30 and "edited" at 0.25, so the text says
+authentic while P(tampered) = 0.55 and the result says tampered (seen on ``demo/examples/jpeg.png``).
+
+``VerdictProcessor`` removes that disagreement where it arises. At the first step of a marked row where
+the greedy pick is a verdict token, it computes the same per-verdict sums from the same scores, and if
+the pick belongs to the losing verdict it moves the pick to the winning verdict's most likely phrasing.
+It runs after every other processor (fusion, evidence guidance), so it sees the scores the Assistant
+reads; it does not record its change, so P(tampered) is read from the scores it decided on. Every other
+step and row is untouched.
+
+Hand-written: transformers' logits processors bias or ban fixed tokens; none re-decides between groups
+of tokens by their summed probability.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+class VerdictProcessor:
+    """A generation logits processor for the rows in ``rows`` (B,) bool. ``groups`` are the verdicts' first
+    token ids, in the Assistant's order (the first wins a tie, as ``P(tampered) >= 0.5`` does)."""
+
+    def __init__(self, groups: Sequence[Sequence[int]], rows: torch.Tensor):
+        self.groups = [list(g) for g in groups]
+        if len(self.groups) < 2 or any(not g for g in self.groups):
+            raise ValueError("VerdictProcessor needs at least two non-empty groups of token ids")
+        self.ids = torch.tensor([i for g in self.groups for i in g], dtype=torch.long)
+        self.owner = torch.tensor([k for k, g in enumerate(self.groups) for _ in g], dtype=torch.long)
+        self.id_set = set(self.ids.tolist())
+        self.rows = rows.bool()
+        self.prompt_len: int | None = None
+        self.moved: list[tuple[int, int, int]] = []  # (row, token picked, token written), for tests and logs
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.prompt_len is None:
+            self.prompt_len = input_ids.shape[1]
+        out = scores
+        for b in range(scores.shape[0]):
+            if not bool(self.rows[b]):
+                continue
+            if any(t in self.id_set for t in input_ids[b, self.prompt_len:].tolist()):
+                continue  # the verdict is written: the rest of the answer is free
+            top = int(scores[b].argmax())
+            if top not in self.id_set:
+                continue
+            ids = self.ids.to(scores.device)
+            p = torch.softmax(scores[b, ids].float(), dim=0)
+            sums = torch.zeros(len(self.groups), device=scores.device).index_add_(0, self.owner.to(scores.device), p)
+            win = int(sums.argmax())
+            if int(self.owner[(self.ids == top).nonzero()[0, 0]]) == win:
+                continue
+            members = ids[self.owner.to(scores.device) == win]
+            best = int(members[scores[b, members].argmax()])
+            if out is scores:
+                out = scores.clone()
+            out[b, best] = scores[b, top] + 1.0  # now the greedy pick, by a margin that survives rounding
+            self.moved.append((b, top, best))
+        return out
