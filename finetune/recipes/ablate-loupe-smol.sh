@@ -7,9 +7,14 @@
 #   no-branch       no high-pass LowLevelEncoder, and with it no heads, evidence tokens, fusion or mask prior
 #   no-wider        the training records of the wider Debian photo pool left out (same val and test)
 #   random-encoder  EfficientNet-Lite0 randomly initialised instead of ImageNet-pretrained
-# Usage: bash finetune/recipes/ablate-loupe-smol.sh [ARM ...]   (default: all five; a finished arm is skipped)
-# Needs the data of `make loupe-smol` (DATA) and its external-corruption set (EXTERNAL). On 2 cores an arm
-# takes about 25 min at the defaults. Then: python benchmarks/ablation_table.py "$OUT"
+# and, cheaper, arms of stage 1 alone (the heads; stage 2 does not change them), measured by
+# benchmarks/lowlevel_probe.py on the wider-pool test photos and the external set, next to full's heads:
+#   s1-no-wider, s1-random-encoder
+# Usage: bash finetune/recipes/ablate-loupe-smol.sh [ARM ...]
+#   (default: full lm-scratch no-branch s1-no-wider s1-random-encoder; a finished arm is skipped)
+# Needs the data of `make loupe-smol` (DATA), its test-wider.jsonl files and its external-corruption set
+# (EXTERNAL). On 2 cores an end-to-end arm takes 20-40 min at the defaults (stage 2 at ~13 s a step), a
+# stage-1 arm about 10. Then: python benchmarks/ablation_table.py "$OUT"
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 LOUPE=${LOUPE:-.venv/bin/loupe}
@@ -59,16 +64,41 @@ run() {
     || { echo "$name: eval failed, see $out.ev-*.log"; return 1; }
   touch "$out.done"
 }
-arms=("$@"); [ ${#arms[@]} -eq 0 ] && arms=(full lm-scratch no-branch no-wider random-encoder)
+# the heads of a checkpoint, by the probe, on the wider-pool test photos (quality and forgery) and the external set
+probe() {
+  local name=$1 wider=$OUT/probe-wider
+  for t in quality forgery; do
+    mkdir -p "$wider/$t"
+    for f in images masks; do [ -e "$DATA/$t/$f" ] && ln -sfn "$(realpath "$DATA/$t/$f")" "$wider/$t/$f"; done
+    ln -sfn "$(realpath "$DATA/$t/test-wider.jsonl")" "$wider/$t/test.jsonl"
+  done
+  .venv/bin/python benchmarks/lowlevel_probe.py --checkpoint "$OUT/$name" --quality "$wider/quality" \
+    --forgery "$wider/forgery" --split test --val-limit 400 > "$OUT/$name.probe-wider.txt" 2>&1 &&
+  .venv/bin/python benchmarks/lowlevel_probe.py --checkpoint "$OUT/$name" --quality "$(dirname "$EXTERNAL")" \
+    --split test --val-limit 600 > "$OUT/$name.probe-ext.txt" 2>&1 || echo "$name: probe failed, see $OUT/$name.probe-*.txt"
+}
+stage1() {
+  local name=$1 data=$2; shift 2
+  if [ ! -f "$OUT/$name/loupe_config.json" ]; then
+    echo "$name: stage 1 ($(date))"
+    $LOUPE train "${common[@]}" --max_steps 1 --warmup_steps 0 --data "$data/quality" "$data/forgery" \
+      --output "$OUT/$name" "$@" > "$OUT/$name.train.log" 2>&1 || { echo "$name: training failed"; return 1; }
+  fi
+  probe "$name"
+}
+arms=("$@"); [ ${#arms[@]} -eq 0 ] && arms=(full lm-scratch no-branch s1-no-wider s1-random-encoder)
 for arm in "${arms[@]}"; do
   case $arm in
-    full) run full "$DATA" ;;
+    full) run full "$DATA" && probe full ;;
     lm-scratch) run lm-scratch "$DATA" --base scratch:smol12:llama --method full --lr 1e-3 ;;
     no-branch) run no-branch "$DATA" --lowlevel_branch false --scratch.evidence_tokens false \
       --scratch.evidence_fusion false --scratch.fusion_gate false --scratch.mask_prior false ;;
     no-wider) run no-wider "$OUT/data-no-wider" ;;
     random-encoder) run random-encoder "$DATA" --image_pretrained false ;;
-    *) echo "unknown arm $arm (full, lm-scratch, no-branch, no-wider, random-encoder)"; exit 2 ;;
+    s1-no-wider) stage1 s1-no-wider "$OUT/data-no-wider" ;;
+    s1-random-encoder) stage1 s1-random-encoder "$DATA" --image_pretrained false ;;
+    *) echo "unknown arm $arm (full, lm-scratch, no-branch, no-wider, random-encoder, s1-no-wider," \
+      "s1-random-encoder)"; exit 2 ;;
   esac
 done
 .venv/bin/python benchmarks/ablation_table.py "$OUT"
