@@ -82,6 +82,9 @@ class ModelOptions:
     lowlevel_branch: bool = True
     """The high-pass LowLevelEncoder's tokens and dense map (false: an ablation without the branch; the
     language model and the mask decoder then see only the base's own image features)."""
+    lowlevel_highpass: bool = True
+    """The branch's fixed high-pass residual filters (false: an ablation that keeps the branch and its heads
+    but gives them no residuals: its convs see the RGB image alone and its residual-energy statistics are 0)."""
     lm_layers: int = 0
     """Keep only the first N decoder layers of a pretrained base's language model (0: all of them): a
     shallower LM trains and answers faster on a CPU. Text-only LM bases only."""
@@ -351,8 +354,9 @@ class LowLevelEncoder(nn.Module):
     """
 
     def __init__(self, lm_hidden: int, width: int = 32, n_tokens: int = 4, aux_dim: int = 0, context: int = 0,
-                 pool_map: bool = False, trunk_dims: tuple[int, int] = (0, 0)):
+                 pool_map: bool = False, trunk_dims: tuple[int, int] = (0, 0), highpass: bool = True):
         super().__init__()
+        self.use_highpass = highpass  # false: the residuals are zeros (ModelOptions.lowlevel_highpass)
         side = int(round(n_tokens ** 0.5))
         if side * side != n_tokens:
             raise ValueError(f"n_lowlevel_tokens must be a square (1, 4, 9, ...), got {n_tokens}")
@@ -394,6 +398,8 @@ class LowLevelEncoder(nn.Module):
 
     def residuals(self, image: torch.Tensor) -> torch.Tensor:
         """(3, H, W) -> (3*4, H, W) high-pass residuals of each colour channel, scaled to ~unit range."""
+        if not self.use_highpass:
+            return image.new_zeros(3 * self.highpass.shape[0], *image.shape[-2:])
         x = image.unsqueeze(1) * 255.0  # (3, 1, H, W)
         r = F.conv2d(F.pad(x, (2, 2, 2, 2), mode="reflect"), self.highpass)  # (3, 4, H, W)
         return (r / 8.0).clamp(-4, 4).reshape(1, -1, *image.shape[-2:])[0]
@@ -812,7 +818,7 @@ class ExplainableVLM(nn.Module):
         trunk_dims = (enc.trunk.out_dim, enc.dense_dim) if config.lowlevel_trunk else (0, 0)
         low = LowLevelEncoder(hidden, config.lowlevel_width, grid, AUX_DIM if config.aux_weight > 0 else 0,
                               context=config.scratch.lowlevel_context, pool_map=config.scratch.lowlevel_pool_map,
-                              trunk_dims=trunk_dims)
+                              trunk_dims=trunk_dims, highpass=config.lowlevel_highpass)
         dec = MaskDecoder(hidden, low.dense_dim, config.decoder_width, prior=config.scratch.mask_prior,
                           extra_dim=enc.dense_dim if enc is not None else 0)
         heads_trunk = _EfficientNetTrunk(pretrained_trunk) if config.heads_trunk else None

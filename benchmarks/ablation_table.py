@@ -1,6 +1,7 @@
 """The table of an ablation run (``finetune/recipes/ablate-loupe-smol.sh``): one column per arm, from the
-``metrics.json`` of its three ``loupe eval`` reports (OUT/ARM-ev-wider, -ev-ext, -ev-forgery) and the last
-validation line of its training log.
+``metrics.json`` of its three ``loupe eval`` reports (OUT/ARM-ev-wider, -ev-ext, -ev-forgery), the last
+validation line of its training log, and its heads' figures from ``benchmarks/lowlevel_probe.py``
+(OUT/ARM.probe-wider.txt, -ext.txt: the dict on the probe's "final" line).
 
     python benchmarks/ablation_table.py runs/ablate-loupe-smol [--arms full lm-scratch ...] [--json]
 
@@ -10,12 +11,14 @@ A figure an arm has no value for (its eval did not run, or the metric has no n t
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import re
 import sys
 from pathlib import Path
 
-ARMS = ("full", "lm-scratch", "no-branch", "no-wider", "random-encoder")
+ARMS = ("full", "lm-scratch", "no-branch", "no-wider", "random-encoder", "s1-no-wider", "s1-random-encoder",
+        "s1-no-highpass")
 
 # (report, metric, label) in table order
 ROWS = (
@@ -37,7 +40,27 @@ ROWS = (
     ("forgery", "explanations.text_matches_result", "… text agrees with the verdict"),
 )
 
+# (probe, key, label): the heads alone, by benchmarks/lowlevel_probe.py --checkpoint
+PROBE_ROWS = (
+    ("wider", "category_top1", "heads alone, wider-pool photos: category top-1"),
+    ("wider", "clean_called_clean", "… clean called clean"),
+    ("wider", "severity_mae", "… severity MAE (levels)"),
+    ("wider", "tampered_auc", "… tampered AUC"),
+    ("wider", "tampered_acc", "… tampered accuracy at 0.5"),
+    ("wider", "pixel_f1", "… tampering map pixel-F1 at 0.5"),
+    ("ext", "category_top1", "heads alone, other code's corruptions: category top-1"),
+    ("ext", "clean_called_clean", "… clean called clean"),
+)
+
 VAL = re.compile(r"val loss ([0-9.]+), token accuracy ([0-9.]+)")
+FINAL = re.compile(r"^final after .*?: (\{.*\})\s*$", re.M)
+
+
+def probe_figures(out: Path, arm: str, probe: str) -> dict[str, float]:
+    """The probe's final figures for ``arm`` (empty when it has none)."""
+    path = out / f"{arm}.probe-{probe}.txt"
+    hits = FINAL.findall(path.read_text(errors="replace")) if path.is_file() else []
+    return ast.literal_eval(hits[-1]) if hits else {}
 
 
 def arm_figures(out: Path, arm: str) -> dict[str, tuple[float, int] | None]:
@@ -54,6 +77,13 @@ def arm_figures(out: Path, arm: str) -> dict[str, tuple[float, int] | None]:
     hits = VAL.findall(log.read_text(errors="replace")) if log.is_file() else []
     figs["train:val_loss"] = (float(hits[-1][0]), 0) if hits else None
     figs["train:token_accuracy"] = (float(hits[-1][1]), 0) if hits else None
+    for probe in {p for p, _, _ in PROBE_ROWS}:
+        got = probe_figures(out, arm, probe)
+        n = int(got.get("single_images", 0))
+        for p, key, _ in PROBE_ROWS:
+            if p == probe:
+                v = got.get(key)
+                figs[f"probe-{p}:{key}"] = (float(v), n) if isinstance(v, (int, float)) else None
     return figs
 
 
@@ -69,8 +99,12 @@ def table(out: Path, arms: list[str]) -> str:
     for key, label in (("train:val_loss", "validation loss at the end of stage 2"),
                        ("train:token_accuracy", "… token accuracy")):
         lines.append(f"| {label} | " + " | ".join(cell(figs[a][key], False) for a in arms) + " |")
-    for report, name, label in ROWS:
-        key = f"{report}:{name}"
+    rows = [(f"{r}:{n}", label) for r, n, label in ROWS] + [(f"probe-{p}:{k}", label) for p, k, label in PROBE_ROWS]
+    for key, label in rows:
+        if key.startswith("probe-"):
+            vals = [figs[a][key] for a in arms]
+            lines.append(f"| {label} | " + " | ".join("–" if v is None else f"{v[0]:.3f}" for v in vals) + " |")
+            continue
         ns = {figs[a][key][1] for a in arms if figs[a][key] is not None}
         same_n = len(ns) == 1
         label = label + (f" (n={ns.pop()})" if same_n else "")

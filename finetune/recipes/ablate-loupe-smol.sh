@@ -9,9 +9,9 @@
 #   random-encoder  EfficientNet-Lite0 randomly initialised instead of ImageNet-pretrained
 # and, cheaper, arms of stage 1 alone (the heads; stage 2 does not change them), measured by
 # benchmarks/lowlevel_probe.py on the wider-pool test photos and the external set, next to full's heads:
-#   s1-no-wider, s1-random-encoder
+#   s1-no-wider, s1-random-encoder, s1-no-highpass (the branch and its heads without the high-pass residuals)
 # Usage: bash finetune/recipes/ablate-loupe-smol.sh [ARM ...]
-#   (default: full lm-scratch no-branch s1-no-wider s1-random-encoder; a finished arm is skipped)
+#   (default: full lm-scratch no-branch s1-no-wider s1-random-encoder s1-no-highpass; a finished arm is skipped)
 # Needs the data of `make loupe-smol` (DATA), its test-wider.jsonl files and its external-corruption set
 # (EXTERNAL). On 2 cores an end-to-end arm takes 20-40 min at the defaults (stage 2 at ~13 s a step), a
 # stage-1 arm about 10. Then: python benchmarks/ablation_table.py "$OUT"
@@ -86,7 +86,7 @@ stage1() {
   fi
   probe "$name"
 }
-arms=("$@"); [ ${#arms[@]} -eq 0 ] && arms=(full lm-scratch no-branch s1-no-wider s1-random-encoder)
+arms=("$@"); [ ${#arms[@]} -eq 0 ] && arms=(full lm-scratch no-branch s1-no-wider s1-random-encoder s1-no-highpass)
 for arm in "${arms[@]}"; do
   case $arm in
     full) run full "$DATA" && probe full ;;
@@ -97,8 +97,9 @@ for arm in "${arms[@]}"; do
     random-encoder) run random-encoder "$DATA" --image_pretrained false ;;
     s1-no-wider) stage1 s1-no-wider "$OUT/data-no-wider" ;;
     s1-random-encoder) stage1 s1-random-encoder "$DATA" --image_pretrained false ;;
+    s1-no-highpass) stage1 s1-no-highpass "$DATA" --lowlevel_highpass false ;;
     *) echo "unknown arm $arm (full, lm-scratch, no-branch, no-wider, random-encoder, s1-no-wider," \
-      "s1-random-encoder)"; exit 2 ;;
+      "s1-random-encoder, s1-no-highpass)"; exit 2 ;;
   esac
 done
 .venv/bin/python benchmarks/ablation_table.py "$OUT"

@@ -97,6 +97,23 @@ def test_without_the_high_pass_branch_there_are_no_low_level_tokens():
     assert all(float(d.abs().sum()) == 0 for d in out.lowlevel.dense)
 
 
+def test_without_high_pass_residuals_the_branch_keeps_its_heads_but_sees_rgb_only(tmp_path):
+    torch.manual_seed(0)
+    model, processor = new_model("scratch:test:llama", corpus=CORPUS, lowlevel_highpass=False, aux_weight=1.0,
+                                 lowlevel_max_side=64, lowlevel_width=8, decoder_width=16, min_pixels=28 * 28,
+                                 max_pixels=64 * 64)
+    img = torch.rand(3, 32, 32)
+    assert not model.lowlevel.use_highpass and float(model.lowlevel.residuals(img).abs().sum()) == 0
+    out = model(training_batch(LoupeProcessor.for_model(model, processor)))
+    assert torch.isfinite(out.loss) and out.lowlevel.tokens is not None and out.lowlevel.aux[0] is not None
+    model.save_pretrained(tmp_path / "ck", processor=processor)
+    loaded, _ = ExplainableVLM.from_pretrained(tmp_path / "ck")
+    assert loaded.config.lowlevel_highpass is False and not loaded.lowlevel.use_highpass
+    default, _ = new_model("scratch:test:llama", corpus=CORPUS, lowlevel_max_side=64, lowlevel_width=8,
+                           decoder_width=16, min_pixels=28 * 28, max_pixels=64 * 64)
+    assert default.lowlevel.use_highpass and float(default.lowlevel.residuals(img).abs().sum()) > 0
+
+
 def test_lowlevel_trunk_feeds_the_auxiliary_heads_and_round_trips(tmp_path):
     # the branch's heads read the pretrained trunk: its features change the aux logits and the tampering
     # map, its gradients reach the trunk, and a saved model rebuilds the same outputs
