@@ -96,8 +96,10 @@ def table(out: Path, arms: list[str]) -> str:
         return f"{v[0]:.3f}" + (f" (n={v[1]})" if with_n else "")
 
     lines = ["| | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
-    for key, label in (("train:val_loss", "validation loss at the end of stage 2"),
-                       ("train:token_accuracy", "… token accuracy")):
+    # the validation loss is the whole training loss: with heads it includes their auxiliary terms, so it
+    # compares arms that have the same heads; the answer-token accuracy compares every arm
+    for key, label in (("train:val_loss", "validation loss at the end of stage 2 (heads' terms included)"),
+                       ("train:token_accuracy", "… answer-token accuracy")):
         lines.append(f"| {label} | " + " | ".join(cell(figs[a][key], False) for a in arms) + " |")
     rows = [(f"{r}:{n}", label) for r, n, label in ROWS] + [(f"probe-{p}:{k}", label) for p, k, label in PROBE_ROWS]
     for key, label in rows:

@@ -36,7 +36,7 @@ def test_table_reads_each_arm_s_reports_and_log(tmp_path, capsys):
                                                    "images each): {'category_top1': 0.625, 'single_images': 8}\n")
     assert mod.main([str(tmp_path)]) == 0
     rows = {line.split(" | ")[0].lstrip("| "): line for line in capsys.readouterr().out.splitlines()}
-    assert rows["| validation loss at the end of stage 2".lstrip("| ")].endswith("| 2.500 | – |")
+    assert rows["validation loss at the end of stage 2 (heads' terms included)"].endswith("| 2.500 | – |")
     assert rows["wider-pool photos: distortion category (n=40)"].endswith("| 0.500 | 0.125 |")
     assert rows["… score SRCC"].endswith("| 0.250 (n=30) | 0.500 (n=28) |")  # n differs: given per cell
     assert rows["forgery: balanced accuracy (n=100)"].endswith("| 0.750 | – |")

@@ -77,6 +77,16 @@ probe() {
   .venv/bin/python benchmarks/lowlevel_probe.py --checkpoint "$OUT/$name" --quality "$(dirname "$EXTERNAL")" \
     --split test --val-limit 600 > "$OUT/$name.probe-ext.txt" 2>&1 || echo "$name: probe failed, see $OUT/$name.probe-*.txt"
 }
+# the full arm again with the default model's evidence guidance (2): the branch's heads also steer its words
+# (benchmarks/ablation_table.py ... --arms full full-g2 ...)
+guided() {
+  local name=$1
+  [ -f "$OUT/$name-g2-ev-ext/metrics.json" ] && return
+  $LOUPE eval --model "$OUT/$name" --data "$DATA/quality/test-wider.jsonl" --limit "$WIDER_LIMIT" \
+    --evidence-guidance 2 --out "$OUT/$name-g2-ev-wider" --no-progress > "$OUT/$name-g2.ev-wider.log" 2>&1 &&
+  $LOUPE eval --model "$OUT/$name" --data "$(dirname "$EXTERNAL")/ablation.jsonl" --evidence-guidance 2 \
+    --out "$OUT/$name-g2-ev-ext" --no-progress > "$OUT/$name-g2.ev-ext.log" 2>&1 || echo "$name: guided eval failed"
+}
 stage1() {
   local name=$1 data=$2; shift 2
   if [ ! -f "$OUT/$name/loupe_config.json" ]; then
@@ -89,7 +99,7 @@ stage1() {
 arms=("$@"); [ ${#arms[@]} -eq 0 ] && arms=(full lm-scratch no-branch s1-no-wider s1-random-encoder s1-no-highpass)
 for arm in "${arms[@]}"; do
   case $arm in
-    full) run full "$DATA" && probe full ;;
+    full) run full "$DATA" && probe full && guided full ;;
     lm-scratch) run lm-scratch "$DATA" --base scratch:smol12:llama --method full --lr 1e-3 ;;
     no-branch) run no-branch "$DATA" --lowlevel_branch false --scratch.evidence_tokens false \
       --scratch.evidence_fusion false --scratch.fusion_gate false --scratch.mask_prior false ;;
@@ -102,4 +112,5 @@ for arm in "${arms[@]}"; do
       "s1-random-encoder, s1-no-highpass)"; exit 2 ;;
   esac
 done
-.venv/bin/python benchmarks/ablation_table.py "$OUT"
+.venv/bin/python benchmarks/ablation_table.py "$OUT" --arms full full-g2 lm-scratch no-branch s1-no-wider s1-random-encoder \
+  s1-no-highpass
