@@ -74,7 +74,8 @@ def arm_figures(out: Path, arm: str) -> dict[str, tuple[float, int] | None]:
                 m = metrics.get(name)
                 figs[f"{r}:{name}"] = (m["value"], m["n"]) if m else None
     log = out / f"{arm}.train.log"
-    hits = VAL.findall(log.read_text(errors="replace")) if log.is_file() else []
+    # a stage-1 arm ("s1-...") runs one stage-2 step only to be saved: its validation line says nothing
+    hits = VAL.findall(log.read_text(errors="replace")) if log.is_file() and not arm.startswith("s1-") else []
     figs["train:val_loss"] = (float(hits[-1][0]), 0) if hits else None
     figs["train:token_accuracy"] = (float(hits[-1][1]), 0) if hits else None
     for probe in {p for p, _, _ in PROBE_ROWS}:
