@@ -53,7 +53,7 @@ _MANIP_SENTENCES = (
     "It shows {m}, the kind of change made with {d}.",
     "The manipulation is {m} ({d}).",
 )
-_UNKNOWN_MANIP = "The kind of change is not certain, but the altered area is clear."
+_UNKNOWN_MANIP = "The kind of change is not certain, but where it was made is clear."
 _EVIDENCE_SENTENCES = (
     "The evidence: {c}.",
     "It gives itself away through {c}.",
