@@ -36,21 +36,18 @@ class VerdictProcessor:
         self.owner = torch.tensor([k for k, g in enumerate(self.groups) for _ in g], dtype=torch.long)
         self.id_set = set(self.ids.tolist())
         self.rows = rows.bool()
-        self.prompt_len: int | None = None
+        self.done = [False] * len(rows)  # a row whose verdict word is written: the rest of its answer is free
         self.moved: list[tuple[int, int, int]] = []  # (row, token picked, token written), for tests and logs
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.prompt_len is None:
-            self.prompt_len = input_ids.shape[1]
         out = scores
         for b in range(scores.shape[0]):
-            if not bool(self.rows[b]):
+            if not bool(self.rows[b]) or self.done[b]:
                 continue
-            if any(t in self.id_set for t in input_ids[b, self.prompt_len:].tolist()):
-                continue  # the verdict is written: the rest of the answer is free
             top = int(scores[b].argmax())
             if top not in self.id_set:
                 continue
+            self.done[b] = True  # greedy: this step writes a verdict word, this one or the one moved to
             ids = self.ids.to(scores.device)
             p = torch.softmax(scores[b, ids].float(), dim=0)
             sums = torch.zeros(len(self.groups), device=scores.device).index_add_(0, self.owner.to(scores.device), p)
