@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 
+from . import decode_precision
 from .inference import GUIDANCE_HELP, MODEL_HELP, Assistant, Request
 from .processing import ImageError, load_image
 
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-out", metavar="PNG", help="save the forgery mask (255 = tampered) to this PNG")
     p.add_argument("--max-new-tokens", type=int, default=160, help="answer length cap (default: 160)")
     p.add_argument("--evidence-guidance", type=float, metavar="S", help=GUIDANCE_HELP)
+    p.add_argument("--decode-precision", choices=decode_precision.CHOICES, default="auto", help=decode_precision.HELP)
     return p
 
 
@@ -82,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     try:
         assistant = Assistant.from_pretrained(args.model, device=args.device, max_new_tokens=args.max_new_tokens,
-                                              evidence_guidance=args.evidence_guidance)
+                                              evidence_guidance=args.evidence_guidance,
+                                              decode_precision=args.decode_precision)
     except (FileNotFoundError, RuntimeError, ValueError) as exc:
         print(f"loupe ask: {exc}", file=sys.stderr)
         return 2

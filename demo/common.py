@@ -100,13 +100,15 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def load_assistant(prog: str, model: str | None, device: str, max_new_tokens: int, host: str) -> Assistant | None:
+def load_assistant(prog: str, model: str | None, device: str, max_new_tokens: int, host: str,
+                   decode_precision: str = "auto") -> Assistant | None:
     """Load the model for a server verb; on failure print why (naming ``prog``) and return None.
 
     Also warns on stderr when ``host`` would expose the server beyond this machine.
     """
     try:
-        assistant = Assistant.from_pretrained(model, device=device, max_new_tokens=max_new_tokens)
+        assistant = Assistant.from_pretrained(model, device=device, max_new_tokens=max_new_tokens,
+                                              decode_precision=decode_precision)
     except (FileNotFoundError, RuntimeError, ValueError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return None
