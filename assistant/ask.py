@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from . import decode_precision
+from . import lm_precision
 from .inference import GUIDANCE_HELP, MODEL_HELP, Assistant, Request
 from .processing import ImageError, load_image
 
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-out", metavar="PNG", help="save the forgery mask (255 = tampered) to this PNG")
     p.add_argument("--max-new-tokens", type=int, default=160, help="answer length cap (default: 160)")
     p.add_argument("--evidence-guidance", type=float, metavar="S", help=GUIDANCE_HELP)
-    p.add_argument("--decode-precision", choices=decode_precision.CHOICES, default="auto", help=decode_precision.HELP)
+    p.add_argument("--lm-precision", choices=lm_precision.CHOICES, default="auto", help=lm_precision.HELP)
     return p
 
 
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         assistant = Assistant.from_pretrained(args.model, device=args.device, max_new_tokens=args.max_new_tokens,
                                               evidence_guidance=args.evidence_guidance,
-                                              decode_precision=args.decode_precision)
+                                              lm_precision=args.lm_precision)
     except (FileNotFoundError, RuntimeError, ValueError) as exc:
         print(f"loupe ask: {exc}", file=sys.stderr)
         return 2

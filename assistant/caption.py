@@ -36,7 +36,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 from PIL import Image
 
-from . import decode_precision
+from . import lm_precision
 from .inference import GUIDANCE_HELP, MODEL_HELP, SCHEMA_TASK, Assistant, Request, Result, error_result
 from .processing import ImageError, load_image
 
@@ -652,7 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "share a machine")
     p.add_argument("--max-new-tokens", type=int, default=160, help="answer length cap (default: 160)")
     p.add_argument("--evidence-guidance", type=float, metavar="S", help=GUIDANCE_HELP)
-    p.add_argument("--decode-precision", choices=decode_precision.CHOICES, default="auto", help=decode_precision.HELP)
+    p.add_argument("--lm-precision", choices=lm_precision.CHOICES, default="auto", help=lm_precision.HELP)
     p.add_argument("--shard", type=parse_shard, metavar="i/N",
                    help="process only shard i of N (0-based; a stable hash of the id), e.g. a SLURM array task")
     p.add_argument("--overwrite", action="store_true", help="start fresh instead of resuming from --out")
@@ -772,7 +772,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         assistant = Assistant.from_pretrained(args.model, device=device, max_new_tokens=args.max_new_tokens,
                                               evidence_guidance=args.evidence_guidance,
-                                              decode_precision=args.decode_precision)
+                                              lm_precision=args.lm_precision)
     except (FileNotFoundError, RuntimeError, ValueError, OSError) as exc:
         print(f"loupe caption: {exc}", file=sys.stderr)
         return 2

@@ -41,7 +41,7 @@ from loupe_vlm.prompts import (
 )
 from loupe_vlm.prompts.parsing import find_terms, parse_distortions, parse_manipulation, strip_mask_tokens
 
-from . import decode_precision as decode_precision_mod
+from . import lm_precision as lm_precision_mod
 from .consistency import VerdictProcessor
 from .guidance import COMPARE_TASKS, GUIDED_TASKS, EvidenceGuide, guidance_problem
 from .modeling import ExplainableVLM
@@ -280,29 +280,29 @@ class Assistant:
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, *, device: str = "cpu", dtype: torch.dtype | None = None,
                         trust_remote_code: bool = False, max_new_tokens: int = 160,
-                        evidence_guidance: float | None = None, decode_precision: str = "auto") -> "Assistant":
+                        evidence_guidance: float | None = None, lm_precision: str = "auto") -> "Assistant":
         """Load a Loupe checkpoint folder (``None``: the embedded default model, ``DEFAULT_MODEL_NAME``).
         ``evidence_guidance``: None keeps the checkpoint's own setting (see ``assistant/guidance.py``).
-        ``decode_precision``: ``auto``, ``bf16`` or ``fp32`` (see ``assistant/decode_precision.py``)."""
+        ``lm_precision``: ``auto``, ``fp16`` or ``fp32`` (see ``assistant/lm_precision.py``)."""
         path = Path(path) if path is not None else default_model_path()
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(f"device {device!r} was asked for but no CUDA GPU is available; use --device cpu")
-        bf16_decode = decode_precision_mod.resolve(decode_precision, device)
+        fp16_lm = lm_precision_mod.resolve(lm_precision, device)
         model, processor = ExplainableVLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
         if hasattr(model.vlm, "peft_config"):
             # answering only: fold the LoRA update into the base weights (exact to ~3e-7), one matmul per layer
             model.vlm = model.vlm.merge_and_unload()
         model.to(device)
-        if bf16_decode:
-            decode_precision_mod.enable(model.vlm)
+        if fp16_lm:  # none of them under a --dtype other than fp32: then the name does not say it either
+            fp16_lm = lm_precision_mod.enable(model.vlm) > 0
         digest = hashlib.sha256()
         for f in ("loupe_config.json", "heads.safetensors"):
             digest.update((path / f).read_bytes())
         name = f"{model.config.name}@{digest.hexdigest()[:10]}"
-        if bf16_decode:
-            name += "+bf16decode"  # answers can differ from exact fp32 where two tokens were nearly tied
+        if fp16_lm:
+            name += "+fp16lm"  # answers can differ from exact fp32 where two tokens were nearly tied
         if evidence_guidance is not None and evidence_guidance != model.config.evidence_guidance:
             name += f"+guidance{evidence_guidance:g}"  # answers differ from the checkpoint's own setting
         return cls(model, processor, name=name, max_new_tokens=max_new_tokens, evidence_guidance=evidence_guidance)

@@ -3,7 +3,7 @@
     python benchmarks/model_speed.py                                      # the default model (loupe-smol) vs loupe-tiny
     python benchmarks/model_speed.py --models CKPT_A CKPT_B --threads 1
     python benchmarks/model_speed.py --models CKPT_A CKPT_B --skip-ask --skip-caption --json speed.json
-    python benchmarks/model_speed.py --models M M --decode-precision bf16 fp32 --skip-ask --skip-caption
+    python benchmarks/model_speed.py --models M M --lm-precision fp16 fp32 --skip-ask --skip-caption
 
 Measures, for each model, in this order:
 
@@ -137,7 +137,7 @@ def caption_run(model: Path, folder: Path, n: int, out: Path, batch: int, thread
     seconds, stdout = run_cli(["caption", str(folder), "--task", "quality", "--batch-size", str(batch),
                                "--threads", str(threads), "--device", "cpu", "--model", str(model),
                                "--out", str(out), "--overwrite", "--no-progress",
-                               "--decode-precision", precision], env, cwd)
+                               "--lm-precision", precision], env, cwd)
     records = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
     bad = [r.get("id") for r in records if r.get("error")]
     if len(records) != n or bad:
@@ -175,13 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--caption-batch", type=int, default=8, help="loupe caption --batch-size (default: 8)")
     p.add_argument("--skip-ask", action="store_true", help="leave out the loupe ask timings")
     p.add_argument("--skip-caption", action="store_true", help="leave out the loupe caption timings")
-    p.add_argument("--decode-precision", nargs=2, metavar=("PA", "PB"), default=["auto", "auto"],
-                   help="--decode-precision of models A and B (auto, bf16 or fp32; default: auto auto). "
-                        "`--models M M --decode-precision bf16 fp32` times one model both ways")
+    p.add_argument("--lm-precision", nargs=2, metavar=("PA", "PB"), default=["auto", "auto"],
+                   help="--lm-precision of models A and B (auto, fp16 or fp32; default: auto auto). "
+                        "`--models M M --lm-precision fp16 fp32` times one model both ways")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the numbers to this JSON file")
     args = p.parse_args(argv)
-    if any(v not in ("auto", "bf16", "fp32") for v in args.decode_precision):
-        p.error("--decode-precision takes two of: auto, bf16, fp32")
+    if any(v not in ("auto", "fp16", "fp32") for v in args.lm_precision):
+        p.error("--lm-precision takes two of: auto, fp16, fp32")
     if args.caption_images < 2 and not args.skip_caption:
         p.error("--caption-images must be at least 2 (the steady rate is a difference of two runs)")
     if min(args.repeats, args.cli_repeats, args.threads, args.caption_batch) < 1:
@@ -210,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         env = subprocess_env(args.threads, cache)
 
         # ---- in process: brief assess, forgery with mask ----
-        precs = args.decode_precision
-        assistants = [Assistant.from_pretrained(path, device="cpu", decode_precision=pr) for path, pr in zip(paths, precs)]
+        precs = args.lm_precision
+        assistants = [Assistant.from_pretrained(path, device="cpu", lm_precision=pr) for path, pr in zip(paths, precs)]
         names = [a.name for a in assistants]
         img = bench_image(args.size)
         (ma, ra), (mb, rb) = interleaved_medians([lambda a=a: a.assess(img) for a in assistants], args.repeats)
@@ -284,12 +284,12 @@ def main(argv: list[str] | None = None) -> int:
                 for i, path in enumerate(paths):
                     caches[i].mkdir()
                     first[i].append(run_cli(["ask", str(ask_img), "--device", "cpu", "--model", str(path),
-                                             "--decode-precision", precs[i]],
+                                             "--lm-precision", precs[i]],
                                             subprocess_env(args.threads, caches[i]), tmp)[0])
                     converted[i] = converted[i] or any((caches[i] / "bases").glob("*"))
                 for i, path in enumerate(paths):
                     after[i].append(run_cli(["ask", str(ask_img), "--device", "cpu", "--model", str(path),
-                                             "--decode-precision", precs[i]],
+                                             "--lm-precision", precs[i]],
                                             subprocess_env(args.threads, caches[i]), tmp)[0])
             row(f"`loupe ask` first answer, first use (empty LOUPE_CACHE; median of {args.cli_repeats})",
                 "ask_first", "s", statistics.median(first[0]), statistics.median(first[1]), first[0], first[1])

@@ -31,7 +31,7 @@ from typing import Any, Iterator
 
 import gradio as gr
 
-from loupe_vlm.assistant import decode_precision
+from loupe_vlm.assistant import lm_precision
 from loupe_vlm.assistant.inference import MODEL_HELP, Assistant, Request, Result
 from loupe_vlm.assistant.processing import ImageError
 from loupe_vlm.prompts import canonical_question, user_content
@@ -337,14 +337,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
     p.add_argument("--share", action="store_true", help="also open a public *.gradio.live link (off by default)")
     p.add_argument("--max-new-tokens", type=int, default=160, help="answer length cap (default: 160)")
-    p.add_argument("--decode-precision", choices=decode_precision.CHOICES, default="auto", help=decode_precision.HELP)
+    p.add_argument("--lm-precision", choices=lm_precision.CHOICES, default="auto", help=lm_precision.HELP)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     assistant = load_assistant("loupe demo", args.model, args.device, args.max_new_tokens, args.host,
-                               args.decode_precision)
+                               args.lm_precision)
     if assistant is None:
         return 2
     demo = build_demo(assistant)

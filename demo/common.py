@@ -101,14 +101,14 @@ def is_loopback(host: str) -> bool:
 
 
 def load_assistant(prog: str, model: str | None, device: str, max_new_tokens: int, host: str,
-                   decode_precision: str = "auto") -> Assistant | None:
+                   lm_precision: str = "auto") -> Assistant | None:
     """Load the model for a server verb; on failure print why (naming ``prog``) and return None.
 
     Also warns on stderr when ``host`` would expose the server beyond this machine.
     """
     try:
         assistant = Assistant.from_pretrained(model, device=device, max_new_tokens=max_new_tokens,
-                                              decode_precision=decode_precision)
+                                              lm_precision=lm_precision)
     except (FileNotFoundError, RuntimeError, ValueError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return None

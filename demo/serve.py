@@ -47,7 +47,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from loupe_vlm.assistant import decode_precision
+from loupe_vlm.assistant import lm_precision
 from loupe_vlm.assistant.inference import MODEL_HELP, Assistant, Request, Result
 from loupe_vlm.assistant.processing import ImageError
 
@@ -351,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also accept image file paths under this folder (never outside it); off by default")
     p.add_argument("--no-ui", action="store_true", help="do not mount the gradio demo at /ui")
     p.add_argument("--max-new-tokens", type=int, default=160, help="answer length cap (default: 160)")
-    p.add_argument("--decode-precision", choices=decode_precision.CHOICES, default="auto", help=decode_precision.HELP)
+    p.add_argument("--lm-precision", choices=lm_precision.CHOICES, default="auto", help=lm_precision.HELP)
     return p
 
 
@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loupe serve: --allow-files {args.allow_files} is not a folder", file=sys.stderr)
         return 2
     assistant = load_assistant("loupe serve", args.model, args.device, args.max_new_tokens, args.host,
-                               args.decode_precision)
+                               args.lm_precision)
     if assistant is None:
         return 2
     app = create_app(assistant, args.allow_files, mount_ui=not args.no_ui)

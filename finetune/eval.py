@@ -40,7 +40,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from loupe_vlm.assistant import decode_precision
+from loupe_vlm.assistant import lm_precision
 from loupe_vlm.assistant.inference import GUIDANCE_HELP, MODEL_HELP, Assistant, Request, Result
 from loupe_vlm.prompts import CATEGORIES, RATINGS, TASKS, Sample, SampleError, canonical_question, iter_jsonl, rating_value
 from loupe_vlm.prompts.parsing import parse_locations, parse_verdict
@@ -746,11 +746,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto: the GPU if there is one, else the CPU)")
     p.add_argument("--max-new-tokens", type=int, default=160, help="answer length cap (default: 160)")
     p.add_argument("--evidence-guidance", type=float, metavar="S", help=GUIDANCE_HELP)
-    p.add_argument("--decode-precision", choices=decode_precision.CHOICES, default="fp32",
-                   help="precision of the language model's weights while decoding: fp32 (default here, so that "
-                        "a model card's numbers come back exactly whatever the batch), auto or bf16: the bf16 "
-                        "copies that ask, caption, demo and serve use on a CPU for products of one to four "
-                        "rows (assistant/decode_precision.py); compare the two to see what they change")
+    p.add_argument("--lm-precision", choices=lm_precision.CHOICES, default="fp32",
+                   help="weights of the language model while answering: fp32 (default here, so that a model "
+                        "card's numbers come back exactly), auto or fp16: the fbgemm-packed fp16 weights that "
+                        "ask, caption, demo and serve use on a CPU (assistant/lm_precision.py); compare the "
+                        "two to see what they change")
     p.add_argument("--restart", action="store_true", help="discard the predictions already in REPORT_DIR")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--judge-base-url", metavar="URL", help="OpenAI-compatible endpoint for the optional LLM judge")
@@ -785,7 +785,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         assistant = Assistant.from_pretrained(args.model, device=args.device, max_new_tokens=args.max_new_tokens,
                                               evidence_guidance=args.evidence_guidance,
-                                              decode_precision=args.decode_precision)
+                                              lm_precision=args.lm_precision)
         judge = make_judge(args.judge_base_url, args.judge_model, args.judge_api_key_env) if args.judge_model else None
         result = evaluate(assistant, args.data, tasks=args.tasks, limit=args.limit, out_dir=args.out,
                           progress=not args.no_progress, batch_size=args.batch_size, judge=judge,

@@ -1,0 +1,100 @@
+"""fbgemm-packed fp16 weights for the language model while answering (assistant/lm_precision.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from loupe_vlm.assistant import lm_precision as lp
+from tests.helpers import ASSETS
+
+pytestmark = pytest.mark.skipif(not lp.available(), reason="this torch has no fbgemm (not an x86 build)")
+
+
+def _tiny_llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_enable_keeps_parameters_ties_and_state_dict_keys():
+    lm = _tiny_llama()
+    keys = set(lm.state_dict())
+    n_linear = sum(type(m) is nn.Linear for m in lm.modules())
+    assert lp.enable(lm) == n_linear == 2 * 7 + 1  # q k v o gate up down per layer, and the head
+    assert lp.enable(lm) == n_linear  # idempotent: nothing packed twice
+    assert set(lm.state_dict()) == keys  # the copies are not saved
+    assert lm.lm_head.weight is lm.model.embed_tokens.weight  # the tie survives
+    assert lm.lm_head.weight.dtype == torch.float32
+    assert lp.disable(lm) == n_linear
+    assert all(type(m) is nn.Linear for m in lm.modules() if isinstance(m, nn.Linear))
+    assert not hasattr(lm.lm_head, "packed_fp16")
+
+
+@pytest.mark.parametrize("rows", [1, 8, 64])
+def test_the_packed_product_is_the_fp16_rounded_weight_in_fp32(rows):
+    torch.manual_seed(1)
+    layer = nn.Linear(64, 48)
+    exact = nn.Linear(64, 48)
+    exact.load_state_dict(layer.state_dict())
+    lp.enable(layer)
+    x = torch.randn(2, rows, 64)
+    with torch.no_grad():
+        got = layer(x)
+        rounded = nn.functional.linear(x, exact.weight.half().float(), exact.bias.half().float())
+        assert got.dtype == torch.float32 and got.shape == (2, rows, 48)
+        assert not torch.equal(got, exact(x))  # it really uses the fp16 copy...
+        assert torch.allclose(got, rounded, atol=1e-3)  # ...which is the fp16-rounded weight, in fp32
+        assert (got - exact(x)).abs().max() < 5e-3
+    # with grad on (training) every call is the exact fp32 product, and gradients reach the fp32 weight
+    out = layer(x)
+    assert torch.equal(out, exact(x))
+    out.sum().backward()
+    assert layer.weight.grad is not None
+
+
+def test_resolve_auto_is_on_for_the_cpu_only_and_bad_choices_are_named():
+    assert lp.resolve("auto", "cpu") is True
+    assert lp.resolve("auto", "cuda:0") is False
+    assert lp.resolve("fp32", "cpu") is False
+    assert lp.resolve("fp16", "cpu") is True
+    with pytest.raises(ValueError, match="CPU with fbgemm only"):
+        lp.resolve("fp16", "cuda")
+    with pytest.raises(ValueError, match="LM precision 'half'.*auto, fp16, fp32"):
+        lp.resolve("half", "cpu")
+
+
+def test_generation_with_the_copies_stays_close_to_fp32():
+    """Greedy decoding of a random tiny LM: the same tokens, and logits that agree to fp16 rounding."""
+    lm = _tiny_llama()
+    ids = torch.tensor([[5, 17, 33, 2, 9, 41]])
+    kw = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    with torch.no_grad():
+        ref = lm.generate(ids, **kw)
+        lp.enable(lm)
+        got = lm.generate(ids, **kw)
+    assert torch.equal(got.sequences, ref.sequences)
+    for a, b in zip(got.logits, ref.logits):
+        assert not torch.equal(a, b)
+        assert torch.allclose(a, b, atol=2e-3)
+
+
+def test_assistant_names_the_precision_and_fp32_is_the_exact_model(tiny_checkpoint):
+    from loupe_vlm.assistant.inference import Assistant
+
+    fast = Assistant.from_pretrained(tiny_checkpoint)  # auto on the CPU
+    exact = Assistant.from_pretrained(tiny_checkpoint, lm_precision="fp32")
+    assert fast.name.endswith("+fp16lm") and "+fp16lm" not in exact.name
+    guided = Assistant.from_pretrained(tiny_checkpoint, evidence_guidance=1)
+    assert guided.name.endswith("+fp16lm+guidance1")  # the guidance suffix stays last
+    assert any(type(m) is lp._PackedLinear for m in fast.model.vlm.modules())
+    assert not any(type(m) is lp._PackedLinear for m in exact.model.vlm.modules())
+    # the answers of the overfit tiny model are the same either way
+    a, b = fast.assess(ASSETS / "noisy.png"), exact.assess(ASSETS / "noisy.png")
+    assert a.text == b.text and a.quality.score == pytest.approx(b.quality.score, abs=1e-3)
+    with pytest.raises(ValueError, match="LM precision"):
+        Assistant.from_pretrained(tiny_checkpoint, lm_precision="int4")
