@@ -35,7 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-out", metavar="PNG", help="save the forgery mask (255 = tampered) to this PNG")
     p.add_argument("--max-new-tokens", type=int, default=160, help="answer length cap (default: 160)")
     p.add_argument("--evidence-guidance", type=float, metavar="S", help=GUIDANCE_HELP)
-    p.add_argument("--lm-precision", choices=lm_precision.CHOICES, default="auto", help=lm_precision.HELP)
+    p.add_argument("--lm-precision", choices=lm_precision.CHOICES, default="fp32",
+                   help="weights of the language model while answering: fp32 (default here: packing the fp16 "
+                        "copies costs about 2 s at load, more than one brief answer gains), fp16 or auto (the "
+                        "fbgemm-packed fp16 weights that caption, demo and serve use on a CPU, about 2x faster "
+                        "per token: worth it for a forgery or detailed answer; assistant/lm_precision.py)")
     return p
 
 

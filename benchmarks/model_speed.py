@@ -132,12 +132,12 @@ def run_cli(args: list[str], env: dict[str, str], cwd: Path) -> tuple[float, str
 
 
 def caption_run(model: Path, folder: Path, n: int, out: Path, batch: int, threads: int, env: dict[str, str],
-                cwd: Path, precision: str = "auto") -> tuple[float, float | None]:
+                cwd: Path, precision: str | None = None) -> tuple[float, float | None]:
     """(wall seconds, the rate ``loupe caption`` printed) of one fresh run over ``folder``."""
     seconds, stdout = run_cli(["caption", str(folder), "--task", "quality", "--batch-size", str(batch),
                                "--threads", str(threads), "--device", "cpu", "--model", str(model),
                                "--out", str(out), "--overwrite", "--no-progress",
-                               "--lm-precision", precision], env, cwd)
+                               *(["--lm-precision", precision] if precision else [])], env, cwd)
     records = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
     bad = [r.get("id") for r in records if r.get("error")]
     if len(records) != n or bad:
@@ -175,12 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--caption-batch", type=int, default=8, help="loupe caption --batch-size (default: 8)")
     p.add_argument("--skip-ask", action="store_true", help="leave out the loupe ask timings")
     p.add_argument("--skip-caption", action="store_true", help="leave out the loupe caption timings")
-    p.add_argument("--lm-precision", nargs=2, metavar=("PA", "PB"), default=["auto", "auto"],
-                   help="--lm-precision of models A and B (auto, fp16 or fp32; default: auto auto). "
+    p.add_argument("--lm-precision", nargs=2, metavar=("PA", "PB"), default=None,
+                   help="--lm-precision of models A and B (auto, fp16 or fp32; default: each command's own: auto "
+                        "in process and for caption, fp32 for ask). "
                         "`--models M M --lm-precision fp16 fp32` times one model both ways")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the numbers to this JSON file")
     args = p.parse_args(argv)
-    if any(v not in ("auto", "fp16", "fp32") for v in args.lm_precision):
+    if args.lm_precision and any(v not in ("auto", "fp16", "fp32") for v in args.lm_precision):
         p.error("--lm-precision takes two of: auto, fp16, fp32")
     if args.caption_images < 2 and not args.skip_caption:
         p.error("--caption-images must be at least 2 (the steady rate is a difference of two runs)")
@@ -210,8 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         env = subprocess_env(args.threads, cache)
 
         # ---- in process: brief assess, forgery with mask ----
-        precs = args.lm_precision
-        assistants = [Assistant.from_pretrained(path, device="cpu", lm_precision=pr) for path, pr in zip(paths, precs)]
+        precs = args.lm_precision or [None, None]  # None: the command's own default
+        assistants = [Assistant.from_pretrained(path, device="cpu", lm_precision=pr or "auto")
+                      for path, pr in zip(paths, precs)]
         names = [a.name for a in assistants]
         img = bench_image(args.size)
         (ma, ra), (mb, rb) = interleaved_medians([lambda a=a: a.assess(img) for a in assistants], args.repeats)
@@ -284,12 +286,12 @@ def main(argv: list[str] | None = None) -> int:
                 for i, path in enumerate(paths):
                     caches[i].mkdir()
                     first[i].append(run_cli(["ask", str(ask_img), "--device", "cpu", "--model", str(path),
-                                             "--lm-precision", precs[i]],
+                                             *(["--lm-precision", precs[i]] if precs[i] else [])],
                                             subprocess_env(args.threads, caches[i]), tmp)[0])
                     converted[i] = converted[i] or any((caches[i] / "bases").glob("*"))
                 for i, path in enumerate(paths):
                     after[i].append(run_cli(["ask", str(ask_img), "--device", "cpu", "--model", str(path),
-                                             "--lm-precision", precs[i]],
+                                             *(["--lm-precision", precs[i]] if precs[i] else [])],
                                             subprocess_env(args.threads, caches[i]), tmp)[0])
             row(f"`loupe ask` first answer, first use (empty LOUPE_CACHE; median of {args.cli_repeats})",
                 "ask_first", "s", statistics.median(first[0]), statistics.median(first[1]), first[0], first[1])
