@@ -2,10 +2,10 @@
 
 Why: on these machines (AVX2) writing an answer is bound by how fast the LM's weights are read and by
 fp32 matrix products over few rows, which torch runs poorly (a (8, 576) x (576, 1536) product takes about
-950 us, more than the same product over 1 row). fbgemm's fp16-weight product (the kernel behind torch's
+850 us, more than the same product over 1 row). fbgemm's fp16-weight product (the kernel behind torch's
 dynamic fp16 quantisation) keeps a pre-packed fp16 copy of each weight, converts it to fp32 inside the
 kernel, and multiplies fp32 activations in fp32. Measured here (``benchmarks/lm_precision.py``):
-170 against 563 us at 1 row, 280 against 948 at 8, 837 against 1931 at 51, and 5.7 against 7.4 ms at
+173 against 684 us at 1 row, 302 against 849 at 8, 824 against 1213 at 51, and 5.7 against 6.7 ms at
 400 rows; the LM head (576 -> 49157) 3.7 against 16 ms for one token.
 
 Numerics: only the weights are rounded, to fp16 (relative error about 2**-11); inputs, sums and outputs
