@@ -52,6 +52,8 @@ sys.path.insert(0, str(REPO))
 
 from PIL import Image  # noqa: E402
 
+from loupe_vlm.assistant import lm_precision  # noqa: E402
+
 ASSETS = REPO / "tests" / "assets"
 TARGETS = {  # name -> (comparison, value, unit)
     "brief": ("<=", 1.5, "s"),
@@ -175,14 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--caption-batch", type=int, default=8, help="loupe caption --batch-size (default: 8)")
     p.add_argument("--skip-ask", action="store_true", help="leave out the loupe ask timings")
     p.add_argument("--skip-caption", action="store_true", help="leave out the loupe caption timings")
-    p.add_argument("--lm-precision", nargs=2, metavar=("PA", "PB"), default=None,
+    p.add_argument("--lm-precision", nargs=2, metavar=("PA", "PB"), default=None, choices=lm_precision.CHOICES,
                    help="--lm-precision of models A and B (auto, fp16 or fp32; default: each command's own: auto "
                         "in process and for caption, fp32 for ask). "
                         "`--models M M --lm-precision fp16 fp32` times one model both ways")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the numbers to this JSON file")
     args = p.parse_args(argv)
-    if args.lm_precision and any(v not in ("auto", "fp16", "fp32") for v in args.lm_precision):
-        p.error("--lm-precision takes two of: auto, fp16, fp32")
     if args.caption_images < 2 and not args.skip_caption:
         p.error("--caption-images must be at least 2 (the steady rate is a difference of two runs)")
     if min(args.repeats, args.cli_repeats, args.threads, args.caption_batch) < 1:

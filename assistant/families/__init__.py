@@ -159,7 +159,7 @@ _cache: dict[str, BaseFamily] = {}
 
 def get_family(name: str) -> BaseFamily:
     """The family registered as ``name`` (a ``loupe_config.json`` family or a transformers model_type)."""
-    if name in FAMILIES:  # by its key: import that family only (a Qwen family's import costs ~5 s)
+    if name in FAMILIES:  # by its key: import that family only, not the others' transformers classes
         return _load(name, FAMILIES[name])
     for key, target in FAMILIES.items():
         if name == key or name in _load(key, target).model_types:
