@@ -134,6 +134,35 @@ def test_missing_gguf_package_gives_the_pip_line_only_when_converting(fake, monk
     assert len(fake.calls) == 1 and not (tmp_path / "fresh").exists()
 
 
+def test_gguf_read_once_shares_one_reader_per_file_and_puts_gguf_back(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    paths = []
+    for i in range(2):
+        writer = gguf.GGUFWriter(tmp_path / f"m{i}.gguf", "llama")
+        writer.add_block_count(2)
+        writer.add_tensor("token_embd.weight", np.full((4, 3), i, dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        paths.append(tmp_path / f"m{i}.gguf")
+    make_reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with pytest.raises(RuntimeError, match="inside"):
+        with pb._gguf_read_once():
+            first = gguf.GGUFReader(paths[0])
+            assert gguf.GGUFReader(str(paths[0])) is first  # the same file, however named: one reader
+            other = gguf.GGUFReader(paths[1])
+            assert other is not first and isinstance(other, make_reader)
+            assert float(other.tensors[0].data.sum()) == 12.0 and float(first.tensors[0].data.sum()) == 0.0
+            arch = gguf.MODEL_ARCH.LLAMA
+            assert gguf.get_tensor_name_map(arch, 2) is gguf.get_tensor_name_map(arch, 2)
+            raise RuntimeError("inside")
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (make_reader, name_map)  # put back after an error
+    assert gguf.GGUFReader(paths[0]) is not gguf.GGUFReader(paths[0])
+
+
 # -- converting once, atomically --------------------------------------------------------------------
 
 
