@@ -11,9 +11,10 @@
 2. The model: ``Assistant.assess`` (a brief answer), ``Assistant.detect_forgery`` (with its mask) and
    ``Assistant.run`` of 8 brief assessments at batch 8 (``loupe caption``'s work), on
    ``tests/assets/tampered.png`` resized to SIZE x SIZE (the batch: the test assets), with one loaded model
-   switched between exact fp32 and the packed copies (``lm_precision.enable`` / ``disable``), interleaved
-   A B A B; the median of ``--repeats`` after one warm-up each, the ratio, and whether the texts are the
-   same.
+   switched between exact fp32, packed copies one per layer (``enable(group_siblings=False)``) and
+   packed copies with q/k/v and gate/up as one product each (``enable``, what ``--lm-precision fp16``
+   runs), interleaved A B C A B C; the median of ``--repeats`` after one warm-up each, the ratios, and
+   whether the texts are the same.
 
 For agreement on many images, run ``loupe eval`` with ``--lm-precision fp16`` and with its default
 (``fp32``) on the same records and compare the two reports.
@@ -99,30 +100,45 @@ def main(argv: list[str] | None = None) -> int:
         "forgery with mask (detect_forgery)": lambda: [assistant.detect_forgery(img).text],
         "8 brief assessments at batch 8 (run)": lambda: [r.text for r in assistant.run(batch, batch_size=8)],
     }
+    modes = {  # what each mode does to the loaded LM before a call
+        "fp32": lm_precision.disable,
+        "fp16 alone": lambda m: (lm_precision.disable(m), lm_precision.enable(m, group_siblings=False)),
+        "fp16": lambda m: (lm_precision.disable(m), lm_precision.enable(m)),
+    }
     model_rows = []
-    print(f"\n{assistant.name}, {args.size} px, {args.threads} threads, median of {args.repeats}\n"
-          "| call | fp32 | fp16 packed | fp32 / fp16 | same texts |\n|---|---|---|---|---|")
+    print(f"\n{assistant.name}, {args.size} px, {args.threads} threads, median of {args.repeats}; 'fp16 alone' "
+          "packs every layer alone, 'fp16' (what --lm-precision fp16 runs) packs q/k/v and gate/up as one product\n"
+          "| call | fp32 | fp16 alone | fp16 | fp32 / fp16 | fp16 alone / fp16 | same texts as fp32 (alone, fp16) |\n"
+          "|---|---|---|---|---|---|---|")
     for label, fn in cases.items():
-        times: dict[str, list[float]] = {"fp32": [], "fp16": []}
+        times: dict[str, list[float]] = {mode: [] for mode in modes}
         texts: dict[str, list] = {}
-        for mode in ("fp32", "fp16"):  # warm-up, and the texts of each
-            (lm_precision.enable if mode == "fp16" else lm_precision.disable)(lm)
+        for mode, switch in modes.items():  # warm-up, and the texts of each
+            switch(lm)
             texts[mode] = fn()
         for _ in range(args.repeats):
-            for mode in ("fp32", "fp16"):
-                (lm_precision.enable if mode == "fp16" else lm_precision.disable)(lm)
+            for mode, switch in modes.items():
+                switch(lm)
                 t0 = time.perf_counter()
                 fn()
                 times[mode].append(time.perf_counter() - t0)
-        a, b = statistics.median(times["fp32"]), statistics.median(times["fp16"])
-        same = sum(x == y for x, y in zip(texts["fp32"], texts["fp16"]))
-        model_rows.append({"call": label, "fp32_s": a, "fp16_s": b, "speedup": a / b, "same_texts": same,
-                           "n_texts": len(texts["fp32"]), "runs": times, "texts": texts})
-        print(f"| {label} | {a:.2f} s | {b:.2f} s | {a / b:.2f} | {same} of {len(texts['fp32'])} |")
+        med = {mode: statistics.median(t) for mode, t in times.items()}
+        same = {mode: sum(x == y for x, y in zip(texts["fp32"], texts[mode])) for mode in modes}
+        n = len(texts["fp32"])
+        model_rows.append({"call": label, "fp32_s": med["fp32"], "fp16_alone_s": med["fp16 alone"],
+                           "fp16_s": med["fp16"], "speedup": med["fp32"] / med["fp16"],
+                           "grouping_speedup": med["fp16 alone"] / med["fp16"], "same_texts": same["fp16"],
+                           "same_texts_alone": same["fp16 alone"], "grouped_equals_alone": texts["fp16"] == texts["fp16 alone"],
+                           "n_texts": n, "runs": times, "texts": texts})
+        print(f"| {label} | {med['fp32']:.2f} s | {med['fp16 alone']:.2f} s | {med['fp16']:.2f} s | "
+              f"{med['fp32'] / med['fp16']:.2f} | {med['fp16 alone'] / med['fp16']:.2f} | "
+              f"{same['fp16 alone']}, {same['fp16']} of {n} |")
     for r in model_rows:
         for x, y in zip(r["texts"]["fp32"], r["texts"]["fp16"]):
             if x != y:
                 print(f"\n{r['call']}:\n  fp32: {x}\n  fp16: {y}")
+        if not r["grouped_equals_alone"]:
+            print(f"\n{r['call']}: grouped and alone fp16 texts differ (they should not)")
     if args.json:
         args.json.write_text(json.dumps({"model": assistant.name, "size": args.size, "threads": args.threads,
                                          "products": products, "model_calls": model_rows}, indent=2))

@@ -57,6 +57,69 @@ def test_the_packed_product_is_the_fp16_rounded_weight_in_fp32(rows):
     assert layer.weight.grad is not None
 
 
+def _siblings(bias: bool) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(2)
+    block = nn.Module()
+    for name, out in (("q_proj", 48), ("k_proj", 16), ("v_proj", 16)):
+        setattr(block, name, nn.Linear(64, out, bias=bias))
+    alone = nn.Module()
+    for name in ("q_proj", "k_proj", "v_proj"):
+        setattr(alone, name, nn.Linear(64, getattr(block, name).out_features, bias=bias))
+    alone.load_state_dict(block.state_dict())
+    lp.enable(block)
+    lp.enable(alone, group_siblings=False)
+    return block, alone
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_siblings_share_one_product_with_the_same_bits_in_any_order(bias):
+    block, alone = _siblings(bias)
+    names = ("q_proj", "k_proj", "v_proj")
+    groups = {id(getattr(block, n).fp16_group[0]) for n in names}
+    assert len(groups) == 1 and all(getattr(alone, n).fp16_group is None for n in names)
+    group = block.q_proj.fp16_group[0]
+    x, y = torch.randn(3, 64), torch.randn(3, 64)
+    with torch.no_grad():
+        for order in (names, names[::-1], ("k_proj", "q_proj", "v_proj")):
+            for n in order:
+                assert torch.equal(getattr(block, n)(x), getattr(alone, n)(x)), (order, n)
+            assert group._input is None  # all parts handed out: nothing held between steps
+        # another input between two members, a member called twice, and an in-place change of the input
+        assert torch.equal(block.q_proj(x), alone.q_proj(x))
+        assert torch.equal(block.k_proj(y), alone.k_proj(y))
+        assert torch.equal(block.k_proj(y), alone.k_proj(y))
+        x.mul_(2)
+        assert torch.equal(block.v_proj(x), alone.v_proj(x))
+        with torch.inference_mode():
+            z = torch.randn(3, 64)
+            assert torch.equal(block.v_proj(z), alone.v_proj(z)) and torch.equal(block.q_proj(z), alone.q_proj(z))
+    assert lp.disable(block) == 3 and not hasattr(block.k_proj, "fp16_group")
+    assert type(block.k_proj) is nn.Linear
+
+
+def test_siblings_of_different_input_sizes_or_biases_are_packed_alone():
+    block = nn.Module()
+    block.gate_proj, block.up_proj = nn.Linear(8, 4), nn.Linear(8, 4, bias=False)
+    block.q_proj, block.k_proj, block.v_proj = nn.Linear(8, 4), nn.Linear(6, 4), nn.Linear(8, 4)
+    assert lp.enable(block) == 5
+    assert all(m.fp16_group is None and m.packed_fp16 is not None for m in block.children())
+
+
+def test_a_tiny_llama_groups_its_projections_and_decodes_the_same_bits():
+    lm, alone = _tiny_llama(), _tiny_llama()
+    lp.enable(lm)
+    lp.enable(alone, group_siblings=False)
+    attn, mlp = lm.model.layers[0].self_attn, lm.model.layers[0].mlp
+    assert attn.q_proj.fp16_group[0] is attn.v_proj.fp16_group[0] and attn.o_proj.fp16_group is None
+    assert mlp.gate_proj.fp16_group[0] is mlp.up_proj.fp16_group[0] and mlp.down_proj.fp16_group is None
+    ids = torch.tensor([[5, 17, 33, 2, 9]])
+    with torch.no_grad():
+        a = lm.generate(ids, max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        b = alone.generate(ids, max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(a.sequences, b.sequences)
+    assert all(torch.equal(x, y) for x, y in zip(a.logits, b.logits))
+
+
 def test_resolve_auto_is_on_for_the_cpu_only_and_bad_choices_are_named():
     assert lp.resolve("auto", "cpu") is True
     assert lp.resolve("auto", "cuda:0") is False
