@@ -109,8 +109,8 @@ def enable(model: nn.Module, group_siblings: bool = True) -> int:
     """Give every fp32 CPU ``nn.Linear`` under ``model`` its packed fp16 copy; returns how many have one.
 
     With ``group_siblings``, sibling layers (``SIBLINGS``: same input size, all with or all without a bias)
-    share one packed product. Call it after ``merge_and_unload`` (a peft ``LoraLayer`` is not an ``nn.Linear`` and is left
-    alone) and after the model is on its device. Idempotent; the copy reflects the weights at the time of
+    share one packed product. Call it after ``merge_and_unload`` (a peft ``LoraLayer`` is not an
+    ``nn.Linear`` and is left alone) and after the model is on its device. Idempotent; the copy reflects the weights at the time of
     the call.
     """
     if not available():
