@@ -24,6 +24,8 @@ slower on this CPU, which has no bf16 arithmetic.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 
@@ -63,19 +65,21 @@ class _Group:
         biases = None if members[0].bias is None else torch.cat([m.bias.detach() for m in members])
         self.packed = torch.ops.quantized.linear_prepack_fp16(weights, biases)
         self.sizes = [m.out_features for m in members]
-        self._input: torch.Tensor | None = None
-        self._version = -1
-        self._parts: list[torch.Tensor | None] = []
+        # the kept parts are per thread: two threads running one model (the demo's queue, a server) each
+        # keep their own, so one thread never takes a part computed from the other's input
+        self._local = threading.local()
 
     def output(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        state = self._local
         # tensors made under torch.inference_mode keep no version counter: for them only identity is checked
         version = -1 if x.is_inference() else x._version
-        if x is not self._input or version != self._version or self._parts[index] is None:
-            self._parts = list(torch.ops.quantized.linear_dynamic_fp16(x, self.packed).split(self.sizes, dim=-1))
-            self._input, self._version = x, version
-        part, self._parts[index] = self._parts[index], None
-        if all(p is None for p in self._parts):
-            self._input = None  # every part handed out: hold no tensors between steps
+        parts = getattr(state, "parts", None)
+        if x is not getattr(state, "input", None) or version != state.version or parts[index] is None:
+            parts = list(torch.ops.quantized.linear_dynamic_fp16(x, self.packed).split(self.sizes, dim=-1))
+            state.parts, state.input, state.version = parts, x, version
+        part, parts[index] = parts[index], None
+        if all(p is None for p in parts):
+            state.input = None  # every part handed out: hold no tensors between steps
         return part
 
 

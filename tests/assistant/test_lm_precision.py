@@ -83,7 +83,7 @@ def test_siblings_share_one_product_with_the_same_bits_in_any_order(bias):
         for order in (names, names[::-1], ("k_proj", "q_proj", "v_proj")):
             for n in order:
                 assert torch.equal(getattr(block, n)(x), getattr(alone, n)(x)), (order, n)
-            assert group._input is None  # all parts handed out: nothing held between steps
+            assert group._local.input is None  # all parts handed out: nothing held between steps
         # another input between two members, a member called twice, and an in-place change of the input
         assert torch.equal(block.q_proj(x), alone.q_proj(x))
         assert torch.equal(block.k_proj(y), alone.k_proj(y))
@@ -95,6 +95,35 @@ def test_siblings_share_one_product_with_the_same_bits_in_any_order(bias):
             assert torch.equal(block.v_proj(z), alone.v_proj(z)) and torch.equal(block.q_proj(z), alone.q_proj(z))
     assert lp.disable(block) == 3 and not hasattr(block.k_proj, "fp16_group")
     assert type(block.k_proj) is nn.Linear
+
+
+def test_a_part_kept_in_one_thread_is_never_taken_by_another():
+    """The demo's queue and a server run one model from two threads: the kept parts are per thread.
+
+    The main thread computes q/k/v for ``x`` and keeps k and v; another thread then asks k of the same
+    ``x``. Were the parts shared, it would take the main thread's k (and the main thread would have to
+    compute again, or worse, take a part of another thread's input); per thread, the main thread's k and v
+    are still the views of the one product its q came from.
+    """
+    import threading
+
+    block, alone = _siblings(bias=True)
+    x = torch.randn(2, 64)
+    seen = {}
+
+    def other():
+        with torch.no_grad():
+            seen["k"] = block.k_proj(x)
+
+    with torch.no_grad():
+        q = block.q_proj(x)
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+        k, v = block.k_proj(x), block.v_proj(x)
+        assert q._base is not None and k._base is q._base and v._base is q._base
+        assert seen["k"]._base is not q._base and torch.equal(seen["k"], alone.k_proj(x))
+        assert torch.equal(k, alone.k_proj(x)) and torch.equal(v, alone.v_proj(x))
 
 
 def test_siblings_of_different_input_sizes_or_biases_are_packed_alone():
