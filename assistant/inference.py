@@ -75,6 +75,24 @@ VERDICT_TASKS = ("forgery.detect", "chat")
 """The tasks whose result reads P(tampered) at the answer's first verdict word."""
 
 
+def merge_lora(vlm: Any) -> Any:
+    """``merge_and_unload`` of a peft LoRA model, its weights copied out of the safetensors file first.
+
+    The base's weights are views of its memory-mapped safetensors file, and peft adds the update in place,
+    so every 4 KiB page is copied on its first write, one page fault at a time: 1.0 s of loupe-smol's 1.2 s
+    merge. A clone first copies each matrix in one go. The sums, hence the bits, are the same. Every
+    parameter is cloned, not only the LoRA targets, so no tensor is left on the file's mapping and its
+    pages are let go. ``.data`` is replaced on the same Parameter, so a tied embedding stays tied.
+    Quantised weights (not floating point) are left as they are.
+    """
+    seen: set[int] = set()
+    for param in vlm.parameters():  # each Parameter object once (a tied one is yielded once)
+        if param.dtype.is_floating_point and param.device.type == "cpu" and id(param) not in seen:
+            seen.add(id(param))
+            param.data = param.data.clone()
+    return vlm.merge_and_unload()
+
+
 @dataclass
 class Request:
     """One analysis to run: a template task (or "chat") over images in role order."""
@@ -293,7 +311,7 @@ class Assistant:
         model, processor = ExplainableVLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
         if hasattr(model.vlm, "peft_config"):
             # answering only: fold the LoRA update into the base weights (exact to ~3e-7), one matmul per layer
-            model.vlm = model.vlm.merge_and_unload()
+            model.vlm = merge_lora(model.vlm)
         model.to(device)
         if fp16_lm:  # none of them under a --dtype other than fp32: then the name does not say it either
             fp16_lm = lm_precision_mod.enable(model.vlm) > 0

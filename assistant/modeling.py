@@ -1188,7 +1188,7 @@ class ExplainableVLM(nn.Module):
         """Load ``(model, processor)`` from a folder written by ``save_pretrained``."""
         from safetensors.torch import load_file
 
-        from .bases import load_base
+        from .bases import load_base_model
 
         path = Path(path)
         if not path.is_dir():
@@ -1209,8 +1209,8 @@ class ExplainableVLM(nn.Module):
         elif (path / "adapter").is_dir():
             from peft import PeftModel
 
-            vlm, _ = load_base(config.base, dtype=dtype, quantization_config=quantization_config,
-                               trust_remote_code=trust_remote_code, device_map=device_map)
+            vlm = load_base_model(config.base, dtype=dtype, quantization_config=quantization_config,
+                                  trust_remote_code=trust_remote_code, device_map=device_map)
             if config.lm_layers:
                 family.keep_layers(vlm, config.lm_layers)
             grow_embeddings(vlm, len(processor.tokenizer))  # the same new rows as at training time

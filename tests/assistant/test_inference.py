@@ -194,3 +194,30 @@ def test_stream_yields_the_answer_token_by_token_then_the_result(tiny_assistant)
     assert pair[-1].comparison.better == "A" and pair[-1].comparison.consistent is True
     with pytest.raises(ImageError):
         tiny_assistant.stream(Request("quality.assess", [ASSETS / "missing.png"], ["A"]))
+
+
+def test_merge_lora_gives_the_bits_of_peft_merge_and_keeps_the_tie(tmp_path):
+    """The base comes from a (memory-mapped) safetensors folder, as a packaged base does; merge_lora copies
+    the targeted matrices out of the file first and must give exactly peft's merged weights."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loupe_vlm.assistant.inference import merge_lora
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base", safe_serialization=True)
+    lcfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    merged = []
+    for merge in (merge_lora, lambda m: m.merge_and_unload()):
+        torch.manual_seed(1)  # the same random LoRA matrices both times
+        lm = get_peft_model(LlamaForCausalLM.from_pretrained(tmp_path / "base", use_safetensors=True), lcfg)
+        merged.append(merge(lm))
+    ours, peft_own = (m.state_dict() for m in merged)
+    assert ours.keys() == peft_own.keys()
+    assert all(torch.equal(ours[k], peft_own[k]) for k in ours)
+    base = LlamaForCausalLM.from_pretrained(tmp_path / "base", use_safetensors=True).state_dict()
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(ours[key], base[key])  # the update is in
+    assert merged[0].get_input_embeddings().weight is merged[0].get_output_embeddings().weight
