@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import queue
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -42,9 +44,10 @@ from loupe_vlm.prompts import (
 from loupe_vlm.prompts.parsing import find_terms, parse_distortions, parse_manipulation, strip_mask_tokens
 
 from . import lm_precision as lm_precision_mod
+from . import merged_cache
 from .consistency import VerdictProcessor
 from .guidance import COMPARE_TASKS, GUIDED_TASKS, EvidenceGuide, guidance_problem
-from .modeling import ExplainableVLM
+from .modeling import ExplainableVLM, LoupeConfig
 from .processing import AUX_CATEGORIES, ImageError, LoupeProcessor, load_image, resize_logits
 
 logger = logging.getLogger(__name__)
@@ -308,10 +311,30 @@ class Assistant:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(f"device {device!r} was asked for but no CUDA GPU is available; use --device cpu")
         fp16_lm = lm_precision_mod.resolve(lm_precision, device)
-        model, processor = ExplainableVLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        merged = None
+        if dtype is None and (path / "adapter").is_dir() and (path / "loupe_config.json").is_file():
+            merged = merged_cache.cache_folder(path, LoupeConfig.load(path / "loupe_config.json").base)
+        model = None
+        if merged_cache.is_complete(merged):
+            try:
+                model, processor = ExplainableVLM.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                                                  merged_base=merged)
+                os.utime(merged)  # the newest-used copies are the ones kept
+            except Exception as exc:  # a damaged copy: drop it and merge again, the answer does not need it
+                logger.warning("the merged-model cache %s does not load (%s); it is rebuilt", merged, exc)
+                shutil.rmtree(merged, ignore_errors=True)
+                model = None
+        if model is None:
+            model, processor = ExplainableVLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
         if hasattr(model.vlm, "peft_config"):
             # answering only: fold the LoRA update into the base weights (exact to ~3e-7), one matmul per layer
             model.vlm = merge_lora(model.vlm)
+            if merged is not None and merged_cache.write(merged, model.vlm):  # later starts skip peft
+                # answer from the copy, as every later start will: the same bits from the first answer on (a
+                # float kernel's sums can differ, by ~1e-7, with where a matrix starts in memory)
+                del model
+                model, processor = ExplainableVLM.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                                                  merged_base=merged)
         model.to(device)
         if fp16_lm:  # none of them under a --dtype other than fp32: then the name does not say it either
             fp16_lm = lm_precision_mod.enable(model.vlm) > 0

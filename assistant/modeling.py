@@ -1184,8 +1184,10 @@ class ExplainableVLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | None = None,
                         trust_remote_code: bool = False, quantization_config: Any = None,
-                        device_map: Any = None) -> tuple["ExplainableVLM", Any]:
-        """Load ``(model, processor)`` from a folder written by ``save_pretrained``."""
+                        device_map: Any = None, merged_base: Path | None = None) -> tuple["ExplainableVLM", Any]:
+        """Load ``(model, processor)`` from a folder written by ``save_pretrained``. ``merged_base``: a
+        LoRA checkpoint's language model already merged (``assistant/merged_cache.py``), loaded in place of
+        base plus adapter; the result is then a plain model, for answering only."""
         from safetensors.torch import load_file
 
         from .bases import load_base_model
@@ -1203,8 +1205,9 @@ class ExplainableVLM(nn.Module):
         config = LoupeConfig.load(path / "loupe_config.json")
         family = get_family(config.family)
         processor = family.load_processor(path, trust_remote_code=trust_remote_code)
-        if (path / "base").is_dir():
-            vlm = family.load_checkpoint_base(path / "base", dtype=dtype, trust_remote_code=trust_remote_code,
+        if (path / "base").is_dir() or merged_base is not None:
+            folder = path / "base" if merged_base is None else merged_base
+            vlm = family.load_checkpoint_base(folder, dtype=dtype, trust_remote_code=trust_remote_code,
                                               quantization_config=quantization_config, device_map=device_map)
         elif (path / "adapter").is_dir():
             from peft import PeftModel

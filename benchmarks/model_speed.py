@@ -19,8 +19,8 @@ Measures, for each model, in this order:
    and the rate ``loupe caption`` prints itself (model load excluded, its first batch included);
 4. the first answer of ``loupe ask IMAGE --device cpu`` in a subprocess, wall clock from start to exit:
    "first use" with ``LOUPE_CACHE`` pointing at a new empty folder (a checkpoint on a packaged base
-   converts it there: 30-45 s on 2 cores; a bundled base converts nothing, the note says which
-   happened), then "after" with that same cache.
+   converts it there, 15-20 s on 2 cores, and writes its merged LM copy; a bundled base converts
+   nothing, the note says which happened), then "after" with that same cache.
 
 The image is ``tests/assets/tampered.png`` resized to SIZE x SIZE, as in ``benchmarks/core_speed.py``.
 The in-process figures are the median of ``--repeats`` runs after one warm-up per model; the
