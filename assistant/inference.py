@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import queue
 import shutil
@@ -76,6 +77,24 @@ def default_model_path() -> Path:
 
 VERDICT_TASKS = ("forgery.detect", "chat")
 """The tasks whose result reads P(tampered) at the answer's first verdict word."""
+
+
+def checkpoint_id(path: Path, name: str) -> str:
+    """A result's ``model``: the checkpoint's name and a digest of its config and heads (before any
+    ``+fp16lm`` / ``+guidance`` suffix), so predictions say which weights and settings made them."""
+    digest = hashlib.sha256()
+    for f in ("loupe_config.json", "heads.safetensors"):
+        digest.update((Path(path) / f).read_bytes())
+    return f"{name}@{digest.hexdigest()[:10]}"
+
+
+def temper(p: float, temperature: float) -> float:
+    """``sigmoid(logit(p) / temperature)``: temperature scaling of a two-way probability. It keeps which
+    side of 0.5 ``p`` is on, so a verdict read as P >= 0.5 never changes; T > 1 moves p towards 0.5."""
+    if temperature == 1.0:
+        return p
+    p = min(max(p, 1e-12), 1 - 1e-12)
+    return 1.0 / (1.0 + math.exp(-math.log(p / (1 - p)) / temperature))
 
 
 def merge_lora(vlm: Any) -> Any:
@@ -338,10 +357,7 @@ class Assistant:
         model.to(device)
         if fp16_lm:  # none of them under a --dtype other than fp32: then the name does not say it either
             fp16_lm = lm_precision_mod.enable(model.vlm) > 0
-        digest = hashlib.sha256()
-        for f in ("loupe_config.json", "heads.safetensors"):
-            digest.update((path / f).read_bytes())
-        name = f"{model.config.name}@{digest.hexdigest()[:10]}"
+        name = checkpoint_id(path, model.config.name)
         if fp16_lm:
             name += "+fp16lm"  # answers can differ from exact fp32 where two tokens were nearly tied
         if evidence_guidance is not None and evidence_guidance != model.config.evidence_guidance:
@@ -559,7 +575,7 @@ class Assistant:
             tampered = p_t = None
             if pos is not None:
                 vp = self.verdicts.probabilities(logits[pos])
-                p_t = vp["tampered"]
+                p_t = temper(vp["tampered"], self.model.config.verdict_temperature)
                 tampered = p_t >= 0.5
                 key_probs.append(chosen(pos))
             mask = mask_prob = None

@@ -237,11 +237,18 @@ class LoupeConfig(ModelOptions):
     evidence_guidance: float = 0.0
     """Decoding: how strongly the auxiliary heads steer the taxonomy words of identify and assess
     answers (``assistant/guidance.py``); 0 is off. ``loupe ... --evidence-guidance`` overrides it."""
+    verdict_temperature: float = 1.0
+    """Reading: the reported P(tampered) is ``sigmoid(logit(p) / T)`` of the LM's verdict probability p
+    (temperature scaling, fitted on a validation split by ``loupe train calibrate``); 1 leaves p as it is.
+    The verdict, P >= 0.5, and the text are the same for every T."""
 
     def check(self) -> "LoupeConfig":
         problems = self.model_problems()
         if (problem := guidance_problem(self.evidence_guidance)) is not None:
             problems.append(f"evidence_guidance: {problem}")
+        t = self.verdict_temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            problems.append(f"verdict_temperature: {t!r} is not a positive number (1 leaves P(tampered) as is)")
         s = self.scratch
         if s.evidence_fusion and s.fusion_scope == "key" and not s.key_token_ids:
             problems.append("scratch.evidence_fusion: fusion_scope 'key' biases key_token_ids, and there are none")

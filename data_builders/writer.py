@@ -89,6 +89,11 @@ class DatasetWriter:
         else:
             build_file.write_text(json.dumps(identity) + "\n", encoding="utf-8")
         (self.out_dir / "images").mkdir(exist_ok=True)
+        # a run killed mid-file leaves its temp file (``_write_file``); the folder is locked, so no live
+        # writer owns any of them now
+        for sub in ("images", "masks"):
+            for stale in (self.out_dir / sub).rglob(".*.tmp") if (self.out_dir / sub).is_dir() else ():
+                stale.unlink(missing_ok=True)
         for split in SPLITS:
             self._recover(split)
         self._handles = {s: (self.out_dir / f"{s}.jsonl").open("a", encoding="utf-8") for s in SPLITS}

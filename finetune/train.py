@@ -66,6 +66,8 @@ launch lines:
   loupe train --config R.yaml --resume latest                                   # continue a run
   loupe train refit-heads --checkpoint RUN --data Q F --out RUN2                # the heads alone, further
                                                    # (loupe train refit-heads --help)
+  loupe train calibrate --checkpoint CKPT --report VAL_EVAL_DIR                 # fit the verdict temperature
+                                                   # (loupe train calibrate --help)
 """
 
 
@@ -107,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         from loupe_vlm.finetune.heads import main as refit_main
 
         return refit_main(args[1:])
+    if args[:1] == ["calibrate"]:
+        from loupe_vlm.finetune.calibrate import main as calibrate_main
+
+        return calibrate_main(args[1:])
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -41,6 +41,19 @@ def test_write_resume_and_truncated_line(tmp_path):
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+def test_a_resume_removes_the_temp_file_of_a_run_killed_mid_write(tmp_path):
+    w = DatasetWriter(tmp_path, builder="quality", seed=1, labeller="template@1")
+    w.write("train", _sample(0), {"images/0.png": _img(0)})
+    w.close()
+    stale = [tmp_path / "images" / ".1.png.9029.140442343525248.tmp", tmp_path / "masks" / "sub" / ".m.png.1.2.tmp"]
+    for f in stale:  # what a SIGKILL between write_bytes and os.replace leaves
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"half a png")
+    keep = tmp_path / "images" / "0.png"
+    DatasetWriter(tmp_path, builder="quality", seed=1, labeller="template@1").close()
+    assert not any(f.exists() for f in stale) and keep.is_file()
+
+
 def test_refuses_other_settings_unless_overwrite(tmp_path):
     w = DatasetWriter(tmp_path, builder="quality", seed=1, labeller="template@1")
     w.write("train", _sample(0), {"images/0.png": _img(0)})

@@ -1,0 +1,120 @@
+"""``loupe train calibrate`` and the verdict temperature it writes (``finetune/calibrate.py``)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from loupe_vlm.assistant.inference import checkpoint_id, temper
+from loupe_vlm.assistant.modeling import LoupeConfig
+from loupe_vlm.finetune import calibrate
+from tests.helpers import ASSETS
+
+
+def test_temper_keeps_the_side_of_one_half_and_moves_towards_it():
+    for p in (0.01, 0.3, 0.49, 0.5, 0.51, 0.8, 0.999):
+        assert temper(p, 1.0) == p
+        for t in (0.5, 2.0, 7.0):
+            assert (temper(p, t) >= 0.5) == (p >= 0.5)
+        assert abs(temper(p, 2.0) - 0.5) <= abs(p - 0.5) + 1e-12
+        assert abs(temper(p, 0.5) - 0.5) >= abs(p - 0.5) - 1e-12
+    assert temper(0.8, 2.0) == pytest.approx(1 / (1 + (0.2 / 0.8) ** 0.5))
+
+
+def test_the_fit_recovers_an_overconfidence_of_three():
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 1.5, 4000)
+    y = rng.random(4000) < 1 / (1 + np.exp(-z))
+    # a model three times too sure of itself: its logits are 3 z
+    assert calibrate.fit_temperature(3 * z, y) == pytest.approx(3.0, rel=0.1)
+    assert calibrate._verdict_ece(3 * z, y, 3.0) < calibrate._verdict_ece(3 * z, y, 1.0)
+
+
+def _checkpoint(tmp_path: Path, temperature: float = 1.0) -> Path:
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    LoupeConfig(name="cal-test", verdict_temperature=temperature).save(ckpt / "loupe_config.json")
+    (ckpt / "heads.safetensors").write_bytes(b"heads")
+    return ckpt
+
+
+def _report(tmp_path: Path, model: str, probs, truth, data="data/forgery/val.jsonl", name="val-eval") -> Path:
+    report = tmp_path / name
+    report.mkdir()
+    (report / "run.json").write_text(json.dumps({"model": model, "data": data, "sessions": []}))
+    with open(report / "predictions.jsonl", "w") as f:
+        for i, (p, y) in enumerate(zip(probs, truth)):
+            f.write(json.dumps({"id": str(i), "model": model, "sample_task": "forgery.detect",
+                                "forgery": {"tampered": p >= 0.5, "probability": float(p)},
+                                "gt": {"tampered": bool(y)}}) + "\n")
+        f.write(json.dumps({"id": "q", "model": model, "sample_task": "quality.assess", "gt": {}}) + "\n")
+    return report
+
+
+def _overconfident(n=400, seed=1):
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0, 1.5, n)
+    y = rng.random(n) < 1 / (1 + np.exp(-z))
+    return (1 / (1 + np.exp(-3 * z))).tolist(), y.tolist()
+
+
+def test_calibrate_writes_the_temperature_and_a_refit_starts_from_the_lms_own_logit(tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path)
+    probs, truth = _overconfident()
+    report = _report(tmp_path, checkpoint_id(ckpt, "cal-test") + "+fp16lm", probs, truth)
+    assert calibrate.main(["--checkpoint", str(ckpt), "--report", str(report), "--dry-run"]) == 0
+    assert LoupeConfig.load(ckpt / "loupe_config.json").verdict_temperature == 1.0  # nothing written
+    assert calibrate.main(["--checkpoint", str(ckpt), "--report", str(report)]) == 0
+    t = LoupeConfig.load(ckpt / "loupe_config.json").verdict_temperature
+    assert 2.4 < t < 3.6
+    out = capsys.readouterr().out
+    assert "400 forgery answers" in out and "verdict ECE" in out
+    # a report made with that temperature is undone with it: the refit lands on T again, not on ~1
+    tempered = [temper(p, t) for p in probs]
+    report2 = _report(tmp_path, checkpoint_id(ckpt, "cal-test"), tempered, truth, name="val-eval-2")
+    assert calibrate.main(["--checkpoint", str(ckpt), "--report", str(report2)]) == 0
+    assert LoupeConfig.load(ckpt / "loupe_config.json").verdict_temperature == pytest.approx(t, rel=1e-3)
+
+
+def test_calibrate_refuses_another_models_report_a_test_split_and_too_few_answers(tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path)
+    probs, truth = _overconfident()
+    own = checkpoint_id(ckpt, "cal-test")
+    other = _report(tmp_path, "loupe-smol@0123456789", probs, truth, name="other")
+    assert calibrate.main(["--checkpoint", str(ckpt), "--report", str(other)]) == 2
+    assert "not of" in capsys.readouterr().err
+    test = _report(tmp_path, own, probs, truth, data="data/forgery/test.jsonl", name="test")
+    assert calibrate.main(["--checkpoint", str(ckpt), "--report", str(test)]) == 2
+    assert "test split" in capsys.readouterr().err
+    assert calibrate.main(["--checkpoint", str(ckpt), "--report", str(test), "--allow-test", "--dry-run"]) == 0
+    few = _report(tmp_path, own, probs[:10], truth[:10], name="few")
+    assert calibrate.main(["--checkpoint", str(ckpt), "--report", str(few)]) == 2
+    assert "at least 20" in capsys.readouterr().err
+    assert calibrate.main(["--checkpoint", str(ckpt), "--report", str(tmp_path / "none")]) == 2
+    assert "no predictions.jsonl" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "predictions.jsonl").write_text('{"id": 1}\n{not json\n')
+    assert calibrate.main(["--checkpoint", str(ckpt), "--report", str(bad)]) == 2
+    assert "predictions.jsonl:2: not JSON" in capsys.readouterr().err
+
+
+def test_a_temperature_that_is_not_positive_is_a_config_error():
+    for bad in (0.0, -1.0, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="verdict_temperature"):
+            LoupeConfig(verdict_temperature=bad).check()
+
+
+def test_the_assistant_reports_the_tempered_probability_and_the_same_verdict(tiny_assistant):
+    config = tiny_assistant.model.config
+    before = tiny_assistant.detect_forgery(ASSETS / "tampered.png")
+    try:
+        config.verdict_temperature = 2.5
+        after = tiny_assistant.detect_forgery(ASSETS / "tampered.png")
+    finally:
+        config.verdict_temperature = 1.0
+    assert after.forgery.probability == pytest.approx(temper(before.forgery.probability, 2.5), abs=1e-9)
+    assert after.forgery.tampered == before.forgery.tampered and after.text == before.text
+    assert abs(after.forgery.probability - 0.5) < abs(before.forgery.probability - 0.5)
