@@ -48,7 +48,7 @@ from . import lm_precision as lm_precision_mod
 from . import merged_cache
 from .consistency import VerdictProcessor
 from .guidance import COMPARE_TASKS, GUIDED_TASKS, EvidenceGuide, guidance_problem
-from .modeling import ExplainableVLM, LoupeConfig
+from .modeling import ExplainableVLM
 from .processing import AUX_CATEGORIES, ImageError, LoupeProcessor, load_image, resize_logits
 
 logger = logging.getLogger(__name__)
@@ -101,8 +101,9 @@ def merge_lora(vlm: Any) -> Any:
     """``merge_and_unload`` of a peft LoRA model, its weights copied out of the safetensors file first.
 
     The base's weights are views of its memory-mapped safetensors file, and peft adds the update in place,
-    so every 4 KiB page is copied on its first write, one page fault at a time: 1.0 s of loupe-smol's 1.2 s
-    merge. A clone first copies each matrix in one go. The sums, hence the bits, are the same. Every
+    so every 4 KiB page is copied on its first write, one page fault at a time: loupe-smol's merge took
+    1.35 s so, and 0.41 s with a clone first, which copies each matrix in one go. The sums, hence the bits,
+    are the same (``tests/assistant/test_inference.py``). Every
     parameter is cloned, not only the LoRA targets, so no tensor is left on the file's mapping and its
     pages are let go. ``.data`` is replaced on the same Parameter, so a tied embedding stays tied.
     Quantised weights (not floating point) are left as they are.
@@ -330,9 +331,7 @@ class Assistant:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(f"device {device!r} was asked for but no CUDA GPU is available; use --device cpu")
         fp16_lm = lm_precision_mod.resolve(lm_precision, device)
-        merged = None
-        if dtype is None and (path / "adapter").is_dir() and (path / "loupe_config.json").is_file():
-            merged = merged_cache.cache_folder(path, LoupeConfig.load(path / "loupe_config.json").base)
+        merged = merged_cache.cache_folder(path) if dtype is None else None
         model = None
         if merged_cache.is_complete(merged):
             try:
@@ -342,7 +341,6 @@ class Assistant:
             except Exception as exc:  # a damaged copy: drop it and merge again, the answer does not need it
                 logger.warning("the merged-model cache %s does not load (%s); it is rebuilt", merged, exc)
                 shutil.rmtree(merged, ignore_errors=True)
-                model = None
         if model is None:
             model, processor = ExplainableVLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
         if hasattr(model.vlm, "peft_config"):

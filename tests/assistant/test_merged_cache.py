@@ -24,7 +24,7 @@ def lora_checkpoint(tmp_path, monkeypatch):
     (ckpt / "adapter").mkdir(parents=True)
     (ckpt / "adapter" / "adapter_model.safetensors").write_bytes(b"lora")
     (ckpt / "adapter" / "adapter_config.json").write_text("{}")
-    (ckpt / "loupe_config.json").write_text(json.dumps({"lm_layers": 12}))
+    (ckpt / "loupe_config.json").write_text(json.dumps({"base": pb.packaged_base_names()[0], "lm_layers": 12}))
     base.mkdir()
     (base / pb.MARKER).write_text(json.dumps({"sha256": "aa"}))
     monkeypatch.setattr(pb, "resolve_packaged_base", lambda name, cache_dir=None: base)
@@ -35,30 +35,35 @@ def lora_checkpoint(tmp_path, monkeypatch):
 def test_the_key_follows_everything_the_merged_weights_depend_on(lora_checkpoint, tmp_path, monkeypatch):
     ckpt, base = lora_checkpoint
     name = pb.packaged_base_names()[0]
-    first = merged_cache.cache_folder(ckpt, name, cache_dir=tmp_path / "c")
+    first = merged_cache.cache_folder(ckpt, cache_dir=tmp_path / "c")
     assert first.parent == tmp_path / "c" / "merged" and first.name.startswith(name + "-")
-    assert merged_cache.cache_folder(ckpt, name, cache_dir=tmp_path / "c") == first  # stable
+    assert merged_cache.cache_folder(ckpt, cache_dir=tmp_path / "c") == first  # stable
     seen = {first}
     for change in (lambda: (ckpt / "adapter" / "adapter_model.safetensors").write_bytes(b"lora2"),
-                   lambda: (ckpt / "loupe_config.json").write_text(json.dumps({"lm_layers": 30})),
+                   lambda: (ckpt / "loupe_config.json").write_text(json.dumps({"base": name, "lm_layers": 30})),
                    lambda: (base / pb.MARKER).write_text(json.dumps({"sha256": "bb"}))):
         change()
-        key = merged_cache.cache_folder(ckpt, name, cache_dir=tmp_path / "c")
+        key = merged_cache.cache_folder(ckpt, cache_dir=tmp_path / "c")
         assert key not in seen
         seen.add(key)
     monkeypatch.setattr(merged_cache, "_version", lambda dist: "99" if dist == "peft" else "1")
-    assert merged_cache.cache_folder(ckpt, name, cache_dir=tmp_path / "c") not in seen
+    assert merged_cache.cache_folder(ckpt, cache_dir=tmp_path / "c") not in seen
 
 
 def test_no_cache_off_a_packaged_base_without_an_adapter_or_when_turned_off(lora_checkpoint, monkeypatch):
     ckpt, _ = lora_checkpoint
     name = pb.packaged_base_names()[0]
-    assert merged_cache.cache_folder(ckpt, "someone/some-vlm") is None
+    assert merged_cache.cache_folder(ckpt) is not None
     monkeypatch.setenv("LOUPE_MERGED_CACHE", "0")
-    assert merged_cache.cache_folder(ckpt, name) is None
+    assert merged_cache.cache_folder(ckpt) is None
     monkeypatch.delenv("LOUPE_MERGED_CACHE")
+    (ckpt / "loupe_config.json").write_text(json.dumps({"base": "someone/some-vlm"}))
+    assert merged_cache.cache_folder(ckpt) is None
+    (ckpt / "loupe_config.json").write_text("{broken")
+    assert merged_cache.cache_folder(ckpt) is None
+    (ckpt / "loupe_config.json").write_text(json.dumps({"base": name}))
     shutil.rmtree(ckpt / "adapter")
-    assert merged_cache.cache_folder(ckpt, name) is None
+    assert merged_cache.cache_folder(ckpt) is None
 
 
 class _Saver:
