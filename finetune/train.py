@@ -347,7 +347,13 @@ def sync_batch(run: Run, batch: Any) -> bool:
 def load_lowlevel(model: ExplainableVLM, checkpoint: Path) -> None:
     """Start the LowLevelEncoder from another checkpoint's (its heads.safetensors, sizes must match), and
     with ``lowlevel_trunk`` the ImageEncoder trunk its heads read, so that stage 1 of an earlier run of
-    the same recipe can be reused as a whole (the trunk would otherwise start from ImageNet)."""
+    the same recipe can be reused as a whole (the trunk would otherwise start from ImageNet).
+
+    A checkpoint whose heads were refitted on their own copy of the trunk (``loupe train refit-heads``)
+    brings that copy too: the model gets a ``heads_trunk`` (config.heads_trunk), since those heads were
+    trained on it and would misread the trunk the image tokens come from."""
+    import copy
+
     from safetensors.torch import load_file
 
     try:
@@ -355,9 +361,12 @@ def load_lowlevel(model: ExplainableVLM, checkpoint: Path) -> None:
         load_prefixed(model.lowlevel, state, "lowlevel.")
         if model.config.lowlevel_trunk:
             load_prefixed(model.image_encoder.trunk, state, "image_encoder.trunk.")
+            own = any(k.startswith("heads_trunk.") for k in state)
+            if own and model.heads_trunk is None:
+                model.heads_trunk = copy.deepcopy(model.image_encoder.trunk)
+                model.config.heads_trunk = True
             if model.heads_trunk is not None:  # the heads' own copy, or, from a model without one, the trunk they read
-                prefix = "heads_trunk." if any(k.startswith("heads_trunk.") for k in state) else "image_encoder.trunk."
-                load_prefixed(model.heads_trunk, state, prefix)
+                load_prefixed(model.heads_trunk, state, "heads_trunk." if own else "image_encoder.trunk.")
     except RuntimeError as exc:
         raise ConfigError([f"lowlevel_init: {checkpoint}'s LowLevelEncoder (or trunk) does not match this recipe's "
                            f"(lowlevel_width, aux_weight > 0, image_trunk): {str(exc).splitlines()[0]}"]) from None
@@ -374,6 +383,10 @@ def set_lowlevel_frozen(model: ExplainableVLM, frozen: bool, train_trunk: bool =
             p.requires_grad_(not frozen)
     if model.config.lowlevel_trunk:
         model.heads_trunk_net.requires_grad_(not frozen and train_trunk)
+        if frozen and model.heads_trunk is not None:
+            # stage 1's trunk, which the image tokens come from, stays fixed with the heads' own copy,
+            # as it does when the heads read it
+            model.image_encoder.trunk.requires_grad_(False)
 
 
 def pretrain_lowlevel(run: Run) -> None:

@@ -202,3 +202,26 @@ def test_lowlevel_init_brings_the_trunk_its_heads_read(dataset, tmp_path):
     assert main(base + ["--output", str(second), "--scratch.lowlevel_init", str(first), "--seed", "1"]) == 0
     a, b = (load_file(str(d / "heads.safetensors")) for d in (first, second))
     assert torch.equal(a[key], b[key]) and torch.equal(a["lowlevel.aux_head.0.weight"], b["lowlevel.aux_head.0.weight"])
+
+
+def test_lowlevel_init_from_refitted_heads_brings_their_own_trunk(dataset, tmp_path):
+    # heads refitted by `loupe train refit-heads` read their own copy of the trunk (heads_trunk.*): a run
+    # started from them must read it too, and keep both trunks fixed in stage 2
+    from safetensors.torch import load_file, save_file
+
+    block = "blocks.15._project_conv.weight"
+    base = ["--config", RECIPE, "--data", str(dataset), "--base", "scratch:test:llama", "--image_trunk",
+            "efficientnet-lite0", "--image_pretrained", "false", "--lowlevel_trunk", "true", "--min_pixels", "4096",
+            "--max_pixels", "9216", "--aux_weight", "1", "--save_every", "0", "--batch_size", "4", "--lr", "1e-2",
+            "--warmup_steps", "0", "--max_steps", "1", "--scratch.lowlevel_freeze", "true"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(base + ["--output", str(first), "--scratch.lowlevel_pretrain_steps", "2"]) == 0
+    state = load_file(str(first / "heads.safetensors"))
+    for key in [k for k in state if k.startswith("image_encoder.trunk.")]:
+        state["heads_trunk." + key[len("image_encoder.trunk."):]] = state[key] + 0.5  # a refitted copy
+    save_file(state, str(first / "heads.safetensors"))
+    assert main(base + ["--output", str(second), "--scratch.lowlevel_init", str(first), "--seed", "1"]) == 0
+    after = load_file(str(second / "heads.safetensors"))
+    assert torch.equal(after["heads_trunk." + block], state["heads_trunk." + block])
+    assert torch.equal(after["image_encoder.trunk." + block], state["image_encoder.trunk." + block])
+    assert json.loads((second / "loupe_config.json").read_text())["heads_trunk"] is True
