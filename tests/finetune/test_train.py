@@ -187,16 +187,21 @@ def test_a_trunk_fine_tuned_by_stage_one_is_kept_and_restored_on_resume(dataset,
     assert torch.equal(again, first[1])
 
 
+def trunk_run_args(dataset) -> list[str]:
+    """A one-step run of a tiny model whose heads read an EfficientNet trunk (lowlevel_trunk), frozen after stage 1."""
+    return ["--config", RECIPE, "--data", str(dataset), "--base", "scratch:test:llama", "--image_trunk",
+            "efficientnet-lite0", "--image_pretrained", "false", "--lowlevel_trunk", "true", "--min_pixels", "4096",
+            "--max_pixels", "9216", "--aux_weight", "1", "--save_every", "0", "--batch_size", "4", "--lr", "1e-2",
+            "--warmup_steps", "0", "--max_steps", "1", "--scratch.lowlevel_freeze", "true"]
+
+
 def test_lowlevel_init_brings_the_trunk_its_heads_read(dataset, tmp_path):
     # reusing stage 1 of an earlier run: with lowlevel_trunk the heads read the fine-tuned trunk, so
     # lowlevel_init must bring that trunk too, or the heads would read the untrained one
     from safetensors.torch import load_file
 
     key = "image_encoder.trunk.blocks.15._project_conv.weight"
-    base = ["--config", RECIPE, "--data", str(dataset), "--base", "scratch:test:llama", "--image_trunk",
-            "efficientnet-lite0", "--image_pretrained", "false", "--lowlevel_trunk", "true", "--min_pixels", "4096",
-            "--max_pixels", "9216", "--aux_weight", "1", "--save_every", "0", "--batch_size", "4", "--lr", "1e-2",
-            "--warmup_steps", "0", "--max_steps", "1", "--scratch.lowlevel_freeze", "true"]
+    base = trunk_run_args(dataset)
     first, second = tmp_path / "first", tmp_path / "second"
     assert main(base + ["--output", str(first), "--scratch.lowlevel_pretrain_steps", "3"]) == 0
     assert main(base + ["--output", str(second), "--scratch.lowlevel_init", str(first), "--seed", "1"]) == 0
@@ -210,10 +215,7 @@ def test_lowlevel_init_from_refitted_heads_brings_their_own_trunk(dataset, tmp_p
     from safetensors.torch import load_file, save_file
 
     block = "blocks.15._project_conv.weight"
-    base = ["--config", RECIPE, "--data", str(dataset), "--base", "scratch:test:llama", "--image_trunk",
-            "efficientnet-lite0", "--image_pretrained", "false", "--lowlevel_trunk", "true", "--min_pixels", "4096",
-            "--max_pixels", "9216", "--aux_weight", "1", "--save_every", "0", "--batch_size", "4", "--lr", "1e-2",
-            "--warmup_steps", "0", "--max_steps", "1", "--scratch.lowlevel_freeze", "true"]
+    base = trunk_run_args(dataset)
     first, second = tmp_path / "first", tmp_path / "second"
     assert main(base + ["--output", str(first), "--scratch.lowlevel_pretrain_steps", "2"]) == 0
     state = load_file(str(first / "heads.safetensors"))
