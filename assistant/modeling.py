@@ -854,6 +854,16 @@ class ExplainableVLM(nn.Module):
         """The trunk the auxiliary heads read (``lowlevel_trunk``): their own copy, or the ImageEncoder's."""
         return self.heads_trunk if self.heads_trunk is not None else self.image_encoder.trunk
 
+    def give_heads_own_trunk(self) -> nn.Module:
+        """Give the auxiliary heads their own copy of the ImageEncoder's trunk (config.heads_trunk), if they
+        have none, so they can be trained, or loaded, apart from the trunk the image tokens come from."""
+        if self.heads_trunk is None:
+            import copy
+
+            self.heads_trunk = copy.deepcopy(self.image_encoder.trunk)
+            self.config.heads_trunk = True
+        return self.heads_trunk
+
     def encode_lowlevel(self, images: list[torch.Tensor]) -> LowLevel:
         """Run the LowLevelEncoder on each image: dense maps, the concatenated tokens (N*K, D), aux outputs."""
         if not images:

@@ -47,14 +47,10 @@ N_CAT = len(AUX_CATEGORIES)
 def prepare(model: ExplainableVLM) -> list[tuple[str, list[torch.nn.Parameter]]]:
     """Give ``model`` its heads' own trunk (a copy of the one they read) if it has none, freeze everything
     else, and return the trainable groups: ("trunk", ...) and ("heads", ...)."""
-    import copy
-
     if not model.config.lowlevel_trunk or model.image_encoder is None:
         raise CheckpointError("refit-heads: this model's heads do not read a pretrained trunk (lowlevel_trunk); "
                               "there is no trunk to give them. Train its LowLevelEncoder with the recipe instead")
-    if model.heads_trunk is None:
-        model.heads_trunk = copy.deepcopy(model.image_encoder.trunk)
-        model.config.heads_trunk = True
+    model.give_heads_own_trunk()
     model.requires_grad_(False)
     heads = [p for name in HEAD_PARTS if getattr(model.lowlevel, name, None) is not None
              for p in getattr(model.lowlevel, name).parameters()]

@@ -352,8 +352,6 @@ def load_lowlevel(model: ExplainableVLM, checkpoint: Path) -> None:
     A checkpoint whose heads were refitted on their own copy of the trunk (``loupe train refit-heads``)
     brings that copy too: the model gets a ``heads_trunk`` (config.heads_trunk), since those heads were
     trained on it and would misread the trunk the image tokens come from."""
-    import copy
-
     from safetensors.torch import load_file
 
     try:
@@ -362,9 +360,8 @@ def load_lowlevel(model: ExplainableVLM, checkpoint: Path) -> None:
         if model.config.lowlevel_trunk:
             load_prefixed(model.image_encoder.trunk, state, "image_encoder.trunk.")
             own = any(k.startswith("heads_trunk.") for k in state)
-            if own and model.heads_trunk is None:
-                model.heads_trunk = copy.deepcopy(model.image_encoder.trunk)
-                model.config.heads_trunk = True
+            if own:
+                model.give_heads_own_trunk()
             if model.heads_trunk is not None:  # the heads' own copy, or, from a model without one, the trunk they read
                 load_prefixed(model.heads_trunk, state, "heads_trunk." if own else "image_encoder.trunk.")
     except RuntimeError as exc:
