@@ -52,6 +52,17 @@ def write_dataset(root: Path, train: list[dict] = TRAIN, val: list[dict] = VAL, 
     return root
 
 
+
+SMOKE_RECIPE = str(Path(__file__).resolve().parents[2] / "finetune" / "recipes" / "tiny-smoke.yaml")
+
+
+def trunk_run_args(dataset: Path) -> list[str]:
+    """A one-step run of a tiny model whose heads read an EfficientNet trunk (lowlevel_trunk), frozen after stage 1."""
+    return ["--config", SMOKE_RECIPE, "--data", str(dataset), "--base", "scratch:test:llama", "--image_trunk",
+            "efficientnet-lite0", "--image_pretrained", "false", "--lowlevel_trunk", "true", "--min_pixels", "4096",
+            "--max_pixels", "9216", "--aux_weight", "1", "--save_every", "0", "--batch_size", "4", "--lr", "1e-2",
+            "--warmup_steps", "0", "--max_steps", "1", "--scratch.lowlevel_freeze", "true"]
+
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory) -> Path:
     """A tiny dataset folder of quality and forgery records."""

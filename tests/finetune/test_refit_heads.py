@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from loupe_vlm.finetune.train import main
+from tests.finetune.conftest import trunk_run_args
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -30,12 +31,8 @@ def labelled(tmp_path_factory) -> Path:
 
 
 def trunk_args(dataset: Path, out: Path) -> list[str]:
-    """A tiny model whose heads read an EfficientNet trunk, 2 steps of stage 1, then 1 step of stage 2."""
-    return ["--config", RECIPE, "--data", str(dataset), "--output", str(out), "--base", "scratch:test:llama",
-            "--image_trunk", "efficientnet-lite0", "--image_pretrained", "false", "--lowlevel_trunk", "true",
-            "--min_pixels", "4096", "--max_pixels", "9216", "--aux_weight", "1", "--save_every", "0",
-            "--scratch.lowlevel_pretrain_steps", "2", "--scratch.lowlevel_freeze", "true", "--max_steps", "1",
-            "--batch_size", "4", "--warmup_steps", "0"]
+    """``trunk_run_args`` with 2 steps of stage 1 before its step of stage 2, written to ``out``."""
+    return trunk_run_args(dataset) + ["--output", str(out), "--scratch.lowlevel_pretrain_steps", "2"]
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 
 from loupe_vlm.finetune import train as train_mod
 from loupe_vlm.finetune.train import main
-from tests.finetune.conftest import one_thread
+from tests.finetune.conftest import one_thread, trunk_run_args
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -185,14 +185,6 @@ def test_a_trunk_fine_tuned_by_stage_one_is_kept_and_restored_on_resume(dataset,
     assert main(args + ["--resume", str(out / "checkpoints" / "step-0000001")]) == 0
     again = load_file(str(out / "checkpoints" / "step-0000002" / "heads.safetensors"))[key]
     assert torch.equal(again, first[1])
-
-
-def trunk_run_args(dataset) -> list[str]:
-    """A one-step run of a tiny model whose heads read an EfficientNet trunk (lowlevel_trunk), frozen after stage 1."""
-    return ["--config", RECIPE, "--data", str(dataset), "--base", "scratch:test:llama", "--image_trunk",
-            "efficientnet-lite0", "--image_pretrained", "false", "--lowlevel_trunk", "true", "--min_pixels", "4096",
-            "--max_pixels", "9216", "--aux_weight", "1", "--save_every", "0", "--batch_size", "4", "--lr", "1e-2",
-            "--warmup_steps", "0", "--max_steps", "1", "--scratch.lowlevel_freeze", "true"]
 
 
 def test_lowlevel_init_brings_the_trunk_its_heads_read(dataset, tmp_path):
