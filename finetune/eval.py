@@ -43,7 +43,7 @@ from tqdm import tqdm
 from loupe_vlm.assistant import lm_precision
 from loupe_vlm.assistant.inference import GUIDANCE_HELP, MODEL_HELP, Assistant, Request, Result
 from loupe_vlm.prompts import CATEGORIES, RATINGS, TASKS, Sample, SampleError, canonical_question, iter_jsonl, rating_value
-from loupe_vlm.prompts.parsing import parse_locations, parse_verdict
+from loupe_vlm.prompts.parsing import parse_locations, parse_verdict, states_clean
 
 from . import metrics as M
 
@@ -391,7 +391,7 @@ def _quality(ok: list[dict], table: _Table, details: dict, calib: list) -> None:
     with_dist = [r for r in recs if r["gt"].get("distortions") is not None]
     preds = [(r.get("quality") or {}).get("distortions") or [] for r in with_dist]
     trues = [r["gt"]["distortions"] for r in with_dist]
-    d = M.distortion_metrics(preds, trues)
+    d = M.distortion_metrics(preds, trues, [states_clean(r.get("text") or "") for r in with_dist])
     details["severity_pairs"] = d.pop("severity_pairs")
     table.put("quality.category_accuracy", d["category_accuracy"],
               "single-distortion items: the answer names exactly the true category", d["single_n"])
@@ -402,8 +402,10 @@ def _quality(ok: list[dict], table: _Table, details: dict, calib: list) -> None:
               "multi-distortion items, partial credit (function 1, category only 0.5), DepictQA-style", d["multi_n"])
     table.put("quality.set_recall", d["set_recall"],
               "multi-distortion items, partial credit (function 1, category only 0.5), DepictQA-style", d["multi_n"])
-    table.put("quality.clean_accuracy", d["clean_accuracy"], "distortion-free items whose answer names no distortion",
-              d["clean_n"])
+    table.put("quality.clean_accuracy", d["clean_accuracy"],
+              "distortion-free items whose answer says the image is clean and names no distortion", d["clean_n"])
+    table.put("quality.clean_names_none", d["clean_names_none"],
+              "distortion-free items whose answer names no taxonomy distortion (an invented name passes)", d["clean_n"])
     table.put("quality.severity_accuracy", d["severity_accuracy"],
               "true distortions whose category the answer names with a severity: exact level", d["severity_n"])
     table.put("quality.severity_mae", d["severity_mae"], "same items: mean absolute error in levels 1..5",

@@ -239,26 +239,34 @@ def distortion_credit(pred: Sequence[dict], true: Sequence[dict]) -> float:
     return credit
 
 
-def distortion_metrics(preds: Sequence[Sequence[dict]], trues: Sequence[Sequence[dict]]) -> dict[str, Any]:
+def distortion_metrics(preds: Sequence[Sequence[dict]], trues: Sequence[Sequence[dict]],
+                       says_clean: Sequence[bool] | None = None) -> dict[str, Any]:
     """Identification and severity figures over answers whose ground truth lists its distortions.
 
     * ``category_accuracy``: single-distortion items whose answer names exactly that one category;
     * ``function_accuracy``: single-distortion items whose answer names a function, scored on the
       function (``function_n`` says how many named one);
     * ``set_precision`` / ``set_recall``: multi-distortion items, partial credit (``distortion_credit``);
-    * ``clean_accuracy``: distortion-free items whose answer names no distortion;
+    * ``clean_accuracy``: distortion-free items whose answer names no distortion and, where
+      ``says_clean`` is given (one flag per item: the answer states that the image is clean,
+      ``prompts.parsing.states_clean``), also says so; ``clean_names_none`` counts naming none alone,
+      which an answer that invents a distortion name ("moderate tonal range") also does;
     * severity over true distortions whose category the answer names with a severity word:
       exact accuracy, mean absolute error in levels (1..5) and share within one level.
     """
-    single_cat, single_fn, clean = [], [], []
+    single_cat, single_fn, clean, names_none = [], [], [], []
     prec, rec = [], []
     sev_true, sev_pred = [], []
     sev_candidates = 0
     level = {s.id: s.value for s in SEVERITIES}
-    for pred, true in zip(preds, trues):
+    flags = list(says_clean) if says_clean is not None else [True] * len(preds)
+    if len(flags) != len(preds):
+        raise ValueError(f"says_clean has {len(flags)} flags for {len(preds)} answers")
+    for pred, true, said in zip(preds, trues, flags):
         pred_cats = [p["category"] for p in pred]
         if not true:
-            clean.append(len(pred) == 0)
+            names_none.append(len(pred) == 0)
+            clean.append(len(pred) == 0 and bool(said))
         elif len(true) == 1:
             single_cat.append(pred_cats == [true[0]["category"]])
             named = [p["name"] for p in pred if p.get("name")]
@@ -279,7 +287,7 @@ def distortion_metrics(preds: Sequence[Sequence[dict]], trues: Sequence[Sequence
         "single_n": len(single_cat), "category_accuracy": _mean(single_cat),
         "function_n": len(single_fn), "function_accuracy": _mean(single_fn),
         "multi_n": len(prec), "set_precision": _mean(prec), "set_recall": _mean(rec),
-        "clean_n": len(clean), "clean_accuracy": _mean(clean),
+        "clean_n": len(clean), "clean_accuracy": _mean(clean), "clean_names_none": _mean(names_none),
         "severity_n": int(st.size), "severity_coverage": safe_div(st.size, sev_candidates),
         "severity_accuracy": _mean(st == sp) if st.size else None,
         "severity_mae": float(np.abs(st - sp).mean()) if st.size else None,

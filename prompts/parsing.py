@@ -89,6 +89,18 @@ def parse_distortions(text: str) -> list[dict]:
     return out
 
 
+CLEAN_STATEMENT = re.compile(r"(?<![\w-])(no (visible )?distortions?|free of (any )?(visible )?distortions?)(?![\w-])",
+                             re.IGNORECASE)
+"""How an answer says that an image is clean: the builders' wordings ("shows no visible distortion", "no
+distortion can be seen", "is free of visible distortion") and their near variants."""
+
+
+def states_clean(text: str) -> bool:
+    """Whether the text says the image shows no distortion. Naming no taxonomy distortion is not enough:
+    "the image shows moderate tonal range" names none that the parser knows, yet claims one."""
+    return CLEAN_STATEMENT.search(text) is not None
+
+
 def parse_rating(text: str) -> str | None:
     """The overall rating: the last rating word in the text (the assess convention)."""
     mentions = find_terms(text, RATINGS)

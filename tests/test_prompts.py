@@ -21,7 +21,8 @@ from loupe_vlm.prompts import (
     save_jsonl,
     user_content,
 )
-from loupe_vlm.prompts.parsing import find_terms, parse_better, parse_distortions, parse_rating, parse_verdict
+from loupe_vlm.prompts.parsing import (find_terms, parse_better, parse_distortions, parse_rating, parse_verdict,
+                                       states_clean)
 from loupe_vlm.prompts.taxonomy import ALL_VOCABULARIES
 from loupe_vlm.prompts.templates import QUESTIONS, all_questions
 
@@ -87,6 +88,21 @@ def _sample(**kw):
                 masks=["masks/1.png"], meta={"tampered": True})
     base.update(kw)
     return Sample(**base)
+
+
+@pytest.mark.parametrize("text, clean", [
+    ("The image shows no visible distortion.", True),
+    ("No distortion can be seen in the image.", True),
+    ("Against the reference, the image is free of visible distortion.", True),
+    ("Image B: no visible distortions.", True),
+    # the sixth build's escapes from guidance: a made-up distortion name is still a claim of one
+    ("Compared with the reference, the image shows moderate tonal range and noticeable greyish tone.", False),
+    ("The image shows noticeable haloscreened areas.", False),
+    ("The image suffers from moderate Gaussian blur.", False),
+    ("A distortion-free look is not what this has: heavy noise.", False),
+])
+def test_states_clean_needs_the_answer_to_say_so(text, clean):
+    assert states_clean(text) is clean
 
 
 def test_sample_round_trip(tmp_path):

@@ -136,6 +136,18 @@ def test_distortion_metrics_partial_credit_and_severity():
     assert d["severity_coverage"] == pytest.approx(3 / 4)
 
 
+def test_clean_needs_the_answer_to_say_clean_not_only_to_name_nothing():
+    trues = [[], [], [], [{"name": "blur_gaussian", "category": "blur", "severity": 2}]]
+    preds = [[], [], [{"name": None, "category": "noise", "severity": None}], []]
+    # the second answer names no taxonomy distortion but does not say clean ("moderate tonal range")
+    d = M.distortion_metrics(preds, trues, says_clean=[True, False, False, False])
+    assert d["clean_n"] == 3
+    assert d["clean_accuracy"] == pytest.approx(1 / 3)
+    assert d["clean_names_none"] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="4 answers"):
+        M.distortion_metrics(preds, trues, says_clean=[True])
+
+
 def test_distortion_credit_counts_each_truth_once():
     true = [{"name": "blur_gaussian", "category": "blur"}]
     pred = [{"name": "blur_gaussian", "category": "blur"}, {"name": None, "category": "blur"}]
