@@ -61,3 +61,42 @@ class VerdictProcessor:
             out[b, best] = scores[b, top] + 1.0  # now the greedy pick, by a margin that survives rounding
             self.moved.append((b, top, best))
         return out
+
+
+class RatingProcessor:
+    """An assessment ends with its rating: for the rows in ``rows`` (B,) bool, the end tokens (``end_ids``)
+    are ruled out until the answer has written one of ``rating_ids`` (the rating words' first tokens).
+
+    The builders' assessments always close on the rating ("Overall, the image quality is excellent."), and
+    the score is read at that word. Without this, a model that has seen few answers of some kind (loupe-smol
+    and clean photos: 3% of its training answers) could stop after "No visible distortion can be found."
+    with no rating, so no score. The answer may still run to the length cap without one: then it has none.
+
+    Hand-written: transformers' ``MinNewTokensLengthLogitsProcessor`` holds the end back for a fixed number
+    of tokens, not until a word is written.
+    """
+
+    def __init__(self, rating_ids: Sequence[int], end_ids: Sequence[int], rows: torch.Tensor):
+        self.rating_ids = set(int(i) for i in rating_ids)
+        self.end_ids = torch.tensor(sorted(set(int(i) for i in end_ids)), dtype=torch.long)
+        if not self.rating_ids or not len(self.end_ids):
+            raise ValueError("RatingProcessor needs rating token ids and end token ids")
+        self.rows = rows.bool()
+        self.prompt_len: int | None = None  # set at the first step: what comes after it was generated
+        self.done = [False] * len(rows)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.prompt_len is None:
+            self.prompt_len = input_ids.shape[1]
+        out = scores
+        for b in range(scores.shape[0]):
+            if not bool(self.rows[b]) or self.done[b]:
+                continue
+            if self.prompt_len < input_ids.shape[1] and int(input_ids[b, -1]) in self.rating_ids:
+                self.done[b] = True
+                continue
+            if out is scores:
+                out = scores.clone()
+            keep = self.end_ids[self.end_ids < scores.shape[-1]].to(scores.device)
+            out[b, keep] = float("-inf")
+        return out

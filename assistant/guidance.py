@@ -12,8 +12,8 @@ with the category they belong to; severity words), where ``q`` is the heads' pro
 the phrasing names. The words of the best-supported class are left as they are; the others are pushed
 down by how much less the heads believe them; every other token is untouched, so the language model
 still writes the whole answer. "Nothing visible" is a class too (``NO_DISTORTION``), with probability
-1 - the largest category's: for a clean image the distortion names are pushed down, and for a
-distorted one the words that would call it clean.
+1 - the largest category's: for a clean image the distortion names and the severity words are pushed
+down, and for a distorted one the words that would call it clean.
 
 Comparisons (``COMPARE_TASKS``) are guided at one word only, the verdict: until the answer has written
 " A" or " B", those two tokens get ``strength * log(q / q_best)``, where q is the heads' P(A better), a
@@ -47,6 +47,19 @@ level of difference reads as 0.88 against 0.12."""
 NO_DISTORTION = ("no visible distortion", "free of visible distortion")
 """How the builders' answers say an image is clean (data_builders/labellers/template.py): the
 "nothing visible" reading, pushed down like a distortion name when the heads see a distortion."""
+
+NO_DISTORTION_OPENINGS = ("no visible distortion", "no distortion", "free of visible distortion")
+"""The clean statements whose first token is pulled up, for an image the heads call clean, until the
+answer has said whether it sees a distortion: the builders' answers open their clean statements this
+way ("the image shows no visible distortion", "no distortion can be seen", "is free of visible
+distortion"), also at the start of a sentence ("No visible distortion can be found.")."""
+
+CLEAN_BELOW = 0.25
+"""The heads call an image clean, for the severity words and the clean statements, when no category's
+probability reaches this. The category heads are separate sigmoids and cautious: on loupe-smol's
+validation split 56% of the distorted images have no category above 0.5, so 1 - the largest is a poor
+P(clean). Below 0.25 are 86% of the clean reference views and 21% of the images distorted at severity
+>= 2 (0.20: 74% and 13%; 0.30: 92% and 28%)."""
 
 FLOOR = -10.0
 """The most a token is pushed down, in logits (a class the heads rule out is unlikely, not impossible)."""
@@ -124,6 +137,18 @@ class EvidenceGuide:
         self.categories = _Table(tokenizer, cat_phrases, len(categories) + 1)
         self.severities = _Table(tokenizer, [(p, t.value - 1) for t in SEVERITIES for p in t.phrasings],
                                  len(SEVERITIES))
+        # the first token of each way of saying "clean", and of each severity word (which opens a claim of
+        # a distortion): the pull towards a clean statement lasts until the answer has written one of them
+        self.clean_openers = sorted({tokenizer.encode(v, add_special_tokens=False)[0]
+                                     for p in NO_DISTORTION_OPENINGS for v in _variants(p)} |
+                                    {tokenizer.encode(p[:1].upper() + p[1:], add_special_tokens=False)[0]
+                                     for p in NO_DISTORTION_OPENINGS})
+        # the rest of each clean statement, pulled up while the answer is inside one ("no" -> "visible" ->
+        # "distortion"), so that a pulled-up "no" goes on to say what it is about
+        self.clean_phrases = _Table(tokenizer, [(p, 0) for p in NO_DISTORTION_OPENINGS], 1)
+        self.claim_openers = set(self.clean_openers) | {
+            tokenizer.encode(v, add_special_tokens=False)[0] for t in SEVERITIES for p in t.phrasings
+            for v in _variants(p)}
 
     def processor(self, p_category: torch.Tensor, p_severity: torch.Tensor, strength: torch.Tensor,
                   p_a: torch.Tensor | None = None) -> "GuideProcessor":
@@ -131,17 +156,26 @@ class EvidenceGuide:
         distribution over the severity levels; ``strength`` (B,): 0 leaves a row unguided; ``p_a`` (B,):
         for a comparison row the heads' P(A better), which guides its verdict instead (NaN elsewhere)."""
         p_category = p_category.float().clamp(1e-6, 1.0)
-        none = (1 - p_category.amax(1)).clamp_min(1e-6)
-        ref = torch.maximum(p_category.amax(1), none)  # the heads' most likely reading, "nothing visible" included
+        top = p_category.amax(1)
+        none = (1 - top).clamp_min(1e-6)
+        ref = torch.maximum(top, none)  # the heads' most likely reading, "nothing visible" included
         cat = torch.cat([p_category, none.unsqueeze(1)], 1).log() - ref.log().unsqueeze(1)
         sev = p_severity.float().clamp_min(1e-6)
+        # a severity word opens a claim of some distortion (the builders write "<severity> <name>"), so its
+        # reading is "distorted, at this level": when "nothing visible" is the likelier reading, every severity
+        # word is pushed down by log(top / none) as well. Without this the LM escaped the pushed-down names
+        # by writing a severity word and then a made-up one ("moderate tonal range") on clean photos.
         sev = sev.log() - sev.amax(1, keepdim=True).log()
+        sev = sev + torch.where(top < CLEAN_BELOW, top.log() - ref.log(), torch.zeros_like(top)).unsqueeze(1)
         if p_a is None:
             p_a = torch.full((len(strength),), float("nan"))
         pa = p_a.float().clamp(1e-6, 1 - 1e-6)
         ab = torch.stack([pa, 1 - pa], 1).log()
         ab = ab - ab.amax(1, keepdim=True)  # NaN rows stay NaN: not comparisons
-        return GuideProcessor(self, cat, sev, strength.float(), ab)
+        # the clean reading's push and pull (severity words, clean statements) only where the heads' largest
+        # category probability is below CLEAN_BELOW: 1 - that probability overstates P(clean) (see there)
+        clean_margin = torch.where(top < CLEAN_BELOW, (none.log() - top.log()).clamp_min(0), torch.zeros_like(top))
+        return GuideProcessor(self, cat, sev, strength.float(), ab, clean_margin)
 
 
 class GuideProcessor:
@@ -149,8 +183,10 @@ class GuideProcessor:
     so that ``ExplainableVLM.generate`` returns the logits that decided (``added``)."""
 
     def __init__(self, guide: EvidenceGuide, log_cat: torch.Tensor, log_sev: torch.Tensor, strength: torch.Tensor,
-                 log_ab: torch.Tensor):
+                 log_ab: torch.Tensor, clean_margin: torch.Tensor | None = None):
         self.guide, self.log_cat, self.log_sev, self.strength = guide, log_cat, log_sev, strength
+        # (B,): log(P(nothing visible) / P(most likely category)) where that is > 0, else 0
+        self.clean_margin = torch.zeros(len(strength)) if clean_margin is None else clean_margin.float()
         self.log_ab = log_ab  # (B, 2): log q(A better), log q(B better) minus the larger; NaN: not a comparison
         self.compare = ~torch.isnan(log_ab[:, 0])
         self.prompt_len: int | None = None  # set at the first step: what comes after it was generated
@@ -188,6 +224,27 @@ class GuideProcessor:
                     rows.append(b)
                     toks.append(tok)
                     vals.append(max(s * v, FLOOR))
+            margin = float(self.clean_margin[b])
+            if margin > 0:
+                pull = min(s * margin, -FLOOR)
+                phrases = self.guide.clean_phrases
+                for k in range(1, min(phrases.longest, len(tail)) + 1):
+                    entry = phrases.entries.get(tuple(tail[len(tail) - k:]))
+                    if entry is not None:
+                        for tok in entry[0].tolist():
+                            rows.append(b)
+                            toks.append(tok)
+                            vals.append(pull)
+                written = input_ids[b, self.prompt_len:].tolist()
+                if not any(t in self.guide.claim_openers for t in written):
+                    # the heads call the image clean and the answer has not yet said whether it is: pushing
+                    # the distortion words down alone let the LM, which saw few clean answers (3% of the
+                    # training set), escape into made-up names; the clean statement's opening is pulled up
+                    # by as much as the severity words are pushed down
+                    for tok in self.guide.clean_openers:
+                        rows.append(b)
+                        toks.append(tok)
+                        vals.append(pull)
         step = (torch.tensor(rows, dtype=torch.long), torch.tensor(toks, dtype=torch.long),
                 torch.tensor(vals, dtype=torch.float32))
         self.steps.append(step)
@@ -200,7 +257,9 @@ class GuideProcessor:
             return scores
         scores = scores.clone()
         keep = toks < scores.shape[-1]
-        scores[rows[keep].to(scores.device), toks[keep].to(scores.device)] += vals[keep].to(scores.device, scores.dtype)
+        # accumulate: a token may be both pushed (a class it names) and pulled (a clean statement's)
+        scores.index_put_((rows[keep].to(scores.device), toks[keep].to(scores.device)),
+                          vals[keep].to(scores.device, scores.dtype), accumulate=True)
         return scores
 
     def added(self, logits: torch.Tensor) -> torch.Tensor:

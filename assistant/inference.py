@@ -46,7 +46,7 @@ from loupe_vlm.prompts.parsing import find_terms, parse_distortions, parse_manip
 
 from . import lm_precision as lm_precision_mod
 from . import merged_cache
-from .consistency import VerdictProcessor
+from .consistency import RatingProcessor, VerdictProcessor
 from .guidance import COMPARE_TASKS, GUIDED_TASKS, EvidenceGuide, guidance_problem
 from .modeling import ExplainableVLM
 from .processing import AUX_CATEGORIES, ImageError, LoupeProcessor, load_image, resize_logits
@@ -76,6 +76,8 @@ def default_model_path() -> Path:
 
 
 VERDICT_TASKS = ("forgery.detect", "chat")
+RATED_TASKS = ("quality.assess",)
+"""Tasks whose answers close on a rating word (``consistency.RatingProcessor`` holds the end back until then)."""
 """The tasks whose result reads P(tampered) at the answer's first verdict word."""
 
 
@@ -504,9 +506,15 @@ class Assistant:
                                                     for t in tasks])
             extra["guide_compare"] = torch.tensor([t in COMPARE_TASKS for t in tasks])
         verdict_rows = torch.tensor([t in VERDICT_TASKS for t in tasks], dtype=torch.bool)
+        last: list[Any] = []
         if bool(verdict_rows.any()):  # the verdict word written is the one P(tampered) reports
             order = [self.verdicts.groups["tampered"]] + [g for k, g in self.verdicts.groups.items() if k != "tampered"]
-            extra["last_processors"] = [VerdictProcessor(order, verdict_rows)]
+            last.append(VerdictProcessor(order, verdict_rows))
+        rating_rows = torch.tensor([t in RATED_TASKS for t in tasks], dtype=torch.bool)
+        if bool(rating_rows.any()) and self.eos_ids:  # an assessment does not end before its rating word
+            last.append(RatingProcessor(self.ratings.all_ids, sorted(self.eos_ids), rating_rows))
+        if last:
+            extra["last_processors"] = last
         gen = self.model.generate(batch, max_new_tokens=self.max_new_tokens, **extra)
         rows = []
         positions = []

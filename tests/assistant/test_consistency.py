@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from loupe_vlm.assistant import inference
-from loupe_vlm.assistant.consistency import VerdictProcessor
+from loupe_vlm.assistant.consistency import RatingProcessor, VerdictProcessor
 from loupe_vlm.assistant.inference import Request
 from loupe_vlm.prompts.parsing import parse_verdict
 from tests.helpers import ASSETS
@@ -68,3 +69,42 @@ def test_the_assistant_marks_forgery_rows_and_its_text_agrees_with_its_result(ti
     # a batch without verdict rows gets no processor
     tiny_assistant.run([Request("quality.assess", [ASSETS / "noisy.png"], ["A"])])
     assert len(made) == 1
+
+
+RATING, END = [7, 8], [2, 3]
+
+
+def test_an_assessment_cannot_end_before_its_rating_word():
+    ends_now = _scores({2: 0.9, 5: 0.1})  # the model would stop here
+    scores = torch.stack([ends_now, ends_now])
+    proc = RatingProcessor(RATING, END, torch.tensor([True, False]))
+    prompt = torch.ones(2, 4, dtype=torch.long)
+    out = proc(prompt, scores)
+    assert out.argmax(-1).tolist() == [5, 2]  # row 1 is not an assessment: left alone
+    assert out[0, 2] == float("-inf") and out[0, 3] == float("-inf") and torch.equal(out[1], scores[1])
+    # still held back while no rating word has been written ...
+    out = proc(torch.cat([prompt, torch.tensor([[5], [5]])], 1), scores)
+    assert out[0, 2] == float("-inf")
+    # ... and free once one has
+    out = proc(torch.cat([prompt, torch.tensor([[5, 8], [5, 5]])], 1), scores)
+    assert torch.equal(out, scores)
+    with pytest.raises(ValueError):
+        RatingProcessor([], END, torch.tensor([True]))
+
+
+def test_the_assistant_holds_back_the_end_of_assess_rows_only(tiny_assistant, monkeypatch):
+    made = []
+
+    class Recording(RatingProcessor):
+        def __init__(self, rating_ids, end_ids, rows):
+            super().__init__(rating_ids, end_ids, rows)
+            made.append(self)
+
+    monkeypatch.setattr(inference, "RatingProcessor", Recording)
+    tiny_assistant.run([Request("quality.assess", [ASSETS / "noisy.png"], ["A"]),
+                        Request("quality.identify", [ASSETS / "noisy.png"], ["A"])])
+    assert len(made) == 1 and made[0].rows.tolist() == [True, False]
+    assert made[0].rating_ids == set(tiny_assistant.ratings.all_ids)
+    assert set(made[0].end_ids.tolist()) == tiny_assistant.eos_ids
+    tiny_assistant.run([Request("quality.identify", [ASSETS / "noisy.png"], ["A"])])
+    assert len(made) == 1  # no assessment in the batch: no processor

@@ -57,11 +57,41 @@ def test_guide_pushes_down_the_words_of_classes_the_heads_doubt_and_leaves_the_r
     clean = _step(guide, _probs(), 4, 2.0, [the])
     assert math.isclose(float(clean[blur]), 2.0 * math.log(0.01 / 0.99), rel_tol=1e-4)
     free = _ids(tok, " free of visible distortion")[0]
-    assert clean[free] == 0  # ... and the words that call it clean, when it is not:
+    assert clean[free] > 0  # ... the words that call it clean are pulled up (next test), and when it is not clean:
     assert math.isclose(float(out[free]), 2.0 * math.log(0.1 / 0.9), rel_tol=1e-4)
     # strength 0 leaves a row alone; a huge strength stops at FLOOR
     assert not _step(guide, _probs(blur=0.9), 4, 0.0, [the]).any()
     assert float(_step(guide, _probs(blur=0.9), 4, 9.0, [the])[noise]) == FLOOR
+
+
+def test_a_clean_image_pushes_severity_words_down_and_pulls_a_clean_statement_until_a_claim_is_written():
+    _, lp = _tiny(1.0)
+    tok = lp.tokenizer
+    guide = EvidenceGuide(tok, AUX_CATEGORIES)
+    the, image = _ids(tok, " the image")
+    no, visible = _ids(tok, " no visible")[:2]
+    s, er = _ids(tok, " serious")[:2]
+    margin = math.log(0.99 / 0.01)  # P(nothing visible) against the likeliest category's
+    p_sev = torch.full((1, 5), 0.01)
+    p_sev[0, 3] = 0.96  # "serious" is the heads' level
+    proc = guide.processor(_probs(), p_sev, torch.tensor([2.0]))
+    first = proc(torch.tensor([[the, image]]), torch.zeros(1, 2000))[0]
+    # the severity word of the heads' own level is pushed down too: it would open a claim of a distortion
+    assert math.isclose(float(first[s]), -2.0 * margin, rel_tol=1e-4)
+    assert math.isclose(float(first[no]), 2.0 * margin, rel_tol=1e-4)  # the clean statement's opening, pulled up
+    assert first[the] == 0 and first[image] == 0
+    # inside the statement its next word is pulled up as well
+    inside = proc(torch.tensor([[the, image, no]]), torch.zeros(1, 2000))[0]
+    assert math.isclose(float(inside[visible]), 2.0 * margin, rel_tol=1e-4)
+    # once the answer has written a severity word it has made its claim: no more pull on the opening
+    proc = guide.processor(_probs(), p_sev, torch.tensor([2.0]))
+    proc(torch.tensor([[the, image]]), torch.zeros(1, 2000))
+    later = proc(torch.tensor([[the, image, s, er]]), torch.zeros(1, 2000))[0]
+    assert later[no] == 0
+    # a distorted image: no pull, and its level's severity word is left alone
+    proc = guide.processor(_probs(blur=0.9), p_sev, torch.tensor([2.0]))
+    distorted = proc(torch.tensor([[the, image]]), torch.zeros(1, 2000))[0]
+    assert distorted[s] == 0 and distorted[no] < 0
 
 
 def test_generate_returns_the_guided_logits_and_only_guided_rows_change(tmp_path):
