@@ -40,6 +40,10 @@ COMPARE_TASKS = ("quality.compare", "quality.rate")
 
 GUIDED_TASKS = DESCRIBE_TASKS + COMPARE_TASKS
 
+AB_VERDICTS = ("heads", "both_orders")
+"""Where a guided comparison's verdict comes from (``LoupeConfig.ab_verdict``): the heads' two severities,
+or the language model's own P(A better) averaged over the pair shown in both orders."""
+
 COMPARE_SLOPE = 2.0
 """P(A better) = sigmoid(COMPARE_SLOPE * (severity of B - severity of A)), severities in levels 0-5: one
 level of difference reads as 0.88 against 0.12."""

@@ -76,6 +76,10 @@ def default_model_path() -> Path:
 
 
 VERDICT_TASKS = ("forgery.detect", "chat")
+AB_PROBE_TOKENS = 12
+"""How far the unguided first pass of a ``both_orders`` comparison writes: the builders' verdict sentences
+name the image within their first six words ("The better one is image A.")."""
+
 RATED_TASKS = ("quality.assess",)
 """Tasks whose answers close on a rating word (``consistency.RatingProcessor`` holds the end back until then)."""
 """The tasks whose result reads P(tampered) at the answer's first verdict word."""
@@ -213,6 +217,16 @@ def error_result(task: str, images: list[str], exc: BaseException, id: str | Non
     """A failed item: only ``error`` (type and message) is filled."""
     kind = getattr(exc, "kind", None) or type(exc).__name__
     return Result(task=task, images=images, error={"type": kind, "message": str(exc)}, id=id, model=model)
+
+
+def _written_p_a(probe: tuple[float | None, float | None] | None, order: int) -> float | None:
+    """The P(A better) that a ``both_orders`` comparison's answer in ``order`` (0 as asked, 1 swapped) is
+    guided by: 1 or 0, for the verdict of the two orders' average, so that both answers write it."""
+    if probe is None:
+        return None
+    ps = [p for p in (probe[0], None if probe[1] is None else 1.0 - probe[1]) if p is not None]
+    a_better = sum(ps) / len(ps) >= 0.5
+    return float(a_better if order == 0 else not a_better)
 
 
 class _KeyWords:
@@ -421,11 +435,14 @@ class Assistant:
             results.append(Result(task=req.task, images=names, id=req.id, model=self.name,
                                   seconds=time.perf_counter() - t0))
         outputs: dict[tuple[int, int], dict] = {}
+        probes = self._probe_orders([(i, k, e) for i, k, e in jobs if self._averages_orders(requests[i].task)],
+                                    batch_size, results)
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start:start + batch_size]
             t0 = time.perf_counter()
             tasks = [requests[i].task for i, _, _ in chunk]
-            for (i, k, _), out in zip(chunk, self._generate([e for _, _, e in chunk], tasks=tasks)):
+            given = [_written_p_a(probes.get(i), k) for i, k, _ in chunk]
+            for (i, k, _), out in zip(chunk, self._generate([e for _, _, e in chunk], tasks=tasks, p_a=given)):
                 outputs[(i, k)] = out
             share = (time.perf_counter() - t0) / len(chunk)
             for i, _, _ in chunk:
@@ -433,9 +450,32 @@ class Assistant:
         for i, req in enumerate(requests):
             if results[i].error is None:
                 t0 = time.perf_counter()
-                self._fill(results[i], req, outputs[(i, 0)], outputs.get((i, 1)))
+                self._fill(results[i], req, outputs[(i, 0)], outputs.get((i, 1)), probes.get(i))
                 results[i].seconds = (results[i].seconds or 0.0) + time.perf_counter() - t0
         return results
+
+    def _averages_orders(self, task: str) -> bool:
+        """Whether this task's verdict is the LM's both-order average (``ab_verdict`` ``both_orders``, guided)."""
+        return self.guide is not None and self.model.config.ab_verdict == "both_orders" and task in COMPARE_TASKS
+
+    def _probe_orders(self, jobs: list[tuple[int, int, Any]], batch_size: int,
+                      results: list[Result] | None = None) -> dict[int, tuple[float | None, float | None]]:
+        """The LM's own P(A better) in each order of each comparison (request index -> (as asked, read from
+        the swapped pair, i.e. P(original B better))), from a short unguided pass that stops after
+        ``AB_PROBE_TOKENS`` tokens. None where that pass wrote no "A" or "B"."""
+        found: dict[int, list[float | None]] = {}
+        for start in range(0, len(jobs), batch_size):
+            chunk = jobs[start:start + batch_size]
+            t0 = time.perf_counter()
+            outs = self._generate([e for _, _, e in chunk], tasks=["probe"] * len(chunk),
+                                  max_new_tokens=AB_PROBE_TOKENS)
+            for (i, k, _), out in zip(chunk, outs):
+                found.setdefault(i, [None, None])[k] = self._p_a(out["tokens"], out["logits"], None, None)
+            if results is not None:
+                share = (time.perf_counter() - t0) / len(chunk)
+                for i, _, _ in chunk:
+                    results[i].seconds = (results[i].seconds or 0.0) + share
+        return {i: (v[0], v[1]) for i, v in found.items() if v[0] is not None or v[1] is not None}
 
     def _encode_orders(self, req: Request) -> list[Any]:
         """The request encoded as asked and, for a comparison, with A and B swapped (loads the images)."""
@@ -471,10 +511,14 @@ class Assistant:
         pieces: queue.Queue = queue.Queue()
         done: dict[str, Any] = {}
 
+        probe = None
+        if swapped is not None and self._averages_orders(request.task):
+            probe = self._probe_orders([(0, 0, first), (0, 1, swapped)], 2).get(0)
+
         def work() -> None:
             try:
                 done["out"] = self._generate([first], streamer=_PieceStreamer(self.tokenizer, self.eos_ids, pieces),
-                                             tasks=[request.task])[0]
+                                             tasks=[request.task], p_a=[_written_p_a(probe, 0)])[0]
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
                 done["error"] = exc
             finally:
@@ -487,17 +531,20 @@ class Assistant:
         thread.join()
         if "error" in done:
             raise done["error"]
-        other = self._generate([swapped], tasks=[request.task])[0] if swapped is not None else None
+        other = (self._generate([swapped], tasks=[request.task], p_a=[_written_p_a(probe, 1)])[0]
+                 if swapped is not None else None)
         result = Result(task=request.task, images=names, id=request.id, model=self.name)
-        self._fill(result, request, done["out"], other)
+        self._fill(result, request, done["out"], other, probe)
         result.seconds = time.perf_counter() - t0
         yield result
 
     @torch.no_grad()
-    def _generate(self, encoded: list[Any], streamer: Any = None, tasks: Sequence[str] = ()) -> list[dict]:
+    def _generate(self, encoded: list[Any], streamer: Any = None, tasks: Sequence[str] = (),
+                  p_a: Sequence[float | None] | None = None, max_new_tokens: int | None = None) -> list[dict]:
         """Greedy-generate for a batch; per row: tokens, per-step logits, mask probability maps. Rows
         whose task (``tasks``, per row) is in ``GUIDED_TASKS`` get evidence guidance, when it is on; rows in
-        ``VERDICT_TASKS`` write the verdict their P(tampered) reports (``consistency``)."""
+        ``VERDICT_TASKS`` write the verdict their P(tampered) reports (``consistency``). ``p_a`` (per row,
+        None for none): the P(A better) that guides a comparison row's verdict instead of the heads'."""
         batch = self.processor.collate(encoded, padding_side="left")
         extra: dict[str, Any] = {"streamer": streamer} if streamer is not None else {}
         if self.guide is not None and any(t in GUIDED_TASKS for t in tasks):
@@ -505,6 +552,8 @@ class Assistant:
             extra["guide_strength"] = torch.tensor([self.evidence_guidance if t in GUIDED_TASKS else 0.0
                                                     for t in tasks])
             extra["guide_compare"] = torch.tensor([t in COMPARE_TASKS for t in tasks])
+            if p_a is not None and any(p is not None for p in p_a):
+                extra["guide_p_a"] = torch.tensor([float("nan") if p is None else float(p) for p in p_a])
         verdict_rows = torch.tensor([t in VERDICT_TASKS for t in tasks], dtype=torch.bool)
         last: list[Any] = []
         if bool(verdict_rows.any()):  # the verdict word written is the one P(tampered) reports
@@ -515,7 +564,7 @@ class Assistant:
             last.append(RatingProcessor(self.ratings.all_ids, sorted(self.eos_ids), rating_rows))
         if last:
             extra["last_processors"] = last
-        gen = self.model.generate(batch, max_new_tokens=self.max_new_tokens, **extra)
+        gen = self.model.generate(batch, max_new_tokens=max_new_tokens or self.max_new_tokens, **extra)
         rows = []
         positions = []
         for b in range(len(encoded)):
@@ -537,7 +586,8 @@ class Assistant:
         return rows
 
     # ---- reading the answer --------------------------------------------------------------------
-    def _fill(self, res: Result, req: Request, out: dict, swapped: dict | None) -> None:
+    def _fill(self, res: Result, req: Request, out: dict, swapped: dict | None,
+              probe: tuple[float | None, float | None] | None = None) -> None:
         toks, logits = out["tokens"], out["logits"]
         raw = self.tokenizer.decode(toks, skip_special_tokens=False)
         res.raw_text = raw
@@ -562,7 +612,16 @@ class Assistant:
                 key_probs.append(chosen(pos))
             if task != "chat" or pos is not None:
                 res.quality = Quality(rating, score, parse_distortions(res.text), rp)
-        if task in ("quality.rate", "quality.compare"):
+        if task in ("quality.rate", "quality.compare") and probe is not None:
+            # both_orders: the LM's own readings of the two orders; both answers wrote their average's verdict
+            p1, p2 = probe[0], None if probe[1] is None else 1.0 - probe[1]
+            ps = [p for p in (p1, p2) if p is not None]
+            pa = sum(ps) / len(ps)
+            better = "A" if pa >= 0.5 else "B"
+            key_probs.append(pa if better == "A" else 1 - pa)  # the written token's was forced: not a confidence
+            res.comparison = Comparison(better, pa if better == "A" else 1 - pa, p1, p2,
+                                        None if p1 is None or p2 is None else (p1 >= 0.5) == (p2 >= 0.5))
+        elif task in ("quality.rate", "quality.compare"):
             p1 = self._p_a(toks, logits, key_probs, chosen)
             p2 = None
             if swapped is not None:

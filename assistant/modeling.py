@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from loupe_vlm.prompts import (CATEGORIES, DISTORTIONS, LOCATIONS, LOWLEVEL_TOKEN, LOWLEVEL_TOKENS_PER_IMAGE, MANIPULATIONS,
                      MASK_TOKEN, RATINGS, SEVERITIES, TAXONOMY_VERSION, TEMPLATE_VERSION, VERDICTS)
 
-from .guidance import COMPARE_SLOPE, guidance_problem
+from .guidance import AB_VERDICTS, COMPARE_SLOPE, guidance_problem
 from .families import get_family
 from .processing import AUX_CATEGORIES, AUX_DIM
 
@@ -237,6 +237,10 @@ class LoupeConfig(ModelOptions):
     evidence_guidance: float = 0.0
     """Decoding: how strongly the auxiliary heads steer the taxonomy words of identify and assess
     answers (``assistant/guidance.py``); 0 is off. ``loupe ... --evidence-guidance`` overrides it."""
+    ab_verdict: str = "heads"
+    """Decoding of comparisons, with guidance on: ``heads``, the verdict word is steered by the heads'
+    severities (``assistant/guidance.py``); ``both_orders``, the LM reads the pair in both orders first, and
+    both answers write the verdict of its averaged P(A better) (``Assistant.run``)."""
     verdict_temperature: float = 1.0
     """Reading: the reported P(tampered) is ``sigmoid(logit(p) / T)`` of the LM's verdict probability p
     (temperature scaling, fitted on a validation split by ``loupe train calibrate``); 1 leaves p as it is.
@@ -246,6 +250,8 @@ class LoupeConfig(ModelOptions):
         problems = self.model_problems()
         if (problem := guidance_problem(self.evidence_guidance)) is not None:
             problems.append(f"evidence_guidance: {problem}")
+        if self.ab_verdict not in AB_VERDICTS:
+            problems.append(f"ab_verdict: {self.ab_verdict!r} is not one of {', '.join(AB_VERDICTS)}")
         t = self.verdict_temperature
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
             problems.append(f"verdict_temperature: {t!r} is not a positive number (1 leaves P(tampered) as is)")
@@ -977,12 +983,14 @@ class ExplainableVLM(nn.Module):
         return per_row
 
     def guide_processor(self, guide: Any, strengths: torch.Tensor, input_ids: torch.Tensor, batch: dict[str, Any],
-                        low: LowLevel, compare: torch.Tensor | None = None) -> Any:
+                        low: LowLevel, compare: torch.Tensor | None = None,
+                        p_a_given: torch.Tensor | None = None) -> Any:
         """The ``EvidenceGuide`` processor of one batch (see ``assistant/guidance.py``), or None when
         the model has no auxiliary heads or no row is guided. A row's category probabilities are the
         largest over its images (a reference is clean, so it adds nothing); its severity is read
         from its last image, the judged one. Rows marked in ``compare`` (B,) are A/B comparisons, whose
-        last two images are A and B: their P(A better) comes from the two images' predicted severities."""
+        last two images are A and B: their P(A better) comes from the two images' predicted severities,
+        or from ``p_a_given`` (B,) where that is not NaN (``ab_verdict`` ``both_orders``)."""
         if guide is None or not low.aux or low.aux[0] is None or not bool((strengths != 0).any()):
             return None
         n_cat = len(AUX_CATEGORIES)
@@ -998,6 +1006,8 @@ class ExplainableVLM(nn.Module):
                     continue  # not a pair: left alone
                 sev_a, sev_b = probs[-2, n_cat] * 5, probs[-1, n_cat] * 5
                 p_a[row] = torch.sigmoid(COMPARE_SLOPE * (sev_b - sev_a))
+                if p_a_given is not None and not bool(torch.isnan(p_a_given[row])):
+                    p_a[row] = p_a_given[row]
             p_cat[row] = probs[:, :n_cat].amax(0)
             p_sev[row] = severity_weights(probs[-1, n_cat] * 5)
             strength[row] = float(strengths[row])
@@ -1107,12 +1117,14 @@ class ExplainableVLM(nn.Module):
     @torch.no_grad()
     def generate(self, batch: dict[str, Any], max_new_tokens: int = 128, guide: Any = None,
                  guide_strength: torch.Tensor | None = None, guide_compare: torch.Tensor | None = None,
-                 last_processors: Sequence[Any] = (), **kwargs: Any) -> dict[str, Any]:
+                 guide_p_a: torch.Tensor | None = None, last_processors: Sequence[Any] = (),
+                 **kwargs: Any) -> dict[str, Any]:
         """Greedy generation for a left-padded batch. Returns the new token ids (B, T), the raw (fused,
         guided) logits per step (B, T, V), the final hidden states of prompt+answer (B, L+T-1, D) and the
         ``LowLevel`` of the batch. ``guide`` (an ``EvidenceGuide``) with ``guide_strength`` (B,) steers
         the taxonomy words of the rows with a nonzero strength by the auxiliary heads; the rows marked
-        in ``guide_compare`` (B,) are comparisons, whose A/B verdict is steered instead.
+        in ``guide_compare`` (B,) are comparisons, whose A/B verdict is steered instead (by ``guide_p_a``
+        (B,), P(A better), where it is not NaN).
         ``last_processors`` run after those, and what they change is not added to the returned logits
         (``consistency.VerdictProcessor`` picks between words by the very logits returned)."""
         from transformers import LogitsProcessorList
@@ -1123,7 +1135,7 @@ class ExplainableVLM(nn.Module):
         embeds = self.embed(input_ids, low, batch)
         bias = self.fusion_bias(input_ids, batch, low)
         processors = LogitsProcessorList([_AddBias(bias, self.add_fusion)] if bias is not None else [])
-        guided = (self.guide_processor(guide, guide_strength, input_ids, batch, low, guide_compare)
+        guided = (self.guide_processor(guide, guide_strength, input_ids, batch, low, guide_compare, guide_p_a)
                   if guide_strength is not None else None)
         if guided is not None:
             processors.append(guided)

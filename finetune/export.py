@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from loupe_vlm.assistant.guidance import AB_VERDICTS
 from loupe_vlm.assistant.modeling import CheckpointError, ExplainableVLM
 
 logger = logging.getLogger("loupe_vlm.finetune.export")
@@ -23,9 +24,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def export(checkpoint: str | Path, out: str | Path, merge: bool = False, dtype: str | None = None,
-           trust_remote_code: bool = False, evidence_guidance: float | None = None) -> Path:
+           trust_remote_code: bool = False, evidence_guidance: float | None = None,
+           ab_verdict: str | None = None) -> Path:
     """Write ``checkpoint`` to ``out`` (merged when ``merge``); returns ``out``. ``evidence_guidance``
-    sets the exported model's own decoding setting (``assistant/guidance.py``); None keeps it."""
+    and ``ab_verdict`` set the exported model's own decoding settings (``assistant/guidance.py``); None
+    keeps them."""
     checkpoint, out = Path(checkpoint), Path(out)
     if out.resolve() == checkpoint.resolve():
         raise CheckpointError(f"{out}: export needs a new folder, not the checkpoint itself")
@@ -41,7 +44,9 @@ def export(checkpoint: str | Path, out: str | Path, merge: bool = False, dtype: 
         model.config.base, model.config.lora = "bundled", None
     if evidence_guidance is not None:
         model.config.evidence_guidance = float(evidence_guidance)
-        model.config.check()
+    if ab_verdict is not None:
+        model.config.ab_verdict = ab_verdict
+    model.config.check()
     model.save_pretrained(out, processor=processor)
     logger.info("exported %s -> %s%s", checkpoint, out, " (LoRA merged)" if merge and is_peft else "")
     return out
@@ -59,13 +64,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="the export's own evidence-guidance strength: how strongly its image heads steer the "
                              "distortion and severity words of identify and assess answers (0 off; default: as "
                              "the checkpoint has it)")
+    parser.add_argument("--ab-verdict", choices=AB_VERDICTS,
+                        help="with guidance on, where a comparison's verdict comes from: 'heads' (the image heads' "
+                             "severities steer it) or 'both_orders' (the LM reads the pair in both orders first, "
+                             "and both answers write the verdict of its average); default: as the checkpoint has it")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the base's own code to run")
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         out = export(args.checkpoint, args.out, args.merge, args.dtype, args.trust_remote_code,
-                     args.evidence_guidance)
+                     args.evidence_guidance, args.ab_verdict)
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"loupe export: {exc}", file=sys.stderr)
         return 2

@@ -207,3 +207,47 @@ def test_generate_reads_a_comparison_from_the_pair_s_severities(tmp_path):
     assert bool(proc.compare[0]) and math.isclose(float(proc.log_ab[0].exp().max()), 1.0, rel_tol=1e-6)
     got = float(proc.log_ab[0, 0] - proc.log_ab[0, 1])
     assert math.isclose(got, float(torch.log(want / (1 - want))), rel_tol=1e-3, abs_tol=1e-5)
+
+
+def test_both_orders_comparisons_write_the_verdict_of_the_lm_s_two_orders_averaged(tmp_path, monkeypatch):
+    from loupe_vlm.assistant import inference
+    from loupe_vlm.assistant.inference import AB_PROBE_TOKENS, Assistant, Request
+    from loupe_vlm.finetune.export import export
+
+    model, lp = _tiny(1.0)
+    model.save_pretrained(tmp_path / "ck", processor=lp.processor)
+    export(tmp_path / "ck", tmp_path / "ex", evidence_guidance=2.0)
+    a = Assistant.from_pretrained(tmp_path / "ex")
+    req = Request("quality.compare", [str(ASSETS / "noisy.png"), str(ASSETS / "clean.png")], ["A", "B"])
+    calls = []
+    real = a.model.generate
+
+    def spy(batch, **kw):
+        calls.append(kw)
+        return real(batch, **kw)
+
+    monkeypatch.setattr(a.model, "generate", spy)
+    a.run([req])
+    assert len(calls) == 1 and "guide_p_a" not in calls[0]  # the default, "heads": one pass, heads' reading
+    # both_orders: a short unguided pass over both orders first, then both answers guided to one verdict
+    a.model.config.ab_verdict = "both_orders"
+    calls.clear()
+    a.run([req])
+    assert calls[0]["max_new_tokens"] == AB_PROBE_TOKENS and "guide" not in calls[0]
+    # as asked P(A) 0.3; shown swapped, P(that order's A, the original B) 0.2: the average favours A (0.55)
+    monkeypatch.setattr(a, "_probe_orders", lambda jobs, bs, results=None: {0: (0.3, 0.2)})
+    calls.clear()
+    out = a.run([req])[0]
+    assert calls[0]["guide_p_a"].tolist() == [1.0, 0.0]  # A in the order asked, B (the same image) swapped
+    c = out.comparison
+    assert c.better == "A" and math.isclose(c.probability, 0.55) and c.p_a == 0.3 and math.isclose(c.p_a_swapped, 0.8)
+    assert c.consistent is False  # the LM's own two readings disagree; the answers do not
+    # streaming goes the same way
+    calls.clear()
+    *pieces, res = list(a.stream(req))
+    assert [k["guide_p_a"].tolist() for k in calls] == [[1.0], [0.0]] and res.comparison.better == "A"
+    # a model config with an unknown setting is refused
+    a.model.config.ab_verdict = "coin"
+    with pytest.raises(ValueError, match="ab_verdict"):
+        a.model.config.check()
+    assert inference._written_p_a((None, 0.9), 1) == 1.0  # only the swapped reading: B there is A here
