@@ -100,3 +100,36 @@ class RatingProcessor:
             keep = self.end_ids[self.end_ids < scores.shape[-1]].to(scores.device)
             out[b, keep] = float("-inf")
         return out
+
+
+class RepeatBan:
+    """No run of ``n`` tokens twice in the answer of a row in ``rows`` (B,) bool: transformers'
+    ``NoRepeatNGramLogitsProcessor`` applied to those rows' generated tokens only, not to the prompt and
+    not to the other rows, and never to ``keep`` (token ids whose choice the result reads: rating words,
+    A and B), so that no banned word makes the text disagree with the result read from the same scores.
+
+    Used on quality answers only: forgery answers repeat location words and coordinate digits by design
+    ("from 10% to 49% across and 11% to 49% down"), where a ban would change a location."""
+
+    def __init__(self, n: int, rows: torch.Tensor, keep: Sequence[int] = ()):
+        from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
+
+        self.ban = NoRepeatNGramLogitsProcessor(n)
+        self.rows = rows.bool()
+        self.keep = torch.tensor(sorted(set(int(k) for k in keep)), dtype=torch.long)
+        self.prompt_len: int | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.prompt_len is None:
+            self.prompt_len = input_ids.shape[1]
+        rows = self.rows.nonzero().flatten().to(scores.device)
+        if rows.numel() == 0 or input_ids.shape[1] - self.prompt_len < self.ban.ngram_size:
+            return scores
+        sub = scores[rows]
+        banned = self.ban(input_ids[rows, self.prompt_len:], sub)
+        if self.keep.numel():
+            k = self.keep[self.keep < scores.shape[-1]].to(scores.device)
+            banned[:, k] = sub[:, k]
+        out = scores.clone()
+        out[rows] = banned
+        return out

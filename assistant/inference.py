@@ -46,7 +46,7 @@ from loupe_vlm.prompts.parsing import find_terms, parse_distortions, parse_manip
 
 from . import lm_precision as lm_precision_mod
 from . import merged_cache
-from .consistency import RatingProcessor, VerdictProcessor
+from .consistency import RatingProcessor, RepeatBan, VerdictProcessor
 from .guidance import COMPARE_TASKS, GUIDED_TASKS, EvidenceGuide, guidance_problem
 from .modeling import ExplainableVLM
 from .processing import AUX_CATEGORIES, ImageError, LoupeProcessor, load_image, resize_logits
@@ -76,13 +76,19 @@ def default_model_path() -> Path:
 
 
 VERDICT_TASKS = ("forgery.detect", "chat")
+"""The tasks whose result reads P(tampered) at the answer's first verdict word."""
+
+RATED_TASKS = ("quality.assess",)
+"""Tasks whose answers close on a rating word (``consistency.RatingProcessor`` holds the end back until then)."""
+
 AB_PROBE_TOKENS = 12
 """How far the unguided first pass of a ``both_orders`` comparison writes: the builders' verdict sentences
 name the image within their first six words ("The better one is image A.")."""
 
-RATED_TASKS = ("quality.assess",)
-"""Tasks whose answers close on a rating word (``consistency.RatingProcessor`` holds the end back until then)."""
-"""The tasks whose result reads P(tampered) at the answer's first verdict word."""
+NO_REPEAT_TOKENS = 4
+"""A quality answer (identify, assess, compare, rate) never writes the same run of this many tokens twice
+(``consistency.RepeatBan``); the comparisons' "… makes the picture look flat … makes the picture look
+etched" was the commonest repeat."""
 
 
 def checkpoint_id(path: Path, name: str) -> str:
@@ -562,6 +568,9 @@ class Assistant:
         rating_rows = torch.tensor([t in RATED_TASKS for t in tasks], dtype=torch.bool)
         if bool(rating_rows.any()) and self.eos_ids:  # an assessment does not end before its rating word
             last.append(RatingProcessor(self.ratings.all_ids, sorted(self.eos_ids), rating_rows))
+        quality_rows = torch.tensor([t in GUIDED_TASKS for t in tasks], dtype=torch.bool)
+        if bool(quality_rows.any()):  # a quality answer says each thing once
+            last.append(RepeatBan(NO_REPEAT_TOKENS, quality_rows, self.ratings.all_ids + self.ab.all_ids))
         if last:
             extra["last_processors"] = last
         gen = self.model.generate(batch, max_new_tokens=max_new_tokens or self.max_new_tokens, **extra)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from loupe_vlm.assistant import inference
-from loupe_vlm.assistant.consistency import RatingProcessor, VerdictProcessor
+from loupe_vlm.assistant.consistency import RatingProcessor, RepeatBan, VerdictProcessor
 from loupe_vlm.assistant.inference import Request
 from loupe_vlm.prompts.parsing import parse_verdict
 from tests.helpers import ASSETS
@@ -108,3 +108,32 @@ def test_the_assistant_holds_back_the_end_of_assess_rows_only(tiny_assistant, mo
     assert set(made[0].end_ids.tolist()) == tiny_assistant.eos_ids
     tiny_assistant.run([Request("quality.identify", [ASSETS / "noisy.png"], ["A"])])
     assert len(made) == 1  # no assessment in the batch: no processor
+
+
+def test_a_quality_answer_never_repeats_a_run_of_tokens_but_keeps_its_key_words_free():
+    scores = torch.zeros(2, 32)
+    proc = RepeatBan(3, torch.tensor([True, False]), keep=[7])
+    prompt = torch.tensor([[4, 5, 6, 9], [4, 5, 6, 9]])  # "4 5 6" in the prompt does not count
+    assert torch.equal(proc(prompt, scores), scores)
+    # the answer wrote 4 5 6 ... 4 5: a second "6" would repeat "4 5 6"; row 1 is not a quality row
+    ids = torch.cat([prompt, torch.tensor([[4, 5, 6, 1, 4, 5], [4, 5, 6, 1, 4, 5]])], 1)
+    out = proc(ids, scores)
+    assert out[0, 6] == float("-inf") and (out[0] == 0).sum() == 31 and torch.equal(out[1], scores[1])
+    # a kept token (a rating word, A or B) is never banned: the result reads its probability
+    ids = torch.cat([prompt, torch.tensor([[4, 5, 7, 1, 4, 5], [4, 5, 7, 1, 4, 5]])], 1)
+    assert not torch.isinf(proc(ids, scores)).any()
+
+
+def test_the_assistant_bans_repeats_in_quality_answers_only(tiny_assistant, monkeypatch):
+    made = []
+
+    class Recording(RepeatBan):
+        def __init__(self, n, rows, keep=()):
+            super().__init__(n, rows, keep)
+            made.append(self)
+
+    monkeypatch.setattr(inference, "RepeatBan", Recording)
+    tiny_assistant.run([Request("quality.assess", [ASSETS / "noisy.png"], ["A"]),
+                        Request("forgery.detect", [ASSETS / "noisy.png"], ["A"])])
+    assert len(made) == 1 and made[0].rows.tolist() == [True, False]
+    assert set(made[0].keep.tolist()) == set(tiny_assistant.ratings.all_ids + tiny_assistant.ab.all_ids)
