@@ -50,15 +50,22 @@ def test_a_tie_goes_to_the_first_group_as_p_tampered_at_one_half_does():
     assert int(out.argmax()) in TAMPERED
 
 
-def test_the_assistant_marks_forgery_rows_and_its_text_agrees_with_its_result(tiny_assistant, monkeypatch):
-    made = []
+def _recorded(monkeypatch, name: str) -> list:
+    """The instances of ``inference.<name>`` (a processor class) that the Assistant makes from now on."""
+    made: list = []
+    base = getattr(inference, name)
 
-    class Recording(VerdictProcessor):
-        def __init__(self, groups, rows):
-            super().__init__(groups, rows)
+    class Recording(base):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
             made.append(self)
 
-    monkeypatch.setattr(inference, "VerdictProcessor", Recording)
+    monkeypatch.setattr(inference, name, Recording)
+    return made
+
+
+def test_the_assistant_marks_forgery_rows_and_its_text_agrees_with_its_result(tiny_assistant, monkeypatch):
+    made = _recorded(monkeypatch, "VerdictProcessor")
     out = tiny_assistant.run([Request("forgery.detect", [ASSETS / "tampered.png"], ["A"]),
                               Request("quality.assess", [ASSETS / "noisy.png"], ["A"]),
                               Request("forgery.detect", [ASSETS / "clean.png"], ["A"])])
@@ -93,14 +100,7 @@ def test_an_assessment_cannot_end_before_its_rating_word():
 
 
 def test_the_assistant_holds_back_the_end_of_assess_rows_only(tiny_assistant, monkeypatch):
-    made = []
-
-    class Recording(RatingProcessor):
-        def __init__(self, rating_ids, end_ids, rows):
-            super().__init__(rating_ids, end_ids, rows)
-            made.append(self)
-
-    monkeypatch.setattr(inference, "RatingProcessor", Recording)
+    made = _recorded(monkeypatch, "RatingProcessor")
     tiny_assistant.run([Request("quality.assess", [ASSETS / "noisy.png"], ["A"]),
                         Request("quality.identify", [ASSETS / "noisy.png"], ["A"])])
     assert len(made) == 1 and made[0].rows.tolist() == [True, False]
@@ -125,14 +125,7 @@ def test_a_quality_answer_never_repeats_a_run_of_tokens_but_keeps_its_key_words_
 
 
 def test_the_assistant_bans_repeats_in_quality_answers_only(tiny_assistant, monkeypatch):
-    made = []
-
-    class Recording(RepeatBan):
-        def __init__(self, n, rows, keep=()):
-            super().__init__(n, rows, keep)
-            made.append(self)
-
-    monkeypatch.setattr(inference, "RepeatBan", Recording)
+    made = _recorded(monkeypatch, "RepeatBan")
     tiny_assistant.run([Request("quality.assess", [ASSETS / "noisy.png"], ["A"]),
                         Request("forgery.detect", [ASSETS / "noisy.png"], ["A"])])
     assert len(made) == 1 and made[0].rows.tolist() == [True, False]
