@@ -371,9 +371,12 @@ class Assistant:
             if merged is not None and merged_cache.write(merged, model.vlm):  # later starts skip peft
                 # answer from the copy, as every later start will: the same bits from the first answer on (a
                 # float kernel's sums can differ, by ~1e-7, with where a matrix starts in memory)
-                del model
-                model, processor = ExplainableVLM.from_pretrained(path, trust_remote_code=trust_remote_code,
-                                                                  merged_base=merged)
+                try:
+                    model, processor = ExplainableVLM.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                                                      merged_base=merged)
+                except Exception as exc:  # the copy went meanwhile: ``model`` is still the merge in memory
+                    logger.warning("the merged-model copy %s just written does not load (%s); answering from "
+                                   "the merge in memory", merged, exc)
         model.to(device)
         if fp16_lm:  # none of them under a --dtype other than fp32: then the name does not say it either
             fp16_lm = lm_precision_mod.enable(model.vlm) > 0

@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,9 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 FOLDER = "merged"
 KEEP = 2  # merged copies kept per base (the newest): a retrained checkpoint's old copy is let go
+RECENT_SECONDS = 300
+"""A copy written or used this recently is never swept: another process may be loading it (three checkpoints
+of one base evaluated at once used to lose the third's copy between its write and its load)."""
 
 
 def enabled() -> bool:
@@ -111,6 +115,7 @@ def _sweep(kept: Path) -> None:
     base = kept.name.rsplit("-", 1)[0]
     copies = sorted((p for p in kept.parent.glob(f"{base}-*") if p.is_dir() and p.name.rsplit("-", 1)[0] == base),
                     key=lambda p: p.stat().st_mtime, reverse=True)
+    now = time.time()
     for old in copies[KEEP:]:
-        if old != kept:
+        if old != kept and now - old.stat().st_mtime > RECENT_SECONDS:
             shutil.rmtree(old, ignore_errors=True)

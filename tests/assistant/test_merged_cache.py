@@ -123,3 +123,25 @@ def test_the_default_model_answers_the_same_from_the_merged_copy(tmp_path, monke
     third = inference.Assistant.from_pretrained(lm_precision="fp32")
     assert third.assess(EXAMPLES / "noisy.png").text == a.text
     assert merged_cache.is_complete(copies[0]) and (copies[0] / "model.safetensors").stat().st_size > 1000
+    # another process lets the copy go between its write and its load: the merge in memory answers
+    real_write = merged_cache.write
+
+    def write_then_lose(folder, vlm):
+        ok = real_write(folder, vlm)
+        shutil.rmtree(folder)
+        return ok
+
+    shutil.rmtree(copies[0])
+    monkeypatch.setattr(merged_cache, "write", write_then_lose)
+    fourth = inference.Assistant.from_pretrained(lm_precision="fp32")
+    assert fourth.assess(EXAMPLES / "noisy.png").text == a.text
+
+
+def test_a_recent_copy_is_not_swept_another_process_may_be_loading_it(tmp_path):
+    root = tmp_path / "merged"
+    for key in ("smol-aaaa", "smol-bbbb", "smol-cccc"):  # all just written
+        assert merged_cache.write(root / key, _Saver())
+    assert sorted(p.name for p in root.iterdir()) == ["smol-aaaa", "smol-bbbb", "smol-cccc"]
+    os.utime(root / "smol-aaaa", (1000, 1000))  # long unused: now it goes at the next write
+    assert merged_cache.write(root / "smol-dddd", _Saver())
+    assert sorted(p.name for p in root.iterdir()) == ["smol-bbbb", "smol-cccc", "smol-dddd"]
