@@ -166,19 +166,18 @@ class EvidenceGuide:
         cat = torch.cat([p_category, none.unsqueeze(1)], 1).log() - ref.log().unsqueeze(1)
         sev = p_severity.float().clamp_min(1e-6)
         # a severity word opens a claim of some distortion (the builders write "<severity> <name>"), so its
-        # reading is "distorted, at this level": when "nothing visible" is the likelier reading, every severity
-        # word is pushed down by log(top / none) as well. Without this the LM escaped the pushed-down names
-        # by writing a severity word and then a made-up one ("moderate tonal range") on clean photos.
-        sev = sev.log() - sev.amax(1, keepdim=True).log()
-        sev = sev + torch.where(top < CLEAN_BELOW, top.log() - ref.log(), torch.zeros_like(top)).unsqueeze(1)
+        # reading is "distorted, at this level": where the heads call the image clean (no category reaches
+        # CLEAN_BELOW; above it 1 - top overstates P(clean)), every severity word is pushed down by the clean
+        # margin log(none / top), and the clean statements are pulled up by as much (GuideProcessor). Without
+        # this the LM escaped the pushed-down names by writing a severity word and then a made-up one
+        # ("moderate tonal range") on clean photos.
+        clean_margin = torch.where(top < CLEAN_BELOW, (none.log() - top.log()).clamp_min(0), torch.zeros_like(top))
+        sev = sev.log() - sev.amax(1, keepdim=True).log() - clean_margin.unsqueeze(1)
         if p_a is None:
             p_a = torch.full((len(strength),), float("nan"))
         pa = p_a.float().clamp(1e-6, 1 - 1e-6)
         ab = torch.stack([pa, 1 - pa], 1).log()
         ab = ab - ab.amax(1, keepdim=True)  # NaN rows stay NaN: not comparisons
-        # the clean reading's push and pull (severity words, clean statements) only where the heads' largest
-        # category probability is below CLEAN_BELOW: 1 - that probability overstates P(clean) (see there)
-        clean_margin = torch.where(top < CLEAN_BELOW, (none.log() - top.log()).clamp_min(0), torch.zeros_like(top))
         return GuideProcessor(self, cat, sev, strength.float(), ab, clean_margin)
 
 

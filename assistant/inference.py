@@ -225,13 +225,19 @@ def error_result(task: str, images: list[str], exc: BaseException, id: str | Non
     return Result(task=task, images=images, error={"type": kind, "message": str(exc)}, id=id, model=model)
 
 
+def _order_average(p1: float | None, p2: float | None) -> float | None:
+    """P(A better) of a comparison from its readings in the order asked and swapped (already turned back to
+    P(A better)): their mean, the one there is, or None."""
+    ps = [p for p in (p1, p2) if p is not None]
+    return sum(ps) / len(ps) if ps else None
+
+
 def _written_p_a(probe: tuple[float | None, float | None] | None, order: int) -> float | None:
     """The P(A better) that a ``both_orders`` comparison's answer in ``order`` (0 as asked, 1 swapped) is
     guided by: 1 or 0, for the verdict of the two orders' average, so that both answers write it."""
     if probe is None:
         return None
-    ps = [p for p in (probe[0], None if probe[1] is None else 1.0 - probe[1]) if p is not None]
-    a_better = sum(ps) / len(ps) >= 0.5
+    a_better = _order_average(*probe) >= 0.5
     return float(a_better if order == 0 else not a_better)
 
 
@@ -470,7 +476,7 @@ class Assistant:
     def _probe_orders(self, jobs: list[tuple[int, int, Any]], batch_size: int,
                       results: list[Result] | None = None) -> dict[int, tuple[float | None, float | None]]:
         """The LM's own P(A better) in each order of each comparison (request index -> (as asked, read from
-        the swapped pair, i.e. P(original B better))), from a short unguided pass that stops after
+        the swapped pair and turned back to P(A better))), from a short unguided pass that stops after
         ``AB_PROBE_TOKENS`` tokens. None where that pass wrote no "A" or "B"."""
         found: dict[int, list[float | None]] = {}
         for start in range(0, len(jobs), batch_size):
@@ -479,7 +485,8 @@ class Assistant:
             outs = self._generate([e for _, _, e in chunk], tasks=["probe"] * len(chunk),
                                   max_new_tokens=AB_PROBE_TOKENS)
             for (i, k, _), out in zip(chunk, outs):
-                found.setdefault(i, [None, None])[k] = self._p_a(out["tokens"], out["logits"], None, None)
+                p = self._p_a(out["tokens"], out["logits"], None, None)
+                found.setdefault(i, [None, None])[k] = p if k == 0 or p is None else 1.0 - p  # swapped A: the B
             if results is not None:
                 share = (time.perf_counter() - t0) / len(chunk)
                 for i, _, _ in chunk:
@@ -624,25 +631,20 @@ class Assistant:
                 key_probs.append(chosen(pos))
             if task != "chat" or pos is not None:
                 res.quality = Quality(rating, score, parse_distortions(res.text), rp)
-        if task in ("quality.rate", "quality.compare") and probe is not None:
-            # both_orders: the LM's own readings of the two orders; both answers wrote their average's verdict
-            p1, p2 = probe[0], None if probe[1] is None else 1.0 - probe[1]
-            ps = [p for p in (p1, p2) if p is not None]
-            pa = sum(ps) / len(ps)
-            better = "A" if pa >= 0.5 else "B"
-            key_probs.append(pa if better == "A" else 1 - pa)  # the written token's was forced: not a confidence
-            res.comparison = Comparison(better, pa if better == "A" else 1 - pa, p1, p2,
-                                        None if p1 is None or p2 is None else (p1 >= 0.5) == (p2 >= 0.5))
-        elif task in ("quality.rate", "quality.compare"):
-            p1 = self._p_a(toks, logits, key_probs, chosen)
-            p2 = None
-            if swapped is not None:
-                p2s = self._p_a(swapped["tokens"], swapped["logits"], None, None)
-                p2 = None if p2s is None else 1.0 - p2s  # swapped "A" is the original B
-            ps = [p for p in (p1, p2) if p is not None]
-            if ps:
-                pa = sum(ps) / len(ps)
+        if task in ("quality.rate", "quality.compare"):
+            if probe is not None:  # both_orders: the LM's own two readings; both answers wrote their average's verdict
+                p1, p2 = probe
+            else:
+                p1 = self._p_a(toks, logits, key_probs, chosen)
+                p2 = None
+                if swapped is not None:
+                    p2s = self._p_a(swapped["tokens"], swapped["logits"], None, None)
+                    p2 = None if p2s is None else 1.0 - p2s  # swapped "A" is the original B
+            pa = _order_average(p1, p2)
+            if pa is not None:
                 better = "A" if pa >= 0.5 else "B"
+                if probe is not None:  # the written verdict token was forced: its probability is no confidence
+                    key_probs.append(pa if better == "A" else 1 - pa)
                 res.comparison = Comparison(better, pa if better == "A" else 1 - pa, p1, p2,
                                             None if p1 is None or p2 is None else (p1 >= 0.5) == (p2 >= 0.5))
             else:

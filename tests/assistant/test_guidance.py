@@ -234,8 +234,9 @@ def test_both_orders_comparisons_write_the_verdict_of_the_lm_s_two_orders_averag
     calls.clear()
     a.run([req])
     assert calls[0]["max_new_tokens"] == AB_PROBE_TOKENS and "guide" not in calls[0]
-    # as asked P(A) 0.3; shown swapped, P(that order's A, the original B) 0.2: the average favours A (0.55)
-    monkeypatch.setattr(a, "_probe_orders", lambda jobs, bs, results=None: {0: (0.3, 0.2)})
+    # as asked P(A) 0.3; shown swapped, P(that order's A, the original B) 0.2, so P(A) 0.8 read that way:
+    # the average favours A (0.55)
+    monkeypatch.setattr(a, "_probe_orders", lambda jobs, bs, results=None: {0: (0.3, 0.8)})
     calls.clear()
     out = a.run([req])[0]
     assert calls[0]["guide_p_a"].tolist() == [1.0, 0.0]  # A in the order asked, B (the same image) swapped
@@ -250,4 +251,4 @@ def test_both_orders_comparisons_write_the_verdict_of_the_lm_s_two_orders_averag
     a.model.config.ab_verdict = "coin"
     with pytest.raises(ValueError, match="ab_verdict"):
         a.model.config.check()
-    assert inference._written_p_a((None, 0.9), 1) == 1.0  # only the swapped reading: B there is A here
+    assert inference._written_p_a((None, 0.1), 1) == 1.0  # only the swapped reading, B better: A in that order
