@@ -19,7 +19,7 @@ of tokens by their summed probability.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
@@ -102,74 +102,34 @@ class RatingProcessor:
         return out
 
 
-_NOT_A_WORD = ".,;:!?()\"'"
-"""Characters stripped around a token's text before it is compared: ``prompts.parsing.repeated_ngram``,
-which counts repeats, strips the same ones around words."""
-
-
-def word_classes(tokenizer: Any) -> torch.Tensor:
-    """(vocab,) long: each token id's word class for ``RepeatBan``. Tokens whose text is the same once
-    lower-cased and stripped of spaces and punctuation share a class (" The", "The", " the"); tokens with
-    nothing left (",", " .", "\n") get -1, so that a repeat cannot hide behind case or a comma ("is
-    still readable, but" after "is still readable but")."""
-    ids: dict[str, int] = {}
-    out = []
-    for i in range(len(tokenizer)):
-        word = tokenizer.decode([i]).strip().strip(_NOT_A_WORD).lower()
-        out.append(ids.setdefault(word, len(ids)) if word else -1)
-    return torch.tensor(out, dtype=torch.long)
-
-
 class RepeatBan:
-    """No run of ``n`` words twice in the answer of a row in ``rows`` (B,) bool, counted over the rows'
-    generated tokens only (not the prompt, not the other rows), and never banning ``keep`` (token ids whose
-    choice the result reads: rating words, A and B), so that no banned word makes the text disagree with
-    the result read from the same scores.
-
-    ``classes`` (``word_classes``) makes tokens that differ only in case or a leading space the same word,
-    and skips punctuation. Without it each token id is its own word, which is transformers'
-    ``NoRepeatNGramLogitsProcessor``. Hand-written because that processor compares raw token ids: the
-    answers' last repeats were "The image shows a" after "the image shows a", and "readable, but" after
-    "readable but", which it cannot see.
+    """No run of ``n`` tokens twice in the answer of a row in ``rows`` (B,) bool: transformers'
+    ``NoRepeatNGramLogitsProcessor`` applied to those rows' generated tokens only, not to the prompt and
+    not to the other rows, and never to ``keep`` (token ids whose choice the result reads: rating words,
+    A and B), so that no banned word makes the text disagree with the result read from the same scores.
 
     Used on quality answers only: forgery answers repeat location words and coordinate digits by design
     ("from 10% to 49% across and 11% to 49% down"), where a ban would change a location."""
 
-    def __init__(self, n: int, rows: torch.Tensor, keep: Sequence[int] = (), classes: torch.Tensor | None = None):
-        self.n = n
+    def __init__(self, n: int, rows: torch.Tensor, keep: Sequence[int] = ()):
+        from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
+
+        self.ban = NoRepeatNGramLogitsProcessor(n)
         self.rows = rows.bool()
         self.keep = torch.tensor(sorted(set(int(k) for k in keep)), dtype=torch.long)
-        self.classes = classes
         self.prompt_len: int | None = None
-
-    def _classes(self, vocab: int) -> torch.Tensor:
-        if self.classes is None:
-            return torch.arange(vocab)
-        if len(self.classes) >= vocab:
-            return self.classes[:vocab]
-        # ids past the tokenizer's (padded embedding rows) are never a word of an answer
-        return torch.cat([self.classes, torch.full((vocab - len(self.classes),), -1, dtype=torch.long)])
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self.prompt_len is None:
             self.prompt_len = input_ids.shape[1]
-        rows = self.rows.nonzero().flatten().tolist()
-        if not rows or input_ids.shape[1] - self.prompt_len < self.n - 1:
+        rows = self.rows.nonzero().flatten().to(scores.device)
+        if rows.numel() == 0 or input_ids.shape[1] - self.prompt_len < self.ban.ngram_size:
             return scores
-        classes = self._classes(scores.shape[-1])
-        out = scores
-        for b in rows:
-            words = [c for c in classes[input_ids[b, self.prompt_len:].cpu()].tolist() if c >= 0]
-            if len(words) < self.n:
-                continue
-            tail = words[len(words) - self.n + 1:]
-            banned = {words[i + self.n - 1] for i in range(len(words) - self.n + 1) if words[i:i + self.n - 1] == tail}
-            if not banned:
-                continue
-            mask = torch.isin(classes, torch.tensor(sorted(banned), dtype=torch.long))
-            if self.keep.numel():
-                mask[self.keep[self.keep < len(mask)]] = False
-            if out is scores:
-                out = scores.clone()
-            out[b, mask.to(scores.device)] = float("-inf")
+        sub = scores[rows]
+        banned = self.ban(input_ids[rows, self.prompt_len:], sub)
+        if self.keep.numel():
+            k = self.keep[self.keep < scores.shape[-1]].to(scores.device)
+            banned[:, k] = sub[:, k]
+        out = scores.clone()
+        out[rows] = banned
         return out

@@ -46,7 +46,7 @@ from loupe_vlm.prompts.parsing import find_terms, parse_distortions, parse_manip
 
 from . import lm_precision as lm_precision_mod
 from . import merged_cache
-from .consistency import RatingProcessor, RepeatBan, VerdictProcessor, word_classes
+from .consistency import RatingProcessor, RepeatBan, VerdictProcessor
 from .guidance import COMPARE_TASKS, GUIDED_TASKS, EvidenceGuide, guidance_problem
 from .modeling import ExplainableVLM
 from .processing import AUX_CATEGORIES, ImageError, LoupeProcessor, load_image, resize_logits
@@ -86,9 +86,9 @@ AB_PROBE_TOKENS = 12
 name the image within their first six words ("The better one is image A.")."""
 
 NO_REPEAT_TOKENS = 4
-"""A quality answer (identify, assess, compare, rate) never writes the same run of this many words twice,
-compared as tokens without case, spaces or punctuation (``consistency.RepeatBan``); the comparisons' "…
-makes the picture look flat … makes the picture look etched" was the commonest repeat."""
+"""A quality answer (identify, assess, compare, rate) never writes the same run of this many tokens twice
+(``consistency.RepeatBan``); the comparisons' "… makes the picture look flat … makes the picture look
+etched" was the commonest repeat."""
 
 
 def checkpoint_id(path: Path, name: str) -> str:
@@ -337,7 +337,6 @@ class Assistant:
         self.ratings = _KeyWords(self.tokenizer, {r.id: r.phrasings for r in RATINGS})
         self.verdicts = _KeyWords(self.tokenizer, {v.id: v.phrasings for v in VERDICTS})
         self.ab = _KeyWords(self.tokenizer, {"A": ["A"], "B": ["B"]})
-        self._word_classes: torch.Tensor | None = None  # RepeatBan's, built at the first quality answer
         self.eos_ids = {i for i in (model.vlm.generation_config.eos_token_id, self.tokenizer.pad_token_id)
                         if isinstance(i, int)}
         self.evidence_guidance = (model.config.evidence_guidance if evidence_guidance is None
@@ -581,10 +580,7 @@ class Assistant:
             last.append(RatingProcessor(self.ratings.all_ids, sorted(self.eos_ids), rating_rows))
         quality_rows = torch.tensor([t in GUIDED_TASKS for t in tasks], dtype=torch.bool)
         if bool(quality_rows.any()):  # a quality answer says each thing once
-            if self._word_classes is None:
-                self._word_classes = word_classes(self.tokenizer)
-            last.append(RepeatBan(NO_REPEAT_TOKENS, quality_rows, self.ratings.all_ids + self.ab.all_ids,
-                                  self._word_classes))
+            last.append(RepeatBan(NO_REPEAT_TOKENS, quality_rows, self.ratings.all_ids + self.ab.all_ids))
         if last:
             extra["last_processors"] = last
         gen = self.model.generate(batch, max_new_tokens=max_new_tokens or self.max_new_tokens, **extra)

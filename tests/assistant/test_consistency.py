@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from loupe_vlm.assistant import inference
-from loupe_vlm.assistant.consistency import RatingProcessor, RepeatBan, VerdictProcessor, word_classes
+from loupe_vlm.assistant.consistency import RatingProcessor, RepeatBan, VerdictProcessor
 from loupe_vlm.assistant.inference import Request
 from loupe_vlm.prompts.parsing import parse_verdict
 from tests.helpers import ASSETS
@@ -122,45 +122,6 @@ def test_a_quality_answer_never_repeats_a_run_of_tokens_but_keeps_its_key_words_
     # a kept token (a rating word, A or B) is never banned: the result reads its probability
     ids = torch.cat([prompt, torch.tensor([[4, 5, 7, 1, 4, 5], [4, 5, 7, 1, 4, 5]])], 1)
     assert not torch.isinf(proc(ids, scores)).any()
-
-
-def test_a_repeat_is_a_repeat_whatever_its_case_or_punctuation():
-    # token ids 0-5: "the" twice (" The", " the"), "image", "shows", "a", and a comma, which is not a word
-    the_, The, image, shows, a, comma = 0, 1, 2, 3, 4, 5
-    classes = torch.tensor([0, 0, 1, 2, 3, -1, 4, 5])
-    plain = RepeatBan(4, torch.tensor([True]))
-    by_word = RepeatBan(4, torch.tensor([True]), keep=[6], classes=classes)
-    prompt = torch.tensor([[7, 7]])
-    plain(prompt, torch.zeros(1, 8)), by_word(prompt, torch.zeros(1, 8))
-    # "The image shows a ... the image shows": the next "a" would repeat four words
-    ids = torch.cat([prompt, torch.tensor([[The, image, shows, a, 7, the_, image, shows]])], 1)
-    assert not torch.isinf(plain(ids, torch.zeros(1, 8))).any()  # token ids differ: the plain ban misses it
-    out = by_word(ids, torch.zeros(1, 8))
-    assert torch.isinf(out[0, a]) and (~torch.isinf(out[0])).sum() == 7
-    # a comma in between hides nothing: "image shows, a ... image shows" then "a"
-    ids = torch.cat([prompt, torch.tensor([[the_, image, shows, comma, a, 7, The, image, shows]])], 1)
-    assert torch.isinf(by_word(ids, torch.zeros(1, 8))[0, a])
-    # both "the" tokens are banned as one word, and a kept token never is
-    ids = torch.cat([prompt, torch.tensor([[a, image, shows, the_, 6, 7, a, image, shows]])], 1)
-    out = by_word(ids, torch.zeros(1, 8))
-    assert torch.isinf(out[0, [the_, The]]).all() and not torch.isinf(out[0, 6])
-    ids = torch.cat([prompt, torch.tensor([[a, image, shows, 6, 7, a, image, shows]])], 1)
-    assert not torch.isinf(by_word(ids, torch.zeros(1, 8))).any()
-
-
-def test_word_classes_join_case_and_spaces_and_skip_punctuation(tiny_assistant):
-    tok = tiny_assistant.tokenizer
-    classes = word_classes(tok)
-    assert len(classes) == len(tok)
-    text = {i: tok.decode([i]) for i in range(len(tok))}
-    the = [i for i, t in text.items() if t.strip().lower() == "the"]
-    punct = [i for i, t in text.items() if t.strip() in (",", ".", "")]
-    assert len({t for i, t in text.items() if i in the}) >= 2  # e.g. "the" and " the": different tokens
-    assert len(set(classes[the].tolist())) == 1 and int(classes[the[0]]) >= 0
-    assert punct and (classes[punct] == -1).all()
-    others = [i for i, t in text.items() if t.strip().lower() not in ("the", "") and i not in punct]
-    assert not torch.isin(classes[others], classes[the[:1]]).any()
-    assert tiny_assistant._word_classes is None or torch.equal(tiny_assistant._word_classes, classes)
 
 
 def test_the_assistant_bans_repeats_in_quality_answers_only(tiny_assistant, monkeypatch):
