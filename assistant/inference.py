@@ -232,13 +232,12 @@ def _order_average(p1: float | None, p2: float | None) -> float | None:
     return sum(ps) / len(ps) if ps else None
 
 
-def _written_p_a(probe: tuple[float | None, float | None] | None, order: int) -> float | None:
-    """The P(A better) that a ``both_orders`` comparison's answer in ``order`` (0 as asked, 1 swapped) is
-    guided by: 1 or 0, for the verdict of the two orders' average, so that both answers write it."""
+def _written_p_a(probe: tuple[float | None, float | None] | None) -> float | None:
+    """The P(A better) that a ``both_orders`` comparison's answer is guided by: 1 or 0, for the verdict of
+    the two orders' average, so that asking with the pair either way names the same image."""
     if probe is None:
         return None
-    a_better = _order_average(*probe) >= 0.5
-    return float(a_better if order == 0 else not a_better)
+    return float(_order_average(*probe) >= 0.5)
 
 
 class _KeyWords:
@@ -452,11 +451,13 @@ class Assistant:
         outputs: dict[tuple[int, int], dict] = {}
         probes = self._probe_orders([(i, k, e) for i, k, e in jobs if self._averages_orders(requests[i].task)],
                                     batch_size, results)
+        # a probed comparison's result reads both orders from its probe: its swapped answer would go unused
+        jobs = [(i, k, e) for i, k, e in jobs if k == 0 or i not in probes]
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start:start + batch_size]
             t0 = time.perf_counter()
             tasks = [requests[i].task for i, _, _ in chunk]
-            given = [_written_p_a(probes.get(i), k) for i, k, _ in chunk]
+            given = [_written_p_a(probes.get(i)) for i, _, _ in chunk]
             for (i, k, _), out in zip(chunk, self._generate([e for _, _, e in chunk], tasks=tasks, p_a=given)):
                 outputs[(i, k)] = out
             share = (time.perf_counter() - t0) / len(chunk)
@@ -534,7 +535,7 @@ class Assistant:
         def work() -> None:
             try:
                 done["out"] = self._generate([first], streamer=_PieceStreamer(self.tokenizer, self.eos_ids, pieces),
-                                             tasks=[request.task], p_a=[_written_p_a(probe, 0)])[0]
+                                             tasks=[request.task], p_a=[_written_p_a(probe)])[0]
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
                 done["error"] = exc
             finally:
@@ -547,8 +548,8 @@ class Assistant:
         thread.join()
         if "error" in done:
             raise done["error"]
-        other = (self._generate([swapped], tasks=[request.task], p_a=[_written_p_a(probe, 1)])[0]
-                 if swapped is not None else None)
+        other = (self._generate([swapped], tasks=[request.task])[0]
+                 if swapped is not None and probe is None else None)
         result = Result(task=request.task, images=names, id=request.id, model=self.name)
         self._fill(result, request, done["out"], other, probe)
         result.seconds = time.perf_counter() - t0

@@ -223,13 +223,13 @@ def test_both_orders_comparisons_write_the_verdict_of_the_lm_s_two_orders_averag
     real = a.model.generate
 
     def spy(batch, **kw):
-        calls.append(kw)
+        calls.append({**kw, "rows": len(batch["input_ids"])})
         return real(batch, **kw)
 
     monkeypatch.setattr(a.model, "generate", spy)
     a.run([req])
     assert len(calls) == 1 and "guide_p_a" not in calls[0]  # the default, "heads": one pass, heads' reading
-    # both_orders: a short unguided pass over both orders first, then both answers guided to one verdict
+    # both_orders: a short unguided pass over both orders first, then one answer guided to their verdict
     a.model.config.ab_verdict = "both_orders"
     calls.clear()
     a.run([req])
@@ -239,16 +239,17 @@ def test_both_orders_comparisons_write_the_verdict_of_the_lm_s_two_orders_averag
     monkeypatch.setattr(a, "_probe_orders", lambda jobs, bs, results=None: {0: (0.3, 0.8)})
     calls.clear()
     out = a.run([req])[0]
-    assert calls[0]["guide_p_a"].tolist() == [1.0, 0.0]  # A in the order asked, B (the same image) swapped
+    # A, in the order asked; the swapped order's answer is not written (the probe read that order already)
+    assert len(calls) == 1 and calls[0]["guide_p_a"].tolist() == [1.0] and calls[0]["rows"] == 1
     c = out.comparison
     assert c.better == "A" and math.isclose(c.probability, 0.55) and c.p_a == 0.3 and math.isclose(c.p_a_swapped, 0.8)
     assert c.consistent is False  # the LM's own two readings disagree; the answers do not
     # streaming goes the same way
     calls.clear()
     *pieces, res = list(a.stream(req))
-    assert [k["guide_p_a"].tolist() for k in calls] == [[1.0], [0.0]] and res.comparison.better == "A"
+    assert [k["guide_p_a"].tolist() for k in calls] == [[1.0]] and res.comparison.better == "A"
     # a model config with an unknown setting is refused
     a.model.config.ab_verdict = "coin"
     with pytest.raises(ValueError, match="ab_verdict"):
         a.model.config.check()
-    assert inference._written_p_a((None, 0.1), 1) == 1.0  # only the swapped reading, B better: A in that order
+    assert inference._written_p_a((None, 0.1)) == 0.0  # only the swapped reading, turned back: B better
