@@ -633,7 +633,7 @@ class Assistant:
             if task != "chat" or pos is not None:
                 res.quality = Quality(rating, score, parse_distortions(res.text), rp)
         if task in ("quality.rate", "quality.compare"):
-            if probe is not None:  # both_orders: the LM's own two readings; both answers wrote their average's verdict
+            if probe is not None:  # both_orders: the LM's own two readings; the answer wrote their average's verdict
                 p1, p2 = probe
             else:
                 p1 = self._p_a(toks, logits, key_probs, chosen)

@@ -240,7 +240,7 @@ class LoupeConfig(ModelOptions):
     ab_verdict: str = "heads"
     """Decoding of comparisons, with guidance on: ``heads``, the verdict word is steered by the heads'
     severities (``assistant/guidance.py``); ``both_orders``, the LM reads the pair in both orders first, and
-    both answers write the verdict of its averaged P(A better) (``Assistant.run``)."""
+    the answer writes the verdict of its averaged P(A better) (``Assistant.run``)."""
     verdict_temperature: float = 1.0
     """Reading: the reported P(tampered) is ``sigmoid(logit(p) / T)`` of the LM's verdict probability p
     (temperature scaling, fitted on a validation split by ``loupe train calibrate``); 1 leaves p as it is.

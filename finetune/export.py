@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ab-verdict", choices=AB_VERDICTS,
                         help="with guidance on, where a comparison's verdict comes from: 'heads' (the image heads' "
                              "severities steer it) or 'both_orders' (the LM reads the pair in both orders first, "
-                             "and both answers write the verdict of its average); default: as the checkpoint has it")
+                             "and the answer writes the verdict of its average); default: as the checkpoint has it")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the base's own code to run")
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
