@@ -11,7 +11,8 @@ the greedy pick is a verdict token, it computes the same per-verdict sums from t
 the pick belongs to the losing verdict it moves the pick to the winning verdict's most likely phrasing.
 It runs after every other processor (fusion, evidence guidance), so it sees the scores the Assistant
 reads; it does not record its change, so P(tampered) is read from the scores it decided on. Every other
-step and row is untouched.
+step and row is untouched. Where the verdict is decided elsewhere (``forced``: the tampering map's
+verdict, ``LoupeConfig.verdict_map``), the pick moves to that verdict's most likely phrasing instead.
 
 Hand-written: transformers' logits processors bias or ban fixed tokens; none re-decides between groups
 of tokens by their summed probability.
@@ -26,9 +27,12 @@ import torch
 
 class VerdictProcessor:
     """A generation logits processor for the rows in ``rows`` (B,) bool. ``groups`` are the verdicts' first
-    token ids, in the Assistant's order (the first wins a tie, as ``P(tampered) >= 0.5`` does)."""
+    token ids, in the Assistant's order (the first wins a tie, as ``P(tampered) >= 0.5`` does). ``forced``
+    (per row, or None): the index of the group a row's verdict word must come from, None for the scores'
+    choice."""
 
-    def __init__(self, groups: Sequence[Sequence[int]], rows: torch.Tensor):
+    def __init__(self, groups: Sequence[Sequence[int]], rows: torch.Tensor,
+                 forced: Sequence[int | None] | None = None):
         self.groups = [list(g) for g in groups]
         if len(self.groups) < 2 or any(not g for g in self.groups):
             raise ValueError("VerdictProcessor needs at least two non-empty groups of token ids")
@@ -36,6 +40,9 @@ class VerdictProcessor:
         self.owner = torch.tensor([k for k, g in enumerate(self.groups) for _ in g], dtype=torch.long)
         self.id_set = set(self.ids.tolist())
         self.rows = rows.bool()
+        self.forced = list(forced) if forced is not None else [None] * len(rows)
+        if len(self.forced) != len(rows) or any(f is not None and not 0 <= f < len(self.groups) for f in self.forced):
+            raise ValueError(f"forced: one group index (0-{len(self.groups) - 1}) or None per row, got {forced!r}")
         self.done = [False] * len(rows)  # a row whose verdict word is written: the rest of its answer is free
         self.moved: list[tuple[int, int, int]] = []  # (row, token picked, token written), for tests and logs
 
@@ -49,9 +56,12 @@ class VerdictProcessor:
                 continue
             self.done[b] = True  # greedy: this step writes a verdict word, this one or the one moved to
             ids = self.ids.to(scores.device)
-            p = torch.softmax(scores[b, ids].float(), dim=0)
-            sums = torch.zeros(len(self.groups), device=scores.device).index_add_(0, self.owner.to(scores.device), p)
-            win = int(sums.argmax())
+            if self.forced[b] is not None:
+                win = self.forced[b]
+            else:
+                p = torch.softmax(scores[b, ids].float(), dim=0)
+                sums = torch.zeros(len(self.groups), device=scores.device).index_add_(0, self.owner.to(scores.device), p)
+                win = int(sums.argmax())
             if int(self.owner[(self.ids == top).nonzero()[0, 0]]) == win:
                 continue
             members = ids[self.owner.to(scores.device) == win]

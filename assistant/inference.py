@@ -5,7 +5,9 @@ DESIGN.md's result schema. Numbers are never parsed from digits and never invent
 
 * rating score: the expectation of 5..1 under the softmax over the five rating words, at the
   position where the answer writes its rating word (Q-Align's idea);
-* P(tampered): softmax over {tampered, authentic} at the verdict position;
+* P(tampered): softmax over {tampered, authentic} at the verdict position, or, for a model whose
+  config sets ``verdict_map``, a logistic reading of its heads' tampering map (the answer then writes
+  that verdict);
 * P(A better): softmax over {A, B} at the verdict position, averaged over both orders of the pair;
 * confidence: the mean probability of the answer's key tokens (verdict, rating, A/B, taxonomy words).
 
@@ -573,9 +575,16 @@ class Assistant:
                 extra["guide_p_a"] = torch.tensor([float("nan") if p is None else float(p) for p in p_a])
         verdict_rows = torch.tensor([t in VERDICT_TASKS for t in tasks], dtype=torch.bool)
         last: list[Any] = []
+        p_map: list[float | None] = [None] * len(encoded)
         if bool(verdict_rows.any()):  # the verdict word written is the one P(tampered) reports
             order = [self.verdicts.groups["tampered"]] + [g for k, g in self.verdicts.groups.items() if k != "tampered"]
-            last.append(VerdictProcessor(order, verdict_rows))
+            forced = None
+            if self.model.config.verdict_map is not None:  # the tampering map's verdict (LoupeConfig.verdict_map)
+                extra["low"] = self.model.encode_lowlevel(batch.get("lowlevel_pixels", []))
+                p_map = [p if bool(v) else None for p, v in
+                         zip(self.model.map_verdicts(batch["input_ids"], batch, extra["low"]), verdict_rows)]
+                forced = [None if p is None else (0 if p >= 0.5 else 1) for p in p_map]
+            last.append(VerdictProcessor(order, verdict_rows, forced))
         rating_rows = torch.tensor([t in RATED_TASKS for t in tasks], dtype=torch.bool)
         if bool(rating_rows.any()) and self.eos_ids:  # an assessment does not end before its rating word
             last.append(RatingProcessor(self.ratings.all_ids, sorted(self.eos_ids), rating_rows))
@@ -594,7 +603,7 @@ class Assistant:
             pos = [gen["prompt_len"] + t for t, x in enumerate(toks) if x == self.model.config.mask_token_id
                    and gen["prompt_len"] + t < gen["hidden"].shape[1]]
             positions.append(torch.tensor(pos, dtype=torch.long))
-            rows.append({"tokens": toks, "logits": gen["logits"][b, :end], "masks": []})
+            rows.append({"tokens": toks, "logits": gen["logits"][b, :end], "masks": [], "p_map": p_map[b]})
         if any(p.numel() for p in positions):
             logits = self.model.decode_masks(gen["hidden"], batch["input_ids"].to(self.model.device), batch,
                                              gen["lowlevel"], positions)
@@ -655,9 +664,11 @@ class Assistant:
             tampered = p_t = None
             if pos is not None:
                 vp = self.verdicts.probabilities(logits[pos])
-                p_t = temper(vp["tampered"], self.model.config.verdict_temperature)
+                p_t = (out["p_map"] if out.get("p_map") is not None
+                       else temper(vp["tampered"], self.model.config.verdict_temperature))
                 tampered = p_t >= 0.5
-                key_probs.append(chosen(pos))
+                # a verdict word the map decided was forced: its probability is no confidence, the map's is
+                key_probs.append(chosen(pos) if out.get("p_map") is None else max(p_t, 1 - p_t))
             mask = mask_prob = None
             if out["masks"]:
                 mask_prob = np.max(np.stack(out["masks"]), axis=0)

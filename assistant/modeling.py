@@ -245,6 +245,11 @@ class LoupeConfig(ModelOptions):
     """Reading: the reported P(tampered) is ``sigmoid(logit(p) / T)`` of the LM's verdict probability p
     (temperature scaling, fitted on a validation split by ``loupe train calibrate``); 1 leaves p as it is.
     The verdict, P >= 0.5, and the text are the same for every T."""
+    verdict_map: list[float] | None = None
+    """Decoding of forgery verdicts: None, the LM's own P(tampered) (tempered by ``verdict_temperature``)
+    decides; ``[a, b]``, P(tampered) is ``sigmoid(a * m + b)`` of m, the largest logit of the auxiliary heads'
+    tampering map on the judged image (a logistic fit on a validation split, ``loupe train calibrate
+    --map``), and the answer writes the verdict it gives (``consistency.VerdictProcessor``)."""
 
     def check(self) -> "LoupeConfig":
         problems = self.model_problems()
@@ -255,6 +260,8 @@ class LoupeConfig(ModelOptions):
         t = self.verdict_temperature
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
             problems.append(f"verdict_temperature: {t!r} is not a positive number (1 leaves P(tampered) as is)")
+        if (problem := verdict_map_problem(self.verdict_map)) is not None:
+            problems.append(f"verdict_map: {problem}")
         s = self.scratch
         if s.evidence_fusion and s.fusion_scope == "key" and not s.key_token_ids:
             problems.append("scratch.evidence_fusion: fusion_scope 'key' biases key_token_ids, and there are none")
@@ -348,6 +355,25 @@ def _conv(cin: int, cout: int, stride: int, dilation: int = 1) -> nn.Sequential:
 class _Residual(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + super().forward(x)
+
+
+def verdict_map_problem(coef: Any) -> str | None:
+    """What is wrong with a ``LoupeConfig.verdict_map`` (None, or ``[a, b]`` with a > 0), or None."""
+    if coef is None:
+        return None
+    if (not isinstance(coef, (list, tuple)) or len(coef) != 2
+            or any(isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) for c in coef)):
+        return f"{coef!r} is not None or a pair of numbers [a, b]"
+    if coef[0] <= 0:
+        return f"{coef!r}: the slope a must be > 0 (a stronger tampering map reads as more likely tampered)"
+    return None
+
+
+def map_verdict(tamper_map: torch.Tensor, coef: Sequence[float]) -> float:
+    """P(tampered) = sigmoid(a * (the map's largest logit) + b), ``coef`` = (a, b) (``LoupeConfig.verdict_map``).
+    On loupe-smol's forgery validation split the map's largest logit ranked tampered above authentic images
+    better (AUC 0.84) than the heads' image-level tampered logit (0.77) or the LM's verdict (0.76)."""
+    return float(torch.sigmoid(coef[0] * tamper_map.float().max() + coef[1]))
 
 
 def map_pool(logits: torch.Tensor) -> torch.Tensor:
@@ -982,6 +1008,20 @@ class ExplainableVLM(nn.Module):
             per_row.setdefault(row, []).append(i)
         return per_row
 
+    def map_verdicts(self, input_ids: torch.Tensor, batch: dict[str, Any], low: LowLevel) -> list[float | None]:
+        """Per batch row, P(tampered) read from the tampering map of its last (judged) image by
+        ``config.verdict_map`` (``map_verdict``); None for a row without an image or without the heads,
+        and for every row when the config sets no ``verdict_map``."""
+        out: list[float | None] = [None] * input_ids.shape[0]
+        coef = self.config.verdict_map
+        if coef is None:
+            return out
+        for row, imgs in self.row_images(input_ids, batch).items():
+            aux = low.aux[imgs[-1]] if imgs else None
+            if aux is not None:
+                out[row] = map_verdict(aux[1], coef)
+        return out
+
     def guide_processor(self, guide: Any, strengths: torch.Tensor, input_ids: torch.Tensor, batch: dict[str, Any],
                         low: LowLevel, compare: torch.Tensor | None = None,
                         p_a_given: torch.Tensor | None = None) -> Any:
@@ -1118,7 +1158,7 @@ class ExplainableVLM(nn.Module):
     def generate(self, batch: dict[str, Any], max_new_tokens: int = 128, guide: Any = None,
                  guide_strength: torch.Tensor | None = None, guide_compare: torch.Tensor | None = None,
                  guide_p_a: torch.Tensor | None = None, last_processors: Sequence[Any] = (),
-                 **kwargs: Any) -> dict[str, Any]:
+                 low: LowLevel | None = None, **kwargs: Any) -> dict[str, Any]:
         """Greedy generation for a left-padded batch. Returns the new token ids (B, T), the raw (fused,
         guided) logits per step (B, T, V), the final hidden states of prompt+answer (B, L+T-1, D) and the
         ``LowLevel`` of the batch. ``guide`` (an ``EvidenceGuide``) with ``guide_strength`` (B,) steers
@@ -1126,10 +1166,12 @@ class ExplainableVLM(nn.Module):
         in ``guide_compare`` (B,) are comparisons, whose A/B verdict is steered instead (by ``guide_p_a``
         (B,), P(A better), where it is not NaN).
         ``last_processors`` run after those, and what they change is not added to the returned logits
-        (``consistency.VerdictProcessor`` picks between words by the very logits returned)."""
+        (``consistency.VerdictProcessor`` picks between words by the very logits returned). ``low``: the
+        batch's ``encode_lowlevel``, when the caller has already run it (``map_verdicts``)."""
         from transformers import LogitsProcessorList
 
-        low = self.encode_lowlevel(batch.get("lowlevel_pixels", []))
+        if low is None:
+            low = self.encode_lowlevel(batch.get("lowlevel_pixels", []))
         inputs = self.vlm_inputs(batch)
         input_ids = batch["input_ids"].to(self.device)
         embeds = self.embed(input_ids, low, batch)

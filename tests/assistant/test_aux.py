@@ -335,3 +335,24 @@ def test_mask_prior_adds_the_branch_tampering_map_with_a_learned_scale(tmp_path)
     assert torch.allclose(three - zero, 3.0 * tamper_map.detach(), atol=1e-5)
     with pytest.raises(ValueError, match="mask_prior"):
         _tiny(0.0, mask_prior=True)
+
+
+def test_map_verdicts_read_the_largest_logit_of_each_row_s_judged_image(tmp_path):
+    from loupe_vlm.assistant.modeling import map_verdict
+
+    model, lp = _tiny(1.0)
+    model.eval()
+    batch = _batch(lp, tmp_path)  # rows: a comparison (reference, A, B), a tampered and an authentic image
+    ids = batch["input_ids"]
+    with torch.no_grad():
+        low = model.encode_lowlevel(batch["lowlevel_pixels"])
+    assert model.map_verdicts(ids, batch, low) == [None, None, None]  # no verdict_map: nothing is read
+    model.config.verdict_map = [0.7, -0.2]
+    got = model.map_verdicts(ids, batch, low)
+    rows = model.row_images(ids, batch)
+    for row in range(3):
+        m = low.aux[rows[row][-1]][1].max()
+        assert got[row] == pytest.approx(float(torch.sigmoid(0.7 * m - 0.2)))
+        assert got[row] == pytest.approx(map_verdict(low.aux[rows[row][-1]][1], (0.7, -0.2)))
+    # the two forgery rows judge the same file; the comparison's judged image is its last, B, another one
+    assert got[1] == got[2] and got[0] != got[1]

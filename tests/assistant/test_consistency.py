@@ -130,3 +130,52 @@ def test_the_assistant_bans_repeats_in_quality_answers_only(tiny_assistant, monk
                         Request("forgery.detect", [ASSETS / "noisy.png"], ["A"])])
     assert len(made) == 1 and made[0].rows.tolist() == [True, False]
     assert set(made[0].keep.tolist()) == set(tiny_assistant.ratings.all_ids + tiny_assistant.ab.all_ids)
+
+
+def test_a_forced_row_writes_the_forced_verdict_whatever_the_scores_say():
+    sure = _scores({20: 0.9, 10: 0.1})  # the scores' own choice: authentic
+    scores = torch.stack([sure, sure, sure])
+    proc = VerdictProcessor([TAMPERED, AUTHENTIC], torch.tensor([True, True, True]), forced=[0, None, 1])
+    out = proc(torch.ones(3, 2, dtype=torch.long), scores)
+    assert out.argmax(-1).tolist() == [10, 20, 20]  # forced tampered; the scores' choice; forced authentic
+    assert proc.moved == [(0, 20, 10)]
+    with pytest.raises(ValueError, match="forced"):
+        VerdictProcessor([TAMPERED, AUTHENTIC], torch.tensor([True]), forced=[2])
+    with pytest.raises(ValueError, match="forced"):
+        VerdictProcessor([TAMPERED, AUTHENTIC], torch.tensor([True, True]), forced=[0])
+
+
+def test_with_a_verdict_map_the_map_decides_the_verdict_its_probability_and_the_text(tiny_assistant, monkeypatch):
+    model = tiny_assistant.model
+    own = tiny_assistant.detect_forgery(ASSETS / "tampered.png")
+    assert own.forgery.tampered is not None  # the tiny model writes a verdict word of its own
+    monkeypatch.setattr(model.config, "verdict_map", [1.0, 0.0])
+    seen = []
+
+    def fixed(p):
+        def map_verdicts(input_ids, batch, low):
+            seen.append(input_ids.shape[0])
+            return [p] * input_ids.shape[0]
+        return map_verdicts
+
+    for p in (0.93, 0.07):  # one of the two goes against the language model's own choice
+        monkeypatch.setattr(model, "map_verdicts", fixed(p))
+        out = tiny_assistant.run([Request("forgery.detect", [ASSETS / "tampered.png"], ["A"]),
+                                  Request("quality.assess", [ASSETS / "noisy.png"], ["A"])])
+        r = out[0]
+        assert r.forgery.probability == pytest.approx(p) and r.forgery.tampered == (p >= 0.5)
+        # the first verdict word of the answer is the map's (this overfit tiny LM may ramble on after it)
+        assert _first_verdict_word(r.text) == ("tampered" if p >= 0.5 else "authentic"), r.text
+        assert out[1].forgery is None  # a quality row is not read as a verdict
+    assert seen == [2, 2]
+    # without a verdict_map the map is never read
+    monkeypatch.setattr(model.config, "verdict_map", None)
+    again = tiny_assistant.detect_forgery(ASSETS / "tampered.png")
+    assert seen == [2, 2] and again.forgery.probability == pytest.approx(own.forgery.probability)
+
+
+def _first_verdict_word(text: str) -> str | None:
+    from loupe_vlm.prompts.taxonomy import VERDICTS
+
+    hits = [(text.lower().find(p), v.id) for v in VERDICTS for p in v.phrasings if p in text.lower()]
+    return min(hits)[1] if hits else None

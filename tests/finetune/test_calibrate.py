@@ -118,3 +118,88 @@ def test_the_assistant_reports_the_tempered_probability_and_the_same_verdict(tin
     assert after.forgery.probability == pytest.approx(temper(before.forgery.probability, 2.5), abs=1e-9)
     assert after.forgery.tampered == before.forgery.tampered and after.text == before.text
     assert abs(after.forgery.probability - 0.5) < abs(before.forgery.probability - 0.5)
+
+
+def test_the_map_fit_recovers_a_logistic_reading():
+    rng = np.random.default_rng(0)
+    m = rng.normal(3.0, 4.0, 5000)
+    y = rng.random(5000) < 1 / (1 + np.exp(-(0.5 * m - 1.0)))
+    a, b = calibrate.fit_map(m, y)
+    assert a == pytest.approx(0.5, rel=0.1) and b == pytest.approx(-1.0, abs=0.15)
+
+
+def test_a_verdict_map_must_be_a_pair_with_a_positive_slope():
+    assert LoupeConfig(verdict_map=None).check() and LoupeConfig(verdict_map=[0.2, -0.1]).check()
+    for bad in ([0.0, 1.0], [-0.3, 1.0], [1.0], [1.0, "x"], [1.0, float("nan")], [True, 0.0], 0.5):
+        with pytest.raises(ValueError, match="verdict_map"):
+            LoupeConfig(verdict_map=bad).check()
+
+
+def test_a_model_whose_map_decides_refuses_a_temperature_fit(tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path)
+    config = LoupeConfig.load(ckpt / "loupe_config.json")
+    config.verdict_map = [0.2, 0.1]
+    config.save(ckpt / "loupe_config.json")
+    probs, truth = _overconfident()
+    report = _report(tmp_path, checkpoint_id(ckpt, "cal-test"), probs, truth)
+    assert calibrate.main(["--checkpoint", str(ckpt), "--report", str(report)]) == 2
+    assert "tampering map" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # neither --report nor --map
+        calibrate.main(["--checkpoint", str(ckpt)])
+    assert calibrate.main(["--checkpoint", str(ckpt), "--map"]) == 2
+    assert "--data" in capsys.readouterr().err
+
+
+def test_calibrate_map_fits_on_the_heads_of_a_real_model_and_writes_the_reading(tmp_path, capsys):
+    import shutil
+
+    import torch
+
+    from loupe_vlm.assistant.modeling import map_verdict
+    from tests.assistant.test_aux import _tiny
+
+    model, lp = _tiny(1.0)
+    ckpt = tmp_path / "ck"
+    model.save_pretrained(ckpt, processor=lp.processor)
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    maxes = {}
+    for name in ("tampered", "clean"):
+        shutil.copy(ASSETS / f"{name}.png", data / "images" / f"{name}.png")
+        with torch.no_grad():
+            px = lp.encode_sample(_forgery_sample(name, True), data, train=False).lowlevel_pixels[-1]
+            maxes[name] = float(model.encode_lowlevel([px]).aux[0][1].max())
+    hi, lo = sorted(maxes, key=maxes.get, reverse=True)
+
+    def write(path: Path, tampered_share: dict[str, int]) -> Path:
+        with open(path, "w") as f:  # 12 records an image: tampered_share[image] of them tampered
+            for name, k in tampered_share.items():
+                for i in range(12):
+                    f.write(json.dumps(_forgery_sample(name, i < k, f"{name}-{i}").to_dict()) + "\n")
+        return path
+
+    val = write(data / "val.jsonl", {hi: 9, lo: 3})  # the stronger map is tampered 3 times in 4
+    assert calibrate.main(["--checkpoint", str(ckpt), "--map", "--data", str(val), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "24 forgery records (12 tampered, 0 skipped)" in out
+    coef = LoupeConfig.load(ckpt / "loupe_config.json").verdict_map
+    # the maximum-likelihood reading gives each image the share of its records that were tampered
+    assert map_verdict(torch.tensor([maxes[hi]]), coef) == pytest.approx(0.75, abs=0.01)
+    assert map_verdict(torch.tensor([maxes[lo]]), coef) == pytest.approx(0.25, abs=0.01)
+    # labels that say the weaker map is the tampered one cannot decide verdicts: refused, nothing written
+    backwards = write(data / "val2.jsonl", {hi: 3, lo: 9})
+    assert calibrate.main(["--checkpoint", str(ckpt), "--map", "--data", str(backwards), "--no-progress"]) == 2
+    assert "not positive" in capsys.readouterr().err
+    assert LoupeConfig.load(ckpt / "loupe_config.json").verdict_map == coef
+    test = write(data / "test.jsonl", {hi: 9, lo: 3})
+    assert calibrate.main(["--checkpoint", str(ckpt), "--map", "--data", str(test)]) == 2
+    assert "test split" in capsys.readouterr().err
+
+
+def _forgery_sample(name: str, tampered: bool, sid: str = "s"):
+    from loupe_vlm.prompts import Sample, canonical_question, user_content
+
+    return Sample(id=sid, task="forgery.detect", images=[f"images/{name}.png"], image_roles=["A"],
+                  messages=[{"role": "user", "content": user_content(["A"], canonical_question("forgery.detect"))},
+                            {"role": "assistant", "content": [{"type": "text", "text": "The image is authentic."}]}],
+                  masks=[], meta={"tampered": tampered})
