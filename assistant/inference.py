@@ -5,9 +5,9 @@ DESIGN.md's result schema. Numbers are never parsed from digits and never invent
 
 * rating score: the expectation of 5..1 under the softmax over the five rating words, at the
   position where the answer writes its rating word (Q-Align's idea);
-* P(tampered): softmax over {tampered, authentic} at the verdict position, or, for a model whose
-  config sets ``verdict_map``, a logistic reading of its heads' tampering map (the answer then writes
-  that verdict);
+* P(tampered): softmax over {tampered, authentic} at the verdict position, or, in forgery answers of
+  a model whose config sets ``verdict_map``, a logistic reading of its heads' tampering map (the answer
+  then writes that verdict);
 * P(A better): softmax over {A, B} at the verdict position, averaged over both orders of the pair;
 * confidence: the mean probability of the answer's key tokens (verdict, rating, A/B, taxonomy words).
 
@@ -579,10 +579,12 @@ class Assistant:
         if bool(verdict_rows.any()):  # the verdict word written is the one P(tampered) reports
             order = [self.verdicts.groups["tampered"]] + [g for k, g in self.verdicts.groups.items() if k != "tampered"]
             forced = None
-            if self.model.config.verdict_map is not None:  # the tampering map's verdict (LoupeConfig.verdict_map)
+            # the tampering map's verdict (LoupeConfig.verdict_map), for forgery questions only: in a chat the
+            # first verdict-like word may be about something else ("the original image")
+            if self.model.config.verdict_map is not None and "forgery.detect" in tasks:
                 extra["low"] = self.model.encode_lowlevel(batch.get("lowlevel_pixels", []))
-                p_map = [p if bool(v) else None for p, v in
-                         zip(self.model.map_verdicts(batch["input_ids"], batch, extra["low"]), verdict_rows)]
+                p_map = [p if t == "forgery.detect" else None for p, t in
+                         zip(self.model.map_verdicts(batch["input_ids"], batch, extra["low"]), tasks)]
                 forced = [None if p is None else (0 if p >= 0.5 else 1) for p in p_map]
             last.append(VerdictProcessor(order, verdict_rows, forced))
         rating_rows = torch.tensor([t in RATED_TASKS for t in tasks], dtype=torch.bool)

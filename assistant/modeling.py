@@ -249,7 +249,8 @@ class LoupeConfig(ModelOptions):
     """Decoding of forgery verdicts: None, the LM's own P(tampered) (tempered by ``verdict_temperature``)
     decides; ``[a, b]``, P(tampered) is ``sigmoid(a * m + b)`` of m, the largest logit of the auxiliary heads'
     tampering map on the judged image (a logistic fit on a validation split, ``loupe train calibrate
-    --map``), and the answer writes the verdict it gives (``consistency.VerdictProcessor``)."""
+    --map``), and the answer writes the verdict it gives (``consistency.VerdictProcessor``). Forgery
+    questions only: a chat answer's verdict stays the LM's."""
 
     def check(self) -> "LoupeConfig":
         problems = self.model_problems()
