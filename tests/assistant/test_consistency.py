@@ -167,11 +167,15 @@ def test_with_a_verdict_map_the_map_decides_the_verdict_its_probability_and_the_
         # the first verdict word of the answer is the map's (this overfit tiny LM may ramble on after it)
         assert _first_verdict_word(r.text) == ("tampered" if p >= 0.5 else "authentic"), r.text
         assert out[1].forgery is None  # a quality row is not read as a verdict
-    assert seen == [2, 2]
+        # streamed (the demo, serve with stream: true): the same verdict, probability and text
+        *pieces, streamed = list(tiny_assistant.stream(Request("forgery.detect", [ASSETS / "tampered.png"], ["A"])))
+        assert streamed.forgery.probability == pytest.approx(p) and streamed.text == r.text
+        assert pieces and all(isinstance(x, str) for x in pieces)  # it streamed text before the result
+    assert seen == [2, 1, 2, 1]
     # without a verdict_map the map is never read
     monkeypatch.setattr(model.config, "verdict_map", None)
     again = tiny_assistant.detect_forgery(ASSETS / "tampered.png")
-    assert seen == [2, 2] and again.forgery.probability == pytest.approx(own.forgery.probability)
+    assert seen == [2, 1, 2, 1] and again.forgery.probability == pytest.approx(own.forgery.probability)
 
 
 def _first_verdict_word(text: str) -> str | None:
