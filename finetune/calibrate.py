@@ -1,4 +1,4 @@
-"""``loupe train calibrate``: fit a checkpoint's verdict temperature on a validation report.
+"""``loupe train calibrate``: fit how a checkpoint reads P(tampered) on validation data: its temperature, or its tampering map's verdict (--map).
 
     loupe eval --model CKPT --data DATA/forgery/val.jsonl --out runs/val-forgery
     loupe train calibrate --checkpoint CKPT --report runs/val-forgery          # writes CKPT/loupe_config.json
