@@ -665,12 +665,13 @@ class Assistant:
             pos = self.verdicts.first_position(toks)
             tampered = p_t = None
             if pos is not None:
-                vp = self.verdicts.probabilities(logits[pos])
-                p_t = (out["p_map"] if out.get("p_map") is not None
-                       else temper(vp["tampered"], self.model.config.verdict_temperature))
+                p_t = out.get("p_map")
+                if p_t is None:
+                    p_t = temper(self.verdicts.probabilities(logits[pos])["tampered"], self.model.config.verdict_temperature)
+                    key_probs.append(chosen(pos))
+                else:  # the map decided and the verdict word was forced: its probability is no confidence
+                    key_probs.append(max(p_t, 1 - p_t))
                 tampered = p_t >= 0.5
-                # a verdict word the map decided was forced: its probability is no confidence, the map's is
-                key_probs.append(chosen(pos) if out.get("p_map") is None else max(p_t, 1 - p_t))
             mask = mask_prob = None
             if out["masks"]:
                 mask_prob = np.max(np.stack(out["masks"]), axis=0)

@@ -127,7 +127,7 @@ def map_logits(checkpoint: Path, data: Path, progress: bool = True) -> tuple[lis
     import torch
     from tqdm import tqdm
 
-    from loupe_vlm.assistant.modeling import ExplainableVLM
+    from loupe_vlm.assistant.modeling import ExplainableVLM, map_strength
     from loupe_vlm.assistant.processing import LoupeProcessor
     from loupe_vlm.prompts.sample import iter_jsonl
 
@@ -151,17 +151,23 @@ def map_logits(checkpoint: Path, data: Path, progress: bool = True) -> tuple[lis
             if aux is None:
                 raise CalibrationError(f"{checkpoint}: this model has no tampering map (auxiliary heads); "
                                        "calibrate its language model's verdict with --report instead")
-            m.append(float(aux[1].float().max()))
+            m.append(map_strength(aux[1]))
             y.append(bool(sample.meta["tampered"]))
     return m, y, skipped
 
 
 def _map_summary(m: np.ndarray, y: np.ndarray, coef: tuple[float, float]) -> str:
     z = coef[0] * m + coef[1]
-    verdict = z >= 0
-    bal = (float((verdict & y).sum()) / max(1, int(y.sum())) + float((~verdict & ~y).sum()) / max(1, int((~y).sum()))) / 2
-    return (f"NLL {_nll(z, y, 1.0):.4f}   verdict ECE {_verdict_ece(z, y, 1.0):.4f}   balanced accuracy {bal:.3f}   "
-            f"authentic called authentic {float((~verdict & ~y).sum()) / max(1, int((~y).sum())):.3f}")
+    c = M.binary_classification(y.tolist(), (z >= 0).tolist())  # both kinds are present (checked before)
+    return (f"NLL {_nll(z, y, 1.0):.4f}   verdict ECE {_verdict_ece(z, y, 1.0):.4f}   "
+            f"balanced accuracy {c['balanced_accuracy']:.3f}   authentic called authentic {c['specificity']:.3f}")
+
+
+def _refuse_test_split(name: str, what: str, allow: bool) -> None:
+    """The fit is made on validation data so that the test figures stay honest."""
+    if Path(name).name.startswith("test") and not allow:
+        raise CalibrationError(f"{what}: {name} is a test split; fit on the validation split (val.jsonl) so "
+                               "that the test figures stay honest, or pass --allow-test")
 
 
 def _save(config: LoupeConfig, config_file: Path) -> None:
@@ -176,9 +182,7 @@ def main_map(args: argparse.Namespace, config: LoupeConfig, config_file: Path) -
     try:
         if args.data is None:
             raise CalibrationError("--map reads the heads on a validation JSONL: give it with --data")
-        if args.data.name.startswith("test") and not args.allow_test:
-            raise CalibrationError(f"{args.data}: a test split; fit on the validation split (val.jsonl) so that the "
-                                   "test figures stay honest, or pass --allow-test")
+        _refuse_test_split(str(args.data), "--data", args.allow_test)
         m, truth, skipped = map_logits(args.checkpoint, args.data, progress=not args.no_progress)
         y = np.asarray(truth, bool)
         if len(y) < MIN_RECORDS or y.all() or not y.any():
@@ -218,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, metavar="JSONL", help="with --map: a validation JSONL of forgery records")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (--map)")
     p.add_argument("--dry-run", action="store_true", help="print the fit, write nothing")
-    p.add_argument("--allow-test", action="store_true", help="accept a report of a test split (not advised)")
+    p.add_argument("--allow-test", action="store_true", help="accept a test split, as --report's data or as --data (not advised)")
     return p
 
 
@@ -241,9 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         if model.split("+", 1)[0] != own:
             raise CalibrationError(f"{args.report}: its answers are of model {model or '(none)'}, not of "
                                    f"{args.checkpoint} ({own}); run loupe eval with this checkpoint")
-        if Path(data).name.startswith("test") and not args.allow_test:
-            raise CalibrationError(f"{args.report}: is a report of {data}, a test split; fit on the validation "
-                                   "split (val.jsonl) so that the test figures stay honest, or pass --allow-test")
+        _refuse_test_split(data, str(args.report), args.allow_test)
         y = np.asarray(truth, bool)
         if len(y) < MIN_RECORDS or y.all() or not y.any():
             raise CalibrationError(f"{args.report}: {len(y)} forgery answers with a verdict probability, "
