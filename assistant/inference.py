@@ -46,6 +46,7 @@ from loupe_vlm.prompts import (
 )
 from loupe_vlm.prompts.parsing import find_terms, parse_distortions, parse_manipulation, strip_mask_tokens
 
+from . import duplication
 from . import lm_precision as lm_precision_mod
 from . import merged_cache
 from .consistency import RatingProcessor, RepeatBan, VerdictProcessor
@@ -505,7 +506,16 @@ class Assistant:
             ia, ib = req.roles.index("A"), req.roles.index("B")
             swapped[ia], swapped[ib] = pil[ib], pil[ia]
             orders.append(swapped)
-        return [self._encode(req, imgs) for imgs in orders]
+        encoded = [self._encode(req, imgs) for imgs in orders]
+        if req.task == "forgery.detect" and self._weighs_duplicates():  # copy-move evidence of the judged image
+            judged = encoded[0].mask_image
+            encoded[0].duplicate = duplication.find_duplicate(np.asarray(pil[judged].convert("RGB")))
+        return encoded
+
+    def _weighs_duplicates(self) -> bool:
+        """Whether forgery verdicts weigh copy-move evidence (a three-term ``LoupeConfig.verdict_map``)."""
+        coef = self.model.config.verdict_map
+        return coef is not None and len(coef) > 2
 
     def _encode(self, req: Request, images: list[Any]):
         if req.task == "chat":
@@ -576,6 +586,7 @@ class Assistant:
         verdict_rows = torch.tensor([t in VERDICT_TASKS for t in tasks], dtype=torch.bool)
         last: list[Any] = []
         p_map: list[float | None] = [None] * len(encoded)
+        copies: list[np.ndarray | None] = [None] * len(encoded)
         if bool(verdict_rows.any()):  # the verdict word written is the one P(tampered) reports
             order = [self.verdicts.groups["tampered"]] + [g for k, g in self.verdicts.groups.items() if k != "tampered"]
             forced = None
@@ -583,9 +594,13 @@ class Assistant:
             # first verdict-like word may be about something else ("the original image")
             if self.model.config.verdict_map is not None and "forgery.detect" in tasks:
                 extra["low"] = self.model.encode_lowlevel(batch.get("lowlevel_pixels", []))
+                dups = [e.duplicate if t == "forgery.detect" else None for e, t in zip(encoded, tasks)]
                 p_map = [p if t == "forgery.detect" else None for p, t in
-                         zip(self.model.map_verdicts(batch["input_ids"], batch, extra["low"]), tasks)]
+                         zip(self.model.map_verdicts(batch["input_ids"], batch, extra["low"],
+                                                     [duplication.strength(d) for d in dups]), tasks)]
                 forced = [None if p is None else (0 if p >= 0.5 else 1) for p in p_map]
+                copies = self._pasted_copies(encoded, dups, p_map,
+                                             self.model.tamper_maps(batch["input_ids"], batch, extra["low"]))
             last.append(VerdictProcessor(order, verdict_rows, forced))
         rating_rows = torch.tensor([t in RATED_TASKS for t in tasks], dtype=torch.bool)
         if bool(rating_rows.any()) and self.eos_ids:  # an assessment does not end before its rating word
@@ -605,7 +620,8 @@ class Assistant:
             pos = [gen["prompt_len"] + t for t, x in enumerate(toks) if x == self.model.config.mask_token_id
                    and gen["prompt_len"] + t < gen["hidden"].shape[1]]
             positions.append(torch.tensor(pos, dtype=torch.long))
-            rows.append({"tokens": toks, "logits": gen["logits"][b, :end], "masks": [], "p_map": p_map[b]})
+            rows.append({"tokens": toks, "logits": gen["logits"][b, :end], "masks": [], "p_map": p_map[b],
+                         "copy": copies[b]})
         if any(p.numel() for p in positions):
             logits = self.model.decode_masks(gen["hidden"], batch["input_ids"].to(self.model.device), batch,
                                              gen["lowlevel"], positions)
@@ -615,6 +631,21 @@ class Assistant:
                 for _ in range(pos.numel()):
                     rows[b]["masks"].append(torch.sigmoid(resize_logits(next(it), (h, w))).cpu().numpy())
         return rows
+
+    @staticmethod
+    def _pasted_copies(encoded: list[Any], dups: list[Any], p_map: list[float | None],
+                       maps: dict[int, torch.Tensor]) -> list[np.ndarray | None]:
+        """Per row judged tampered with copy-move evidence (``duplication.found``), the copy its tampering
+        map marks more strongly (mean logit inside each of the two regions): the pasted one, whose borders
+        and resampling the heads were trained to see; the source is untouched. None elsewhere."""
+        out: list[np.ndarray | None] = [None] * len(encoded)
+        for b, (dup, p) in enumerate(zip(dups, p_map)):
+            if p is None or p < 0.5 or not duplication.found(dup) or b not in maps:
+                continue
+            w, h = encoded[b].sizes[encoded[b].mask_image]
+            tmap = resize_logits(maps[b].float().cpu(), (h, w)).numpy()
+            out[b] = dup.first if tmap[dup.first].mean() >= tmap[dup.second].mean() else dup.second
+        return out
 
     # ---- reading the answer --------------------------------------------------------------------
     def _fill(self, res: Result, req: Request, out: dict, swapped: dict | None,
@@ -675,6 +706,10 @@ class Assistant:
             mask = mask_prob = None
             if out["masks"]:
                 mask_prob = np.max(np.stack(out["masks"]), axis=0)
+            if out.get("copy") is not None:  # the pasted copy of a duplicated region joins the mask
+                copy = out["copy"].astype(np.float32)
+                mask_prob = copy if mask_prob is None else np.maximum(mask_prob, copy)
+            if mask_prob is not None:
                 mask = mask_prob > 0.5
             if task != "chat" or pos is not None:
                 res.forgery = Forgery(tampered, p_t, parse_manipulation(res.text),

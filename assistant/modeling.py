@@ -249,8 +249,9 @@ class LoupeConfig(ModelOptions):
     """Decoding of forgery verdicts: None, the LM's own P(tampered) (tempered by ``verdict_temperature``)
     decides; ``[a, b]``, P(tampered) is ``sigmoid(a * m + b)`` of m, the largest logit of the auxiliary heads'
     tampering map on the judged image (a logistic fit on a validation split, ``loupe train calibrate
-    --map``), and the answer writes the verdict it gives (``consistency.VerdictProcessor``). Forgery
-    questions only: a chat answer's verdict stays the LM's."""
+    --map``), and the answer writes the verdict it gives (``consistency.VerdictProcessor``); ``[a, b, c]``
+    adds ``c * d``, d the copy-move evidence of the judged image (``duplication.strength``), and the copy the
+    map marks more strongly joins the mask. Forgery questions only: a chat answer's verdict stays the LM's."""
 
     def check(self) -> "LoupeConfig":
         problems = self.model_problems()
@@ -359,14 +360,17 @@ class _Residual(nn.Sequential):
 
 
 def verdict_map_problem(coef: Any) -> str | None:
-    """What is wrong with a ``LoupeConfig.verdict_map`` (None, or ``[a, b]`` with a > 0), or None."""
+    """What is wrong with a ``LoupeConfig.verdict_map`` (None, ``[a, b]`` with a > 0, or ``[a, b, c]`` with
+    also c > 0), or None."""
     if coef is None:
         return None
-    if (not isinstance(coef, (list, tuple)) or len(coef) != 2
+    if (not isinstance(coef, (list, tuple)) or len(coef) not in (2, 3)
             or any(isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) for c in coef)):
-        return f"{coef!r} is not None or a pair of numbers [a, b]"
+        return f"{coef!r} is not None, a pair of numbers [a, b] or a triple [a, b, c]"
     if coef[0] <= 0:
         return f"{coef!r}: the slope a must be > 0 (a stronger tampering map reads as more likely tampered)"
+    if len(coef) == 3 and coef[2] <= 0:
+        return f"{coef!r}: the weight c must be > 0 (stronger copy-move evidence reads as more likely tampered)"
     return None
 
 
@@ -377,9 +381,13 @@ def map_strength(tamper_map: torch.Tensor) -> float:
     return float(tamper_map.float().max())
 
 
-def map_verdict(tamper_map: torch.Tensor, coef: Sequence[float]) -> float:
-    """P(tampered) = sigmoid(a * ``map_strength`` + b), ``coef`` = (a, b) (``LoupeConfig.verdict_map``)."""
-    return float(torch.sigmoid(torch.tensor(coef[0] * map_strength(tamper_map) + coef[1])))
+def map_verdict(tamper_map: torch.Tensor, coef: Sequence[float], duplicate: float = 0.0) -> float:
+    """P(tampered) = sigmoid(a * ``map_strength`` + b [+ c * ``duplicate``]), ``coef`` = (a, b[, c])
+    (``LoupeConfig.verdict_map``); ``duplicate`` is the copy-move evidence (``duplication.strength``)."""
+    z = coef[0] * map_strength(tamper_map) + coef[1]
+    if len(coef) > 2:
+        z += coef[2] * duplicate
+    return float(torch.sigmoid(torch.tensor(z)))
 
 
 def map_pool(logits: torch.Tensor) -> torch.Tensor:
@@ -1014,19 +1022,28 @@ class ExplainableVLM(nn.Module):
             per_row.setdefault(row, []).append(i)
         return per_row
 
-    def map_verdicts(self, input_ids: torch.Tensor, batch: dict[str, Any], low: LowLevel) -> list[float | None]:
+    def map_verdicts(self, input_ids: torch.Tensor, batch: dict[str, Any], low: LowLevel,
+                     duplicates: Sequence[float] | None = None) -> list[float | None]:
         """Per batch row, P(tampered) read from the tampering map of its last (judged) image by
-        ``config.verdict_map`` (``map_verdict``); None for a row without an image or without the heads,
-        and for every row when the config sets no ``verdict_map``."""
+        ``config.verdict_map`` (``map_verdict``), with the row's copy-move evidence ``duplicates[row]`` where
+        the config weighs it; None for a row without an image or without the heads, and for every row when
+        the config sets no ``verdict_map``."""
         out: list[float | None] = [None] * input_ids.shape[0]
         coef = self.config.verdict_map
         if coef is None:
             return out
+        for row, tmap in self.tamper_maps(input_ids, batch, low).items():
+            out[row] = map_verdict(tmap, coef, duplicates[row] if duplicates is not None else 0.0)
+        return out
+
+    def tamper_maps(self, input_ids: torch.Tensor, batch: dict[str, Any], low: LowLevel) -> dict[int, torch.Tensor]:
+        """Per batch row with one, the auxiliary heads' tampering map (logits, (h, w)) of its last (judged) image."""
+        maps: dict[int, torch.Tensor] = {}
         for row, imgs in self.row_images(input_ids, batch).items():
             aux = low.aux[imgs[-1]] if imgs else None
             if aux is not None:
-                out[row] = map_verdict(aux[1], coef)
-        return out
+                maps[row] = aux[1]
+        return maps
 
     def guide_processor(self, guide: Any, strengths: torch.Tensor, input_ids: torch.Tensor, batch: dict[str, Any],
                         low: LowLevel, compare: torch.Tensor | None = None,

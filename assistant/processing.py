@@ -157,6 +157,7 @@ class Encoded:
     sizes: list[tuple[int, int]]  # (W, H) of each image as given, so masks come back at that size
     aux: torch.Tensor | None = None  # (N, AUX_DIM) per-image labels from Sample.meta, NaN = unknown
     aux_mask: list[torch.Tensor | None] | None = None  # per image: tampered-pixel map (H', W') or None
+    duplicate: Any = None  # at inference, a forgery question's copy-move evidence (duplication.Duplicate) or None
 
 
 # Auxiliary per-image labels (see ``aux_labels``): one bit per distortion category, then the worst

@@ -17,10 +17,12 @@ refused unless ``--allow-test``. The fit is done on the LM's own logit: the repo
 undone with the temperature the checkpoint had when the report was made.
 
 With ``--map`` it fits the other reading of the verdict instead (``LoupeConfig.verdict_map``): P(tampered)
-= ``sigmoid(a * m + b)`` of m, the largest logit of the auxiliary heads' tampering map on each image of a
-validation JSONL (``--data``), by maximum likelihood (a logistic regression on one feature). The model then
-decides its verdicts by that probability, and its answers write them. This runs the heads alone on each
-image (about 0.1 s an image on 2 cores), not the language model:
+= ``sigmoid(a * m + b + c * d)`` of m, the largest logit of the auxiliary heads' tampering map on each image
+of a validation JSONL (``--data``), and d, the image's copy-move evidence (``assistant/duplication.py``: a
+region found twice in the image; 0 where none), by maximum likelihood (a logistic regression). The model
+then decides its verdicts by that probability, and its answers write them. ``--no-duplicates`` fits
+``sigmoid(a * m + b)`` alone; so does a split where no image shows copy-move evidence. This runs the heads
+and the copy-move search alone on each image (about 0.4 s an image on 2 cores), not the language model:
 
     loupe train calibrate --checkpoint CKPT --map --data DATA/forgery/val.jsonl
 """
@@ -110,25 +112,39 @@ def _verdict_ece(z: np.ndarray, y: np.ndarray, t: float) -> float:
     return M.calibration(np.where(verdict, p, 1 - p).tolist(), (verdict == y).tolist())["ece"]
 
 
-def fit_map(m: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """The (a, b) that minimise the mean negative log-likelihood of ``y`` under ``sigmoid(a * m + b)``."""
+def fit_map(m: np.ndarray, y: np.ndarray, d: np.ndarray | None = None) -> tuple[float, ...]:
+    """The (a, b) that minimise the mean negative log-likelihood of ``y`` under ``sigmoid(a * m + b)``; with
+    ``d`` (copy-move evidence), the (a, b, c) of ``sigmoid(a * m + b + c * d)``."""
     from scipy.optimize import minimize
 
-    scale = float(np.std(m)) or 1.0  # fitted on standardised m, so the optimiser sees a round problem
-    u = (m - float(np.mean(m))) / scale
-    res = minimize(lambda w: _nll(w[0] * u + w[1], y, 1.0), np.zeros(2), method="BFGS")
-    a = float(res.x[0]) / scale
-    return a, float(res.x[1]) - a * float(np.mean(m))
+    x = np.stack([m] if d is None else [m, d], axis=1).astype(float)
+    mu = x.mean(axis=0)
+    sd = x.std(axis=0)
+    sd[sd == 0] = 1.0  # fitted on standardised features, so the optimiser sees a round problem
+    u = (x - mu) / sd
+    res = minimize(lambda w: _nll(u @ w[:-1] + w[-1], y, 1.0), np.zeros(x.shape[1] + 1), method="BFGS")
+    w = res.x[:-1] / sd
+    b = float(res.x[-1] - w @ mu)
+    return (float(w[0]), b) if d is None else (float(w[0]), b, float(w[1]))
 
 
-def map_logits(checkpoint: Path, data: Path, progress: bool = True) -> tuple[list[float], list[bool], int]:
+def map_z(coef: tuple[float, ...], m: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """The logit of P(tampered) under ``verdict_map`` ``coef`` (``modeling.map_verdict``, vectorised)."""
+    z = coef[0] * m + coef[1]
+    return z + coef[2] * d if len(coef) > 2 else z
+
+
+def map_logits(checkpoint: Path, data: Path, progress: bool = True, duplicates: bool = False
+               ) -> tuple[list[float], list[bool], int, list[float]]:
     """The largest tampering-map logit of the judged image of each forgery record in ``data`` with a
-    known verdict, the truths, and how many records were skipped (an unreadable image)."""
+    known verdict, the truths, how many records were skipped (an unreadable image), and with
+    ``duplicates`` each judged image's copy-move evidence (``duplication.strength``; else an empty list)."""
     import torch
     from tqdm import tqdm
 
+    from loupe_vlm.assistant import duplication
     from loupe_vlm.assistant.modeling import ExplainableVLM, map_strength
-    from loupe_vlm.assistant.processing import LoupeProcessor
+    from loupe_vlm.assistant.processing import LoupeProcessor, load_image
     from loupe_vlm.prompts.sample import iter_jsonl
 
     model, processor = ExplainableVLM.from_pretrained(checkpoint)
@@ -138,11 +154,14 @@ def map_logits(checkpoint: Path, data: Path, progress: bool = True) -> tuple[lis
                if s.task == "forgery.detect" and isinstance((s.meta or {}).get("tampered"), bool)]
     m: list[float] = []
     y: list[bool] = []
+    d: list[float] = []
     skipped = 0
     with torch.no_grad():
         for line, sample in tqdm(samples, desc="tampering maps", disable=not progress, dynamic_ncols=True):
             try:
                 enc = lp.encode_sample(sample, data.parent, train=False)
+                judged = (np.asarray(load_image(data.parent / sample.images[enc.mask_image], lp.max_image_pixels))
+                          if duplicates else None)
             except (OSError, ValueError) as exc:
                 print(f"{data}:{line}: skipped ({exc})", file=sys.stderr)
                 skipped += 1
@@ -153,11 +172,13 @@ def map_logits(checkpoint: Path, data: Path, progress: bool = True) -> tuple[lis
                                        "calibrate its language model's verdict with --report instead")
             m.append(map_strength(aux[1]))
             y.append(bool(sample.meta["tampered"]))
-    return m, y, skipped
+            if judged is not None:
+                d.append(duplication.strength(duplication.find_duplicate(judged)))
+    return m, y, skipped, d
 
 
-def _map_summary(m: np.ndarray, y: np.ndarray, coef: tuple[float, float]) -> str:
-    z = coef[0] * m + coef[1]
+def _map_summary(m: np.ndarray, y: np.ndarray, coef: tuple[float, ...], d: np.ndarray) -> str:
+    z = map_z(coef, m, d)
     c = M.binary_classification(y.tolist(), (z >= 0).tolist())  # both kinds are present (checked before)
     return (f"NLL {_nll(z, y, 1.0):.4f}   verdict ECE {_verdict_ece(z, y, 1.0):.4f}   "
             f"balanced accuracy {c['balanced_accuracy']:.3f}   authentic called authentic {c['specificity']:.3f}")
@@ -183,7 +204,8 @@ def main_map(args: argparse.Namespace, config: LoupeConfig, config_file: Path) -
         if args.data is None:
             raise CalibrationError("--map reads the heads on a validation JSONL: give it with --data")
         _refuse_test_split(str(args.data), "--data", args.allow_test)
-        m, truth, skipped = map_logits(args.checkpoint, args.data, progress=not args.no_progress)
+        m, truth, skipped, dups = map_logits(args.checkpoint, args.data, progress=not args.no_progress,
+                                             duplicates=not args.no_duplicates)
         y = np.asarray(truth, bool)
         if len(y) < MIN_RECORDS or y.all() or not y.any():
             raise CalibrationError(f"{args.data}: {len(y)} forgery records with a known verdict, {int(y.sum())} "
@@ -192,20 +214,30 @@ def main_map(args: argparse.Namespace, config: LoupeConfig, config_file: Path) -
         print(f"loupe train calibrate: {exc}", file=sys.stderr)
         return 2
     mm = np.asarray(m, float)
-    a, b = fit_map(mm, y)
+    dd = np.asarray(dups, float) if dups else np.zeros_like(mm)
+    coef = fit_map(mm, y, dd if dups and dd.any() else None)
     print(f"{len(y)} forgery records ({int(y.sum())} tampered, {skipped} skipped) from {args.data}")
+    if dups:
+        found = dd > 0
+        print(f"  copy-move evidence on {int(found[y].sum())} of {int(y.sum())} tampered and "
+              f"{int(found[~y].sum())} of {int((~y).sum())} authentic images")
     if config.verdict_map is not None:
-        print(f"  before  {_map_summary(mm, y, tuple(config.verdict_map))}   (verdict_map {config.verdict_map})")
-    print(f"  after   {_map_summary(mm, y, (a, b))}   (on these records)")
-    print(f"verdict_map: P(tampered) = sigmoid({a:.4g} * max map logit + {b:.4g})")
-    if a <= 0:
+        print(f"  before  {_map_summary(mm, y, tuple(config.verdict_map), dd)}   (verdict_map {config.verdict_map})")
+    print(f"  after   {_map_summary(mm, y, coef, dd)}   (on these records)")
+    print(f"verdict_map: P(tampered) = sigmoid({coef[0]:.4g} * max map logit + {coef[1]:.4g}"
+          + (f" + {coef[2]:.4g} * copy-move evidence)" if len(coef) > 2 else ")"))
+    if coef[0] <= 0:
         print("loupe train calibrate: the fitted slope is not positive: on these records a stronger tampering map "
               "does not mean tampered, so the map cannot decide the verdicts; nothing written", file=sys.stderr)
+        return 2
+    if len(coef) > 2 and coef[2] <= 0:
+        print("loupe train calibrate: the fitted weight of copy-move evidence is not positive: on these records "
+              "it does not mean tampered; fit without it (--no-duplicates); nothing written", file=sys.stderr)
         return 2
     if args.dry_run:
         print("dry run: nothing written")
         return 0
-    config.verdict_map = [round(a, 4), round(b, 4)]
+    config.verdict_map = [round(c, 4) for c in coef]
     _save(config, config_file)
     print(f"wrote verdict_map = {config.verdict_map} to {config_file}")
     return 0
@@ -220,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--map", action="store_true",
                    help="fit the tampering map's verdict (verdict_map) on --data instead of the temperature")
     p.add_argument("--data", type=Path, metavar="JSONL", help="with --map: a validation JSONL of forgery records")
+    p.add_argument("--no-duplicates", action="store_true",
+                   help="with --map: fit the map alone, without the copy-move evidence term (assistant/duplication.py)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (--map)")
     p.add_argument("--dry-run", action="store_true", help="print the fit, write nothing")
     p.add_argument("--allow-test", action="store_true", help="accept a test split, as --report's data or as --data (not advised)")

@@ -153,7 +153,7 @@ def test_with_a_verdict_map_the_map_decides_the_verdict_its_probability_and_the_
     seen = []
 
     def fixed(p):
-        def map_verdicts(input_ids, batch, low):
+        def map_verdicts(input_ids, batch, low, duplicates=None):
             seen.append(input_ids.shape[0])
             return [p] * input_ids.shape[0]
         return map_verdicts
@@ -176,6 +176,45 @@ def test_with_a_verdict_map_the_map_decides_the_verdict_its_probability_and_the_
     monkeypatch.setattr(model.config, "verdict_map", None)
     again = tiny_assistant.detect_forgery(ASSETS / "tampered.png")
     assert seen == [2, 1, 2, 1] and again.forgery.probability == pytest.approx(own.forgery.probability)
+
+
+def test_copy_move_evidence_raises_p_tampered_and_its_pasted_copy_joins_the_mask(tiny_assistant, monkeypatch):
+    import numpy as np
+
+    from loupe_vlm.assistant import duplication
+
+    model = tiny_assistant.model
+    w, h = 128, 96  # tests/assets/tampered.png
+    left, right = np.zeros((h, w), bool), np.zeros((h, w), bool)
+    left[20:60, 10:50] = True
+    right[30:70, 70:110] = True
+    dup = duplication.Duplicate(30, 44, np.eye(2, 3), first=left, second=right)
+    calls = []
+    monkeypatch.setattr(duplication, "find_duplicate", lambda rgb: calls.append(rgb.shape) or dup)
+    strong_right = torch.full((24, 32), -3.0)
+    strong_right[:, 16:] = 1.0  # the map marks the right copy: that one was pasted
+    monkeypatch.setattr(model, "tamper_maps", lambda ids, batch, low: {r: strong_right for r in range(ids.shape[0])})
+    monkeypatch.setattr(model.config, "verdict_map", [1.0, 0.0, 2.0])
+    req = Request("forgery.detect", [ASSETS / "tampered.png"], ["A"])
+    r = tiny_assistant.run([req, Request("quality.assess", [ASSETS / "noisy.png"], ["A"])])[0]
+    want = 1 / (1 + math.exp(-(1.0 + 2.0 * math.log(31))))
+    assert calls == [(h, w, 3)]  # the judged image, once; not the quality row's
+    assert r.forgery.probability == pytest.approx(want, abs=1e-4) and r.forgery.tampered
+    assert r.forgery.mask is not None and r.forgery.mask[right].all()  # the pasted copy is marked
+    assert r.forgery.mask_probability[right].min() == pytest.approx(1.0)
+    *_, streamed = list(tiny_assistant.stream(req))  # the demo's path: the same verdict and mask
+    assert streamed.forgery.probability == pytest.approx(want, abs=1e-4) and streamed.forgery.mask[right].all()
+    # judged authentic, the copy is not added: no evidence adds a region to an authentic answer
+    weak = torch.full((24, 32), -20.0)
+    monkeypatch.setattr(model, "tamper_maps", lambda ids, batch, low: {r: weak for r in range(ids.shape[0])})
+    r = tiny_assistant.run([req])[0]
+    assert r.forgery.probability == pytest.approx(1 / (1 + math.exp(20.0 - 2.0 * math.log(31))), rel=1e-3)
+    assert not r.forgery.tampered and (r.forgery.mask is None or not r.forgery.mask[right].all())
+    # a two-term verdict_map does not look for copies at all
+    monkeypatch.setattr(model.config, "verdict_map", [1.0, 0.0])
+    n = len(calls)
+    r = tiny_assistant.run([req])[0]
+    assert len(calls) == n and r.forgery.probability == pytest.approx(1 / (1 + math.exp(20.0)), rel=1e-3)
 
 
 def _first_verdict_word(text: str) -> str | None:

@@ -128,9 +128,49 @@ def test_the_map_fit_recovers_a_logistic_reading():
     assert a == pytest.approx(0.5, rel=0.1) and b == pytest.approx(-1.0, abs=0.15)
 
 
+def test_the_map_fit_with_copy_move_evidence_recovers_all_three_terms():
+    rng = np.random.default_rng(1)
+    m = rng.normal(3.0, 4.0, 8000)
+    d = np.where(rng.random(8000) < 0.2, rng.uniform(2.7, 5.0, 8000), 0.0)  # log(1 + inliers) or none
+    y = rng.random(8000) < 1 / (1 + np.exp(-(0.5 * m - 1.0 + 0.8 * d)))
+    a, b, c = calibrate.fit_map(m, y, d)
+    assert a == pytest.approx(0.5, rel=0.1) and b == pytest.approx(-1.0, abs=0.2) and c == pytest.approx(0.8, rel=0.15)
+
+
+def test_calibrate_map_writes_three_terms_and_refuses_evidence_that_points_the_wrong_way(tmp_path, capsys, monkeypatch):
+    ckpt = _checkpoint(tmp_path)
+    val = tmp_path / "val.jsonl"
+    val.write_text("")
+    rng = np.random.default_rng(2)
+    m = rng.normal(0.0, 3.0, 3000)
+    d = np.where(rng.random(3000) < 0.3, 3.5, 0.0)
+
+    def fake(c):
+        y = rng.random(3000) < 1 / (1 + np.exp(-(0.6 * m + 0.2 + c * d)))
+        return lambda checkpoint, data, progress=True, duplicates=False: (
+            m.tolist(), y.tolist(), 0, d.tolist() if duplicates else [])
+
+    monkeypatch.setattr(calibrate, "map_logits", fake(1.0))
+    assert calibrate.main(["--checkpoint", str(ckpt), "--map", "--data", str(val), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    coef = LoupeConfig.load(ckpt / "loupe_config.json").verdict_map
+    assert len(coef) == 3 and coef[2] == pytest.approx(1.0, rel=0.25) and "copy-move evidence on" in out
+    # --no-duplicates: the map alone
+    assert calibrate.main(["--checkpoint", str(ckpt), "--map", "--data", str(val), "--no-duplicates"]) == 0
+    assert len(LoupeConfig.load(ckpt / "loupe_config.json").verdict_map) == 2
+    # evidence that goes with authentic images cannot raise P(tampered): refused, nothing written
+    before = LoupeConfig.load(ckpt / "loupe_config.json").verdict_map
+    monkeypatch.setattr(calibrate, "map_logits", fake(-1.5))
+    assert calibrate.main(["--checkpoint", str(ckpt), "--map", "--data", str(val), "--no-progress"]) == 2
+    assert "copy-move evidence is not positive" in capsys.readouterr().err
+    assert LoupeConfig.load(ckpt / "loupe_config.json").verdict_map == before
+
+
 def test_a_verdict_map_must_be_a_pair_with_a_positive_slope():
     assert LoupeConfig(verdict_map=None).check() and LoupeConfig(verdict_map=[0.2, -0.1]).check()
-    for bad in ([0.0, 1.0], [-0.3, 1.0], [1.0], [1.0, "x"], [1.0, float("nan")], [True, 0.0], 0.5):
+    assert LoupeConfig(verdict_map=[0.2, -0.1, 0.9]).check()
+    for bad in ([0.0, 1.0], [-0.3, 1.0], [1.0], [1.0, "x"], [1.0, float("nan")], [True, 0.0], 0.5,
+                [0.2, 0.1, 0.0], [0.2, 0.1, -1.0], [0.2, 0.1, 1.0, 1.0]):
         with pytest.raises(ValueError, match="verdict_map"):
             LoupeConfig(verdict_map=bad).check()
 
@@ -178,6 +218,17 @@ def test_calibrate_map_fits_on_the_heads_of_a_real_model_and_writes_the_reading(
                     f.write(json.dumps(_forgery_sample(name, i < k, f"{name}-{i}").to_dict()) + "\n")
         return path
 
+    # the copy-move search runs on each judged image: a texture with a copied square shows evidence, the
+    # assets do not
+    from PIL import Image
+
+    from tests.assistant.test_duplication import _paste, _texture
+
+    Image.fromarray(_paste(_texture(), (20, 30), (130, 120), 60)[0]).save(data / "images" / "copied.png")
+    probe = write(data / "probe.jsonl", {"copied": 6, hi: 6, lo: 6})
+    _, _, _, evidence = calibrate.map_logits(ckpt, probe, progress=False, duplicates=True)
+    assert len(evidence) == 36 and all(e > 0 for e in evidence[:12]) and not any(evidence[12:])
+    assert calibrate.map_logits(ckpt, probe, progress=False)[3] == []
     val = write(data / "val.jsonl", {hi: 9, lo: 3})  # the stronger map is tampered 3 times in 4
     assert calibrate.main(["--checkpoint", str(ckpt), "--map", "--data", str(val), "--no-progress"]) == 0
     out = capsys.readouterr().out
