@@ -118,8 +118,9 @@ class RepeatBan:
     not to the other rows, and never to ``keep`` (token ids whose choice the result reads: rating words,
     A and B), so that no banned word makes the text disagree with the result read from the same scores.
 
-    Used on quality answers only: forgery answers repeat location words and coordinate digits by design
-    ("from 10% to 49% across and 11% to 49% down"), where a ban would change a location."""
+    Used on quality answers, and on forgery answers with ``keep`` holding what those repeat by design: the
+    digits, "%" and joining words of their coordinates ("from 10% to 49% across and 11% to 49% down"),
+    where a ban would change a location, and the mask token, one per region."""
 
     def __init__(self, n: int, rows: torch.Tensor, keep: Sequence[int] = ()):
         from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor

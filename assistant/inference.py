@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import queue
+import re
 import shutil
 import threading
 import time
@@ -608,6 +609,9 @@ class Assistant:
         quality_rows = torch.tensor([t in GUIDED_TASKS for t in tasks], dtype=torch.bool)
         if bool(quality_rows.any()):  # a quality answer says each thing once
             last.append(RepeatBan(NO_REPEAT_TOKENS, quality_rows, self.ratings.all_ids + self.ab.all_ids))
+        forgery_rows = torch.tensor([t == "forgery.detect" for t in tasks], dtype=torch.bool)
+        if bool(forgery_rows.any()):  # ... and so does a forgery answer, but for its coordinates and masks
+            last.append(RepeatBan(NO_REPEAT_TOKENS, forgery_rows, self._forgery_keep()))
         if last:
             extra["last_processors"] = last
         gen = self.model.generate(batch, max_new_tokens=max_new_tokens or self.max_new_tokens, **extra)
@@ -631,6 +635,17 @@ class Assistant:
                 for _ in range(pos.numel()):
                     rows[b]["masks"].append(torch.sigmoid(resize_logits(next(it), (h, w))).cpu().numpy())
         return rows
+
+    def _forgery_keep(self) -> list[int]:
+        """Tokens a forgery answer may repeat (``RepeatBan``'s ``keep``): digits, "%", spaces and punctuation,
+        " to", " and", " across" and " down", which its coordinates repeat by design ("from 10% to 80% across
+        and 10% to 90% down"), the mask token (one per region) and the verdict words."""
+        if getattr(self, "_keep_forgery", None) is None:
+            tok = self.tokenizer
+            words = {"to", "and", "across", "down"}
+            keep = [i for i in range(len(tok)) if re.fullmatch(r"[\s\d%.,;:()]*", t := tok.decode([i])) or t.strip() in words]
+            self._keep_forgery = keep + [self.model.config.mask_token_id] + self.verdicts.all_ids
+        return self._keep_forgery
 
     @staticmethod
     def _pasted_copies(encoded: list[Any], dups: list[Any], p_map: list[float | None],
