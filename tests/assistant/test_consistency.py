@@ -222,3 +222,28 @@ def _first_verdict_word(text: str) -> str | None:
 
     hits = [(text.lower().find(p), v.id) for v in VERDICTS for p in v.phrasings if p in text.lower()]
     return min(hits)[1] if hits else None
+
+
+def test_forgery_answers_may_repeat_their_coordinates_and_masks_but_not_their_words(tiny_assistant):
+    tok = tiny_assistant.tokenizer
+    keep = tiny_assistant._forgery_keep()
+    mask_id = tiny_assistant.model.config.mask_token_id
+    assert mask_id in keep and set(tiny_assistant.verdicts.all_ids) <= set(keep)
+
+    def banned(prefix: str, nxt: str) -> bool:
+        ids = tok(prefix, add_special_tokens=False)["input_ids"]
+        want = tok(prefix + nxt, add_special_tokens=False)["input_ids"][len(ids)]
+        proc = RepeatBan(4, torch.tensor([True]), keep)
+        prompt = torch.tensor([[1, 2]])
+        proc(prompt, torch.zeros(1, len(tok)))  # the first call fixes where the answer starts
+        scores = proc(torch.cat([prompt, torch.tensor([ids])], 1), torch.zeros(1, len(tok)))
+        return bool(torch.isinf(scores[0, want]))
+
+    # the builders' coordinates repeat digits, "%" and their joining words by design
+    assert not banned("from 10% to 80% across and 10% to", " 90")
+    assert not banned("from 10% to 80% across and 10%", " to")
+    # a repeated phrase of words is banned at the token that would complete its second copy
+    phrase = "The evidence: sharpness that differs from its surroundings and sharpness that differs"
+    assert banned(phrase, " from") and not banned(phrase, " in")
+    # ... and a mask token may follow each region, however alike the regions' words
+    assert mask_id in keep
