@@ -89,6 +89,12 @@ AB_PROBE_TOKENS = 12
 """How far the unguided first pass of a ``both_orders`` comparison writes: the builders' verdict sentences
 name the image within their first six words ("The better one is image A.")."""
 
+COPY_MOVE_NOTE = ("Part of the image also appears elsewhere in it ({pairs} matching keypoint pairs), a sign of "
+                  "copy-move; the mask includes the copy.")
+"""Added to a forgery answer judged tampered whose copy-move evidence counted (``assistant/duplication.py``):
+the model's words do not know of it, and the mask has grown by the pasted copy. It names no verdict word
+and no location, so the text still agrees with the result."""
+
 NO_REPEAT_TOKENS = 4
 """A quality answer (identify, assess, compare, rate) never writes the same run of this many tokens twice
 (``consistency.RepeatBan``); the comparisons' "… makes the picture look flat … makes the picture look
@@ -556,7 +562,9 @@ class Assistant:
 
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
+        streamed = ""
         while (piece := pieces.get()) is not None:
+            streamed += piece
             yield piece
         thread.join()
         if "error" in done:
@@ -565,6 +573,8 @@ class Assistant:
                  if swapped is not None and probe is None else None)
         result = Result(task=request.task, images=names, id=request.id, model=self.name)
         self._fill(result, request, done["out"], other, probe)
+        if result.text.startswith(streamed) and len(result.text) > len(streamed):
+            yield result.text[len(streamed):]  # what the reading adds after the model's words (COPY_MOVE_NOTE)
         result.seconds = time.perf_counter() - t0
         yield result
 
@@ -625,7 +635,7 @@ class Assistant:
                    and gen["prompt_len"] + t < gen["hidden"].shape[1]]
             positions.append(torch.tensor(pos, dtype=torch.long))
             rows.append({"tokens": toks, "logits": gen["logits"][b, :end], "masks": [], "p_map": p_map[b],
-                         "copy": copies[b]})
+                         "copy": copies[b], "copy_pairs": None if copies[b] is None else encoded[b].duplicate.inliers})
         if any(p.numel() for p in positions):
             logits = self.model.decode_masks(gen["hidden"], batch["input_ids"].to(self.model.device), batch,
                                              gen["lowlevel"], positions)
@@ -726,6 +736,8 @@ class Assistant:
                 mask_prob = copy if mask_prob is None else np.maximum(mask_prob, copy)
             if mask_prob is not None:
                 mask = mask_prob > 0.5
+            if out.get("copy") is not None and tampered:  # say what joined the mask, and why
+                res.text = f"{res.text} {COPY_MOVE_NOTE.format(pairs=out['copy_pairs'])}".strip()
             if task != "chat" or pos is not None:
                 res.forgery = Forgery(tampered, p_t, parse_manipulation(res.text),
                                       None if mask is None else float(mask.mean()), mask, len(out["masks"]),

@@ -202,14 +202,18 @@ def test_copy_move_evidence_raises_p_tampered_and_its_pasted_copy_joins_the_mask
     assert r.forgery.probability == pytest.approx(want, abs=1e-4) and r.forgery.tampered
     assert r.forgery.mask is not None and r.forgery.mask[right].all()  # the pasted copy is marked
     assert r.forgery.mask_probability[right].min() == pytest.approx(1.0)
-    *_, streamed = list(tiny_assistant.stream(req))  # the demo's path: the same verdict and mask
+    note = inference.COPY_MOVE_NOTE.format(pairs=30)
+    assert r.text.endswith(note)  # the answer says what joined the mask
+    *pieces, streamed = list(tiny_assistant.stream(req))  # the demo's path: the same verdict, mask and text
     assert streamed.forgery.probability == pytest.approx(want, abs=1e-4) and streamed.forgery.mask[right].all()
+    assert streamed.text == r.text and "".join(pieces) == r.text and pieces[-1] == r.text[-len(pieces[-1]):]
     # judged authentic, the copy is not added: no evidence adds a region to an authentic answer
     weak = torch.full((24, 32), -20.0)
     monkeypatch.setattr(model, "tamper_maps", lambda ids, batch, low: {r: weak for r in range(ids.shape[0])})
     r = tiny_assistant.run([req])[0]
     assert r.forgery.probability == pytest.approx(1 / (1 + math.exp(20.0 - 2.0 * math.log(31))), rel=1e-3)
     assert not r.forgery.tampered and (r.forgery.mask is None or not r.forgery.mask[right].all())
+    assert not r.text.endswith(note)
     # a two-term verdict_map does not look for copies at all
     monkeypatch.setattr(model.config, "verdict_map", [1.0, 0.0])
     n = len(calls)
