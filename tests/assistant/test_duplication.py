@@ -79,11 +79,23 @@ def test_flat_grey_and_large_images_are_handled():
 
 def test_weak_or_regionless_matches_are_no_evidence():
     h, w = 50, 60
-    region = np.zeros((h, w), bool)
+    region, other, shifted = np.zeros((h, w), bool), np.zeros((h, w), bool), np.zeros((h, w), bool)
     region[10:30, 10:30] = True
+    other[20:40, 35:55] = True
+    shifted[10:30, 14:34] = True  # the same place moved by a fifth of its width: IoU 0.67
     t = np.eye(2, 3)
     assert D.strength(None) == 0.0 and not D.found(None)
-    assert D.found(D.Duplicate(D.MIN_EVIDENCE, 40, t, region, region))
-    assert not D.found(D.Duplicate(D.MIN_EVIDENCE - 1, 40, t, region, region))  # too few agreeing pairs
+    assert D.found(D.Duplicate(D.MIN_EVIDENCE, 40, t, region, other))
+    assert not D.found(D.Duplicate(D.MIN_EVIDENCE - 1, 40, t, region, other))  # too few agreeing pairs
     assert not D.found(D.Duplicate(99, 120, t, region, np.zeros((h, w), bool)))  # the dense check found no copy
-    assert D.strength(D.Duplicate(99, 120, t, region, region)) == pytest.approx(np.log(100))
+    assert not D.found(D.Duplicate(99, 120, t, region, shifted))  # a region matching itself: texture, symmetry
+    assert D.Duplicate(99, 120, t, region, shifted).overlap == pytest.approx(2 / 3)
+    assert D.strength(D.Duplicate(99, 120, t, region, other)) == pytest.approx(np.log(100))
+
+
+def test_a_mirror_symmetric_photo_is_no_copy_move():
+    img = _texture()
+    img[:, 112:] = img[:, :112][:, ::-1]  # the right half mirrors the left, as a butterfly's wings do
+    dup = D.find_duplicate(img)
+    assert dup is not None and dup.inliers >= D.MIN_EVIDENCE  # the halves do match ...
+    assert dup.overlap >= D.MAX_OVERLAP and D.strength(dup) == 0.0  # ... but as one region matching itself
