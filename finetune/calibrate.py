@@ -122,7 +122,13 @@ def fit_map(m: np.ndarray, y: np.ndarray, d: np.ndarray | None = None) -> tuple[
     sd = x.std(axis=0)
     sd[sd == 0] = 1.0  # fitted on standardised features, so the optimiser sees a round problem
     u = (x - mu) / sd
-    res = minimize(lambda w: _nll(u @ w[:-1] + w[-1], y, 1.0), np.zeros(x.shape[1] + 1), method="BFGS")
+    # the copy-move weight gets a weak standard-normal prior (on the standardised feature): where no authentic
+    # image shows copy-move evidence, as can happen, its maximum-likelihood value is infinite
+    def objective(w: np.ndarray) -> float:
+        penalty = 0.0 if d is None else 0.5 * float(w[1]) ** 2 / len(y)
+        return _nll(u @ w[:-1] + w[-1], y, 1.0) + penalty
+
+    res = minimize(objective, np.zeros(x.shape[1] + 1), method="BFGS")
     w = res.x[:-1] / sd
     b = float(res.x[-1] - w @ mu)
     return (float(w[0]), b) if d is None else (float(w[0]), b, float(w[1]))
