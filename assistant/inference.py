@@ -354,6 +354,7 @@ class Assistant:
             raise ValueError(f"evidence guidance: {problem}")
         # a model without auxiliary heads has nothing to guide by: generate then leaves every row alone
         self.guide = EvidenceGuide(self.tokenizer, AUX_CATEGORIES) if self.evidence_guidance else None
+        self._keep_forgery: list[int] | None = None  # _forgery_keep(), built on first use (~0.2 s)
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, *, device: str = "cpu", dtype: torch.dtype | None = None,
@@ -650,10 +651,11 @@ class Assistant:
         """Tokens a forgery answer may repeat (``RepeatBan``'s ``keep``): digits, "%", spaces and punctuation,
         " to", " and", " across" and " down", which its coordinates repeat by design ("from 10% to 80% across
         and 10% to 90% down"), the mask token (one per region) and the verdict words."""
-        if getattr(self, "_keep_forgery", None) is None:
+        if self._keep_forgery is None:
             tok = self.tokenizer
             words = {"to", "and", "across", "down"}
-            keep = [i for i in range(len(tok)) if re.fullmatch(r"[\s\d%.,;:()]*", t := tok.decode([i])) or t.strip() in words]
+            keep = [i for i in range(len(tok))
+                    if re.fullmatch(r"[\s\d%.,;:()]*", t := tok.decode([i])) or t.strip() in words]
             self._keep_forgery = keep + [self.model.config.mask_token_id] + self.verdicts.all_ids
         return self._keep_forgery
 
