@@ -124,12 +124,18 @@ def test_a_quality_answer_never_repeats_a_run_of_tokens_but_keeps_its_key_words_
     assert not torch.isinf(proc(ids, scores)).any()
 
 
-def test_the_assistant_bans_repeats_in_quality_answers_only(tiny_assistant, monkeypatch):
+def test_the_assistant_bans_repeats_in_quality_and_forgery_answers_each_with_its_own_exceptions(tiny_assistant,
+                                                                                                monkeypatch):
     made = _recorded(monkeypatch, "RepeatBan")
     tiny_assistant.run([Request("quality.assess", [ASSETS / "noisy.png"], ["A"]),
-                        Request("forgery.detect", [ASSETS / "noisy.png"], ["A"])])
-    assert len(made) == 1 and made[0].rows.tolist() == [True, False]
-    assert set(made[0].keep.tolist()) == set(tiny_assistant.ratings.all_ids + tiny_assistant.ab.all_ids)
+                        Request("forgery.detect", [ASSETS / "noisy.png"], ["A"]),
+                        Request("chat", [ASSETS / "noisy.png"], ["A"], messages=[
+                            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}])])
+    assert len(made) == 2
+    quality, forgery = made
+    assert quality.rows.tolist() == [True, False, False] and forgery.rows.tolist() == [False, True, False]
+    assert set(quality.keep.tolist()) == set(tiny_assistant.ratings.all_ids + tiny_assistant.ab.all_ids)
+    assert set(forgery.keep.tolist()) == set(tiny_assistant._forgery_keep())
 
 
 def test_a_forced_row_writes_the_forced_verdict_whatever_the_scores_say():
