@@ -381,13 +381,17 @@ def map_strength(tamper_map: torch.Tensor) -> float:
     return float(tamper_map.float().max())
 
 
+def map_logit(strength: Any, coef: Sequence[float], duplicate: Any = 0.0) -> Any:
+    """The logit of P(tampered) under ``verdict_map`` ``coef`` = (a, b[, c]): ``a * strength + b [+ c *
+    duplicate]``. Numbers or numpy arrays alike (``loupe train calibrate --map`` reads whole splits)."""
+    z = coef[0] * strength + coef[1]
+    return z + coef[2] * duplicate if len(coef) > 2 else z
+
+
 def map_verdict(tamper_map: torch.Tensor, coef: Sequence[float], duplicate: float = 0.0) -> float:
-    """P(tampered) = sigmoid(a * ``map_strength`` + b [+ c * ``duplicate``]), ``coef`` = (a, b[, c])
-    (``LoupeConfig.verdict_map``); ``duplicate`` is the copy-move evidence (``duplication.strength``)."""
-    z = coef[0] * map_strength(tamper_map) + coef[1]
-    if len(coef) > 2:
-        z += coef[2] * duplicate
-    return float(torch.sigmoid(torch.tensor(z)))
+    """P(tampered) = sigmoid(``map_logit``) of the map's ``map_strength`` (``LoupeConfig.verdict_map``);
+    ``duplicate`` is the copy-move evidence (``duplication.strength``)."""
+    return float(torch.sigmoid(torch.tensor(map_logit(map_strength(tamper_map), coef, duplicate))))
 
 
 def map_pool(logits: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from loupe_vlm.assistant.inference import checkpoint_id
-from loupe_vlm.assistant.modeling import CheckpointError, LoupeConfig
+from loupe_vlm.assistant.modeling import CheckpointError, LoupeConfig, map_logit
 
 from . import metrics as M
 
@@ -134,12 +134,6 @@ def fit_map(m: np.ndarray, y: np.ndarray, d: np.ndarray | None = None) -> tuple[
     return (float(w[0]), b) if d is None else (float(w[0]), b, float(w[1]))
 
 
-def map_z(coef: tuple[float, ...], m: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """The logit of P(tampered) under ``verdict_map`` ``coef`` (``modeling.map_verdict``, vectorised)."""
-    z = coef[0] * m + coef[1]
-    return z + coef[2] * d if len(coef) > 2 else z
-
-
 def map_logits(checkpoint: Path, data: Path, progress: bool = True, duplicates: bool = False
                ) -> tuple[list[float], list[bool], int, list[float]]:
     """The largest tampering-map logit of the judged image of each forgery record in ``data`` with a
@@ -184,7 +178,7 @@ def map_logits(checkpoint: Path, data: Path, progress: bool = True, duplicates: 
 
 
 def _map_summary(m: np.ndarray, y: np.ndarray, coef: tuple[float, ...], d: np.ndarray) -> str:
-    z = map_z(coef, m, d)
+    z = map_logit(m, coef, d)
     c = M.binary_classification(y.tolist(), (z >= 0).tolist())  # both kinds are present (checked before)
     return (f"NLL {_nll(z, y, 1.0):.4f}   verdict ECE {_verdict_ece(z, y, 1.0):.4f}   "
             f"balanced accuracy {c['balanced_accuracy']:.3f}   authentic called authentic {c['specificity']:.3f}")
@@ -227,7 +221,7 @@ def main_map(args: argparse.Namespace, config: LoupeConfig, config_file: Path) -
         found = dd > 0
         print(f"  copy-move evidence on {int(found[y].sum())} of {int(y.sum())} tampered and "
               f"{int(found[~y].sum())} of {int((~y).sum())} authentic images")
-    if config.verdict_map is not None:
+    if config.verdict_map is not None and (len(config.verdict_map) == 2 or dups):  # its evidence term was read
         print(f"  before  {_map_summary(mm, y, tuple(config.verdict_map), dd)}   (verdict_map {config.verdict_map})")
     print(f"  after   {_map_summary(mm, y, coef, dd)}   (on these records)")
     print(f"verdict_map: P(tampered) = sigmoid({coef[0]:.4g} * max map logit + {coef[1]:.4g}"

@@ -49,8 +49,8 @@ $LOUPE train calibrate --checkpoint "$OUT" --report runs/eval-loupe-smol-forgery
 # reading of the map's largest logit, fitted on the same validation split (30 s); on it, for the seventh
 # build, balanced accuracy 0.699 -> 0.773, AUC 0.755 -> 0.840, pixel-F1 0.330 -> 0.419 (authentic called
 # authentic 0.881 -> 0.836). It sets the verdicts from here on, so it comes after the temperature fit. Its third
-# term weighs copy-move evidence (assistant/duplication.py; ~3 min in all): balanced accuracy 0.773 -> 0.844 and
-# authentic called authentic 0.836 -> 0.881 on the same records.
+# term weighs copy-move evidence (assistant/duplication.py; ~3 min in all): balanced accuracy 0.773 -> 0.849 and
+# authentic called authentic 0.836 -> 0.891 on the same records.
 $LOUPE train calibrate --checkpoint "$OUT" --map --data "$DATA/forgery/val.jsonl" --no-progress
 $LOUPE eval --model "$OUT" --data "$DATA/quality/test.jsonl" --batch-size 8 --limit "$EVAL_LIMIT" --out runs/eval-loupe-smol-quality --restart
 $LOUPE eval --model "$OUT" --data "$DATA/forgery/test.jsonl" --batch-size 8 --limit "$EVAL_LIMIT" --out runs/eval-loupe-smol-forgery --restart
