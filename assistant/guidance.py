@@ -20,6 +20,11 @@ Comparisons (``COMPARE_TASKS``) are guided at one word only, the verdict: until 
 logistic of the gap between the two images' predicted worst severities (``COMPARE_SLOPE`` per level).
 The heads judge each image alone, so this reading does not depend on the order the pair is shown in.
 
+Where a question gives a reference image, the full-reference readings (``assistant/reference.py``) take the
+heads' place: the category probabilities, the severity, a comparison's P(A better), and, for these rows
+only, the rating words, pushed down by ``strength * log(q / q_best)`` with q the reading's probability of
+each rating.
+
 Hand-written: transformers' ``SequenceBiasLogitsProcessor`` biases token sequences the same way in
 every batch row, and here the bias depends on each row's image.
 """
@@ -30,7 +35,7 @@ from typing import Any
 
 import torch
 
-from ..prompts.taxonomy import CATEGORIES, DISTORTIONS, SEVERITIES
+from ..prompts.taxonomy import CATEGORIES, DISTORTIONS, RATINGS, SEVERITIES
 
 DESCRIBE_TASKS = ("quality.identify", "quality.assess")
 """The tasks whose answers describe one judged image's distortions, which is what the heads see."""
@@ -141,6 +146,7 @@ class EvidenceGuide:
         self.categories = _Table(tokenizer, cat_phrases, len(categories) + 1)
         self.severities = _Table(tokenizer, [(p, t.value - 1) for t in SEVERITIES for p in t.phrasings],
                                  len(SEVERITIES))
+        self.ratings = _Table(tokenizer, [(p, k) for k, t in enumerate(RATINGS) for p in t.phrasings], len(RATINGS))
         # the first token of each way of saying "clean", and of each severity word (which opens a claim of
         # a distortion): the pull towards a clean statement lasts until the answer has written one of them
         self.clean_openers = sorted({tokenizer.encode(v, add_special_tokens=False)[0]
@@ -155,10 +161,12 @@ class EvidenceGuide:
             for v in _variants(p)}
 
     def processor(self, p_category: torch.Tensor, p_severity: torch.Tensor, strength: torch.Tensor,
-                  p_a: torch.Tensor | None = None) -> "GuideProcessor":
+                  p_a: torch.Tensor | None = None, p_rating: torch.Tensor | None = None) -> "GuideProcessor":
         """``p_category`` (B, C): each category's probability from the heads; ``p_severity`` (B, 5): a
         distribution over the severity levels; ``strength`` (B,): 0 leaves a row unguided; ``p_a`` (B,):
-        for a comparison row the heads' P(A better), which guides its verdict instead (NaN elsewhere)."""
+        for a comparison row the heads' P(A better), which guides its verdict instead (NaN elsewhere);
+        ``p_rating`` (B, len(RATINGS)): the rating words' probabilities where a row's rating is guided (NaN
+        elsewhere)."""
         p_category = p_category.float().clamp(1e-6, 1.0)
         top = p_category.amax(1)
         none = (1 - top).clamp_min(1e-6)
@@ -178,7 +186,11 @@ class EvidenceGuide:
         pa = p_a.float().clamp(1e-6, 1 - 1e-6)
         ab = torch.stack([pa, 1 - pa], 1).log()
         ab = ab - ab.amax(1, keepdim=True)  # NaN rows stay NaN: not comparisons
-        return GuideProcessor(self, cat, sev, strength.float(), ab, clean_margin)
+        rating = None
+        if p_rating is not None and not bool(torch.isnan(p_rating).all()):
+            q = p_rating.float().clamp_min(1e-6)
+            rating = q.log() - q.amax(1, keepdim=True).log()  # NaN rows stay NaN: ratings not guided
+        return GuideProcessor(self, cat, sev, strength.float(), ab, clean_margin, rating)
 
 
 class GuideProcessor:
@@ -186,8 +198,10 @@ class GuideProcessor:
     so that ``ExplainableVLM.generate`` returns the logits that decided (``added``)."""
 
     def __init__(self, guide: EvidenceGuide, log_cat: torch.Tensor, log_sev: torch.Tensor, strength: torch.Tensor,
-                 log_ab: torch.Tensor, clean_margin: torch.Tensor | None = None):
+                 log_ab: torch.Tensor, clean_margin: torch.Tensor | None = None, log_rating: torch.Tensor | None = None):
         self.guide, self.log_cat, self.log_sev, self.strength = guide, log_cat, log_sev, strength
+        # (B, len(RATINGS)): log q(rating) minus the largest, for rows whose rating words are guided; NaN elsewhere
+        self.log_rating = log_rating
         # (B,): log(P(nothing visible) / P(most likely category)) where that is > 0, else 0
         self.clean_margin = torch.zeros(len(strength)) if clean_margin is None else clean_margin.float()
         self.log_ab = log_ab  # (B, 2): log q(A better), log q(B better) minus the larger; NaN: not a comparison
@@ -198,7 +212,7 @@ class GuideProcessor:
         self.openings = [(guide.categories.opening(log_cat[b]), guide.severities.opening(log_sev[b]))
                          if float(strength[b]) != 0.0 and not bool(self.compare[b]) else None
                          for b in range(len(strength))]
-        self.width = max(guide.categories.longest, guide.severities.longest)
+        self.width = max(guide.categories.longest, guide.severities.longest, guide.ratings.longest)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         rows, toks, vals = [], [], []
@@ -222,6 +236,10 @@ class GuideProcessor:
             found = self.guide.severities.bias(tail, self.log_sev[b], sev_open)
             for tok, v in self.guide.categories.bias(tail, self.log_cat[b], cat_open).items():
                 found[tok] = max(v, found.get(tok, float("-inf")))
+            if self.log_rating is not None and not bool(torch.isnan(self.log_rating[b, 0])):
+                for tok, v in self.guide.ratings.bias(tail, self.log_rating[b],
+                                                         self.guide.ratings.opening(self.log_rating[b])).items():
+                    found[tok] = max(v, found.get(tok, float("-inf")))
             for tok, v in found.items():
                 if v < 0:  # the best reading's words get 0: nothing to add
                     rows.append(b)

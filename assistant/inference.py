@@ -48,6 +48,7 @@ from loupe_vlm.prompts import (
 from loupe_vlm.prompts.parsing import find_terms, parse_distortions, parse_manipulation, strip_mask_tokens
 
 from . import duplication
+from . import reference as reference_mod
 from . import lm_precision as lm_precision_mod
 from . import merged_cache
 from .consistency import RatingProcessor, RepeatBan, VerdictProcessor
@@ -84,6 +85,12 @@ VERDICT_TASKS = ("forgery.detect", "chat")
 
 RATED_TASKS = ("quality.assess",)
 """Tasks whose answers close on a rating word (``consistency.RatingProcessor`` holds the end back until then)."""
+
+REFERENCE_COMPARE_SLOPE = 4.0
+"""A comparison with a reference image: P(A better) = sigmoid(REFERENCE_COMPARE_SLOPE * (quality of A - quality
+of B)), both read against the reference (``assistant/reference.py``, 1..5): a quarter of a point reads as 0.73,
+one point as 0.98. Set by hand, not fitted; on loupe-smol's quality validation split the reading names the
+better image of 97% of these pairs."""
 
 AB_PROBE_TOKENS = 12
 """How far the unguided first pass of a ``both_orders`` comparison writes: the builders' verdict sentences
@@ -250,6 +257,22 @@ def _written_p_a(probe: tuple[float | None, float | None] | None) -> float | Non
     return float(_order_average(*probe) >= 0.5)
 
 
+def _given_readings(cues: Sequence[Any]) -> dict[str, torch.Tensor]:
+    """The guide's ``given`` readings (``ExplainableVLM.guide_processor``) of a batch from each row's full-reference
+    ``ReferenceCue`` or None (NaN rows: the heads' readings stay)."""
+    nan = float("nan")
+    n_cat, n_rating = len(AUX_CATEGORIES), len(reference_mod.RATING_IDS)
+    p_cat = torch.full((len(cues), n_cat), nan)
+    level = torch.full((len(cues),), nan)
+    p_rating = torch.full((len(cues), n_rating), nan)
+    for b, c in enumerate(cues):
+        if c is not None:
+            p_cat[b] = torch.as_tensor(c.p_category, dtype=torch.float32)
+            level[b] = c.severity
+            p_rating[b] = torch.as_tensor(c.p_rating, dtype=torch.float32)
+    return {"p_category": p_cat, "level": level, "p_rating": p_rating}
+
+
 class _KeyWords:
     """First-token ids of the words whose probabilities we read, grouped by what they mean.
 
@@ -337,7 +360,7 @@ class Assistant:
     """Explainable image analysis with one model. Build it with ``Assistant.from_pretrained``."""
 
     def __init__(self, model: ExplainableVLM, processor: Any, name: str = "loupe", max_new_tokens: int = 160,
-                 evidence_guidance: float | None = None):
+                 evidence_guidance: float | None = None, reference_model: Any = None):
         self.model = model.eval()
         self.processor = LoupeProcessor.for_model(model, processor)
         self.tokenizer = self.processor.tokenizer
@@ -355,6 +378,8 @@ class Assistant:
         # a model without auxiliary heads has nothing to guide by: generate then leaves every row alone
         self.guide = EvidenceGuide(self.tokenizer, AUX_CATEGORIES) if self.evidence_guidance else None
         self._keep_forgery: list[int] | None = None  # _forgery_keep(), built on first use (~0.2 s)
+        # full-reference readings (assistant/reference.py), used where a question gives a reference image
+        self.reference_model = reference_model
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, *, device: str = "cpu", dtype: torch.dtype | None = None,
@@ -401,7 +426,8 @@ class Assistant:
             name += "+fp16lm"  # answers can differ from exact fp32 where two tokens were nearly tied
         if evidence_guidance is not None and evidence_guidance != model.config.evidence_guidance:
             name += f"+guidance{evidence_guidance:g}"  # answers differ from the checkpoint's own setting
-        return cls(model, processor, name=name, max_new_tokens=max_new_tokens, evidence_guidance=evidence_guidance)
+        return cls(model, processor, name=name, max_new_tokens=max_new_tokens, evidence_guidance=evidence_guidance,
+                   reference_model=reference_mod.load_reference_model(path))
 
     # ---- one-call API --------------------------------------------------------------------------
     def assess(self, image: Any, reference: Any = None, detail: bool = False) -> Result:
@@ -491,6 +517,11 @@ class Assistant:
         the swapped pair and turned back to P(A better))), from a short unguided pass that stops after
         ``AB_PROBE_TOKENS`` tokens. None where that pass wrote no "A" or "B"."""
         found: dict[int, list[float | None]] = {}
+        for i, k, e in jobs:  # a pair with a reference is read against it, in both orders alike: no LM pass
+            p = (e.reference or {}).get("p_a")
+            if p is not None:
+                found.setdefault(i, [None, None])[k] = p if k == 0 else 1.0 - p
+        jobs = [(i, k, e) for i, k, e in jobs if (e.reference or {}).get("p_a") is None]
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start:start + batch_size]
             t0 = time.perf_counter()
@@ -515,10 +546,38 @@ class Assistant:
             swapped[ia], swapped[ib] = pil[ib], pil[ia]
             orders.append(swapped)
         encoded = [self._encode(req, imgs) for imgs in orders]
+        if "reference" in req.roles and req.task in GUIDED_TASKS and self.guide is not None \
+                and self.reference_model is not None:
+            readings = self._reference_readings(req, pil)
+            for k, e in enumerate(encoded):
+                e.reference = readings if k == 0 else {"cue": readings["cue"], "p_a": (
+                    None if readings["p_a"] is None else 1.0 - readings["p_a"])}  # the swapped pair: B is shown as A
         if req.task == "forgery.detect" and self._weighs_duplicates():  # copy-move evidence of the judged image
             judged = encoded[0].mask_image
             encoded[0].duplicate = duplication.find_duplicate(np.asarray(pil[judged].convert("RGB")))
         return encoded
+
+    def _reference_readings(self, req: Request, pil: list[Any]) -> dict[str, Any]:
+        """The full-reference readings of a quality question with a reference image, in the order asked:
+        ``cue``, the judged image's ``ReferenceCue`` (describing tasks), and ``p_a``, a comparison's P(A better)
+        from the two images' quality readings (``REFERENCE_COMPARE_SLOPE``). None where the images are too
+        small to compare."""
+        ref = np.asarray(pil[req.roles.index("reference")].convert("RGB"))
+
+        def cue(i: int) -> Any:
+            try:
+                return self.reference_model.judge(ref, np.asarray(pil[i].convert("RGB")))
+            except reference_mod.ReferenceError as exc:
+                logger.info("no full-reference reading: %s", exc)
+                return None
+
+        if req.task in COMPARE_TASKS:
+            a, b = cue(req.roles.index("A")), cue(req.roles.index("B"))
+            p_a = (None if a is None or b is None else
+                   float(1.0 / (1.0 + math.exp(-REFERENCE_COMPARE_SLOPE * (a.mos - b.mos)))))
+            return {"cue": None, "p_a": p_a}
+        non_ref = [i for i, r in enumerate(req.roles) if r != "reference"]
+        return {"cue": cue(non_ref[-1]), "p_a": None}
 
     def _weighs_duplicates(self) -> bool:
         """Whether forgery verdicts weigh copy-move evidence (a three-term ``LoupeConfig.verdict_map``)."""
@@ -593,8 +652,14 @@ class Assistant:
             extra["guide_strength"] = torch.tensor([self.evidence_guidance if t in GUIDED_TASKS else 0.0
                                                     for t in tasks])
             extra["guide_compare"] = torch.tensor([t in COMPARE_TASKS for t in tasks])
-            if p_a is not None and any(p is not None for p in p_a):
+            # a comparison with a reference image is decided by the full-reference readings, unless given
+            p_a = [p if p is not None else (e.reference or {}).get("p_a") if t in COMPARE_TASKS else None
+                   for p, e, t in zip(p_a or [None] * len(encoded), encoded, tasks)]
+            if any(p is not None for p in p_a):
                 extra["guide_p_a"] = torch.tensor([float("nan") if p is None else float(p) for p in p_a])
+            cues = [(e.reference or {}).get("cue") if t in GUIDED_TASKS else None for e, t in zip(encoded, tasks)]
+            if any(c is not None for c in cues):
+                extra["guide_given"] = _given_readings(cues)
         verdict_rows = torch.tensor([t in VERDICT_TASKS for t in tasks], dtype=torch.bool)
         last: list[Any] = []
         p_map: list[float | None] = [None] * len(encoded)

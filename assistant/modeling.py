@@ -1051,13 +1051,16 @@ class ExplainableVLM(nn.Module):
 
     def guide_processor(self, guide: Any, strengths: torch.Tensor, input_ids: torch.Tensor, batch: dict[str, Any],
                         low: LowLevel, compare: torch.Tensor | None = None,
-                        p_a_given: torch.Tensor | None = None) -> Any:
+                        p_a_given: torch.Tensor | None = None, given: dict[str, torch.Tensor] | None = None) -> Any:
         """The ``EvidenceGuide`` processor of one batch (see ``assistant/guidance.py``), or None when
         the model has no auxiliary heads or no row is guided. A row's category probabilities are the
         largest over its images (a reference is clean, so it adds nothing); its severity is read
         from its last image, the judged one. Rows marked in ``compare`` (B,) are A/B comparisons, whose
         last two images are A and B: their P(A better) comes from the two images' predicted severities,
-        or from ``p_a_given`` (B,) where that is not NaN (``ab_verdict`` ``both_orders``)."""
+        or from ``p_a_given`` (B,) where that is not NaN (``ab_verdict`` ``both_orders``). ``given``: readings that
+        replace the heads' in the rows where they are not NaN, from a reference image (``assistant/reference.py``):
+        ``p_category`` (B, C), ``level`` (B,) the worst severity 0..5, ``p_rating`` (B, 5) the rating words'
+        probabilities (only these rows' rating words are guided)."""
         if guide is None or not low.aux or low.aux[0] is None or not bool((strengths != 0).any()):
             return None
         n_cat = len(AUX_CATEGORIES)
@@ -1078,7 +1081,14 @@ class ExplainableVLM(nn.Module):
             p_cat[row] = probs[:, :n_cat].amax(0)
             p_sev[row] = severity_weights(probs[-1, n_cat] * 5)
             strength[row] = float(strengths[row])
-        return guide.processor(p_cat, p_sev, strength, p_a)
+        p_rating = None
+        if given is not None:
+            known = ~torch.isnan(given["p_category"][:, 0])
+            p_cat[known] = given["p_category"][known].float()
+            level = given["level"]
+            p_sev[~torch.isnan(level)] = severity_weights(level[~torch.isnan(level)].float())
+            p_rating = given["p_rating"].float()
+        return guide.processor(p_cat, p_sev, strength, p_a, p_rating)
 
     def add_fusion(self, logits: torch.Tensor, bias: torch.Tensor | None, prev_ids: torch.Tensor) -> torch.Tensor:
         """``logits`` (B, T, V) plus the fusion ``bias`` (B, V), gated per step by the token before it,
@@ -1184,14 +1194,16 @@ class ExplainableVLM(nn.Module):
     @torch.no_grad()
     def generate(self, batch: dict[str, Any], max_new_tokens: int = 128, guide: Any = None,
                  guide_strength: torch.Tensor | None = None, guide_compare: torch.Tensor | None = None,
-                 guide_p_a: torch.Tensor | None = None, last_processors: Sequence[Any] = (),
+                 guide_p_a: torch.Tensor | None = None, guide_given: dict[str, torch.Tensor] | None = None,
+                 last_processors: Sequence[Any] = (),
                  low: LowLevel | None = None, **kwargs: Any) -> dict[str, Any]:
         """Greedy generation for a left-padded batch. Returns the new token ids (B, T), the raw (fused,
         guided) logits per step (B, T, V), the final hidden states of prompt+answer (B, L+T-1, D) and the
         ``LowLevel`` of the batch. ``guide`` (an ``EvidenceGuide``) with ``guide_strength`` (B,) steers
         the taxonomy words of the rows with a nonzero strength by the auxiliary heads; the rows marked
         in ``guide_compare`` (B,) are comparisons, whose A/B verdict is steered instead (by ``guide_p_a``
-        (B,), P(A better), where it is not NaN).
+        (B,), P(A better), where it is not NaN); ``guide_given`` replaces the heads' readings of some rows (read
+        from a reference image; ``guide_processor``).
         ``last_processors`` run after those, and what they change is not added to the returned logits
         (``consistency.VerdictProcessor`` picks between words by the very logits returned). ``low``: the
         batch's ``encode_lowlevel``, when the caller has already run it (``map_verdicts``)."""
@@ -1204,7 +1216,8 @@ class ExplainableVLM(nn.Module):
         embeds = self.embed(input_ids, low, batch)
         bias = self.fusion_bias(input_ids, batch, low)
         processors = LogitsProcessorList([_AddBias(bias, self.add_fusion)] if bias is not None else [])
-        guided = (self.guide_processor(guide, guide_strength, input_ids, batch, low, guide_compare, guide_p_a)
+        guided = (self.guide_processor(guide, guide_strength, input_ids, batch, low, guide_compare, guide_p_a,
+                                       guide_given)
                   if guide_strength is not None else None)
         if guided is not None:
             processors.append(guided)

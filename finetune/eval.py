@@ -43,6 +43,7 @@ from tqdm import tqdm
 from loupe_vlm.assistant import lm_precision
 from loupe_vlm.assistant.inference import GUIDANCE_HELP, MODEL_HELP, Assistant, Request, Result
 from loupe_vlm.prompts import CATEGORIES, RATINGS, TASKS, Sample, SampleError, canonical_question, iter_jsonl, rating_value
+from loupe_vlm.prompts.taxonomy import severity_mos
 from loupe_vlm.prompts.parsing import parse_locations, parse_verdict, states_clean
 
 from . import metrics as M
@@ -60,14 +61,6 @@ class EvalError(RuntimeError):
 
 
 # ---- ground truth and requests ----------------------------------------------------------------
-
-
-def severity_mos(distortions: Sequence[dict]) -> float:
-    """MOS-like quality 1..5 from true distortions: 5 - 0.8*max - 0.2*sum(others), clipped; clean = 5."""
-    levels = sorted((int(d["severity"]) for d in distortions if d.get("severity") is not None), reverse=True)
-    if not levels:
-        return 5.0
-    return round(float(np.clip(5.0 - 0.8 * levels[0] - 0.2 * sum(levels[1:]), 1.0, 5.0)), 4)
 
 
 def post_label(post: Sequence[dict] | None) -> str:

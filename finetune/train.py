@@ -68,6 +68,8 @@ launch lines:
                                                    # (loupe train refit-heads --help)
   loupe train calibrate --checkpoint CKPT --report VAL_EVAL_DIR                 # fit the verdict temperature
                                                    # (loupe train calibrate --help)
+  loupe train reference --checkpoint CKPT --data Q/train.jsonl --val Q/val.jsonl  # full-reference readings
+                                                   # (loupe train reference --help)
 """
 
 
@@ -109,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         from loupe_vlm.finetune.heads import main as refit_main
 
         return refit_main(args[1:])
+    if args[:1] == ["reference"]:
+        from loupe_vlm.finetune.reference import main as reference_main
+
+        return reference_main(args[1:])
     if args[:1] == ["calibrate"]:
         from loupe_vlm.finetune.calibrate import main as calibrate_main
 

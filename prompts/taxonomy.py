@@ -11,6 +11,7 @@ This module imports nothing from torch; data builders and the model share it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 TAXONOMY_VERSION = "1"
 
@@ -260,3 +261,12 @@ def severity_name(level: int) -> str:
 def rating_value(rating: str) -> int:
     """Numeric value 5 (excellent) .. 1 (bad) of a rating id."""
     return RATINGS[rating].value  # type: ignore[return-value]
+
+
+def severity_mos(distortions: Sequence[dict]) -> float:
+    """MOS-like quality 1..5 from true distortions: 5 - 0.8*max - 0.2*sum(others), clipped; clean = 5.
+    ``loupe eval`` scores quality answers against it where a record gives distortions but no MOS."""
+    levels = sorted((int(d["severity"]) for d in distortions if d.get("severity") is not None), reverse=True)
+    if not levels:
+        return 5.0
+    return round(min(5.0, max(1.0, 5.0 - 0.8 * levels[0] - 0.2 * sum(levels[1:]))), 4)
