@@ -265,7 +265,7 @@ class ReferenceModel:
             with safe_open(str(path), framework="numpy") as f:
                 meta = f.metadata() or {}
                 tensors = {k: f.get_tensor(k).astype(np.float64) for k in f.keys()}
-        except (OSError, ValueError, RuntimeError) as exc:
+        except Exception as exc:  # safetensors' own error type is not an OSError or ValueError
             raise ReferenceError(f"{path}: not a readable safetensors file ({exc}); refit it with loupe train "
                                  "reference") from None
         if meta.get("format") != FORMAT or json.loads(meta.get("classes", "[]")) != list(CLASSES) \
