@@ -109,11 +109,14 @@ etched" was the commonest repeat."""
 
 
 def checkpoint_id(path: Path, name: str) -> str:
-    """A result's ``model``: the checkpoint's name and a digest of its config and heads (before any
-    ``+fp16lm`` / ``+guidance`` suffix), so predictions say which weights and settings made them."""
+    """A result's ``model``: the checkpoint's name and a digest of its config, heads and full-reference model
+    where it has one (before any ``+fp16lm`` / ``+guidance`` suffix), so predictions say which weights and
+    settings made them."""
     digest = hashlib.sha256()
     for f in ("loupe_config.json", "heads.safetensors"):
         digest.update((Path(path) / f).read_bytes())
+    if (Path(path) / reference_mod.REFERENCE_FILE).is_file():
+        digest.update((Path(path) / reference_mod.REFERENCE_FILE).read_bytes())
     return f"{name}@{digest.hexdigest()[:10]}"
 
 

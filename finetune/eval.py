@@ -407,6 +407,18 @@ def _quality(ok: list[dict], table: _Table, details: dict, calib: list) -> None:
               d["severity_n"])
     table.put("quality.severity_coverage", d["severity_coverage"],
               "share of true distortions given a severity for their category", d["severity_n"])
+    strong = [(p, t) for p, t in zip(preds, trues) if len(t) == 1 and (t[0].get("severity") or 0) >= 2]
+    if strong:
+        table.put("quality.category_accuracy_severity2", M.distortion_metrics(*zip(*strong))["category_accuracy"],
+                  "single-distortion items at severity >= 2: the answer names exactly the true category", len(strong))
+    # with and without a reference image: a reference is read against (assistant/reference.py)
+    for has_ref in (True, False):
+        part = [(p, t) for r, p, t in zip(with_dist, preds, trues) if (r.get("reference") is not None) == has_ref
+                and len(t) == 1]
+        if part:
+            table.put(f"quality[reference={'yes' if has_ref else 'no'}].category_accuracy",
+                      M.distortion_metrics(*zip(*part))["category_accuracy"],
+                      "single-distortion items, with / without a reference image", len(part))
     single = [(r["gt"]["distortions"][0]["category"], (p[0]["category"] if p else None))
               for r, p in zip(with_dist, preds) if len(r["gt"]["distortions"]) == 1]
     if single:
@@ -429,6 +441,12 @@ def _quality(ok: list[dict], table: _Table, details: dict, calib: list) -> None:
         c = M.correlation(pred, true)
         proto = f"global over all quality.assess items, score (rating-word expectation) vs ground truth [{label}]"
         table.put("quality.srcc", c["srcc"], proto, c["n"])
+        for has_ref in (True, False):
+            part = [(p, t) for r, p, t in zip(scored, pred, true) if (r.get("reference") is not None) == has_ref]
+            if len(part) > 2:
+                cp = M.correlation(*zip(*part))
+                table.put(f"quality[reference={'yes' if has_ref else 'no'}].srcc", cp["srcc"],
+                          "the same, over the items with / without a reference image", cp["n"])
         table.put("quality.plcc", c["plcc"], proto + ", no fit", c["n"])
         table.put("quality.plcc_logistic", c["plcc_logistic"], proto + ", after a 4-parameter logistic fit", c["n"])
         with_mos = [r for r in assess if r["gt"].get("mos") is not None]
@@ -468,6 +486,12 @@ def _comparison(ok: list[dict], table: _Table, calib: list, verdicts: list) -> N
     table.put("compare.accuracy", ab["accuracy_averaged"], "A/B verdict from P(A) averaged over both orders", ab["n"])
     table.put("compare.swap_consistency", ab["swap_consistency"],
               "share of pairs naming the same image in both orders", ab["swap_pairs"])
+    for has_ref in (True, False):
+        part = [(c.get("better"), r["gt"]["better"]) for r, c in zip(recs, comp) if (r.get("reference") is not None) == has_ref]
+        if part:
+            table.put(f"compare[reference={'yes' if has_ref else 'no'}].accuracy",
+                      M._mean([p == t for p, t in part]), "the A/B verdict, pairs with / without a reference image",
+                      len(part))
     for r, c in zip(recs, comp):
         if r.get("confidence") is not None:
             calib.append((r["confidence"], c.get("better") == r["gt"]["better"], r["sample_task"]))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 
 from loupe_vlm.assistant.guidance import AB_VERDICTS
 from loupe_vlm.assistant.modeling import CheckpointError, ExplainableVLM
+from loupe_vlm.assistant.reference import REFERENCE_FILE
 
 logger = logging.getLogger("loupe_vlm.finetune.export")
 
@@ -48,6 +50,8 @@ def export(checkpoint: str | Path, out: str | Path, merge: bool = False, dtype: 
         model.config.ab_verdict = ab_verdict
     model.config.check()
     model.save_pretrained(out, processor=processor)
+    if (checkpoint / REFERENCE_FILE).is_file():  # the full-reference readings travel with the model
+        shutil.copyfile(checkpoint / REFERENCE_FILE, out / REFERENCE_FILE)
     logger.info("exported %s -> %s%s", checkpoint, out, " (LoRA merged)" if merge and is_peft else "")
     return out
 

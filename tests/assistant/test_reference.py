@@ -177,9 +177,10 @@ def _reference_assistant(tmp_path):
 
     model, lp = _tiny(1.0)
     model.save_pretrained(tmp_path / "ck", processor=lp.processor)
-    export(tmp_path / "ck", tmp_path / "ex", evidence_guidance=2.0)
     feats, labels = _pairs(range(12))
-    _fit(feats, labels).save(tmp_path / "ex" / REFERENCE_FILE)
+    _fit(feats, labels).save(tmp_path / "ck" / REFERENCE_FILE)
+    export(tmp_path / "ck", tmp_path / "ex", evidence_guidance=2.0)
+    assert (tmp_path / "ex" / REFERENCE_FILE).read_bytes() == (tmp_path / "ck" / REFERENCE_FILE).read_bytes()
     return Assistant.from_pretrained(tmp_path / "ex")
 
 
@@ -189,6 +190,11 @@ def test_the_assistant_reads_a_reference_where_one_is_given(tmp_path, monkeypatc
 
     a = _reference_assistant(tmp_path)
     assert a.reference_model is not None
+    # the file is part of the model's id: predictions made with and without it are told apart
+    with_file = inference.checkpoint_id(tmp_path / "ex", "m")
+    (tmp_path / "ex" / REFERENCE_FILE).rename(tmp_path / "kept")
+    assert inference.checkpoint_id(tmp_path / "ex", "m") != with_file
+    (tmp_path / "kept").rename(tmp_path / "ex" / REFERENCE_FILE)
     ref = _photo(7)
     blurred = _distort(ref, "blur", 4, np.random.default_rng(0))
     for name, img in (("ref", ref), ("blurred", blurred)):
