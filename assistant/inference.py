@@ -563,7 +563,7 @@ class Assistant:
     def _reference_readings(self, req: Request, pil: list[Any]) -> dict[str, Any]:
         """The full-reference readings of a quality question with a reference image, in the order asked:
         ``cue``, the judged image's ``ReferenceCue`` (describing tasks), and ``p_a``, a comparison's P(A better)
-        from the two images' quality readings (``REFERENCE_COMPARE_SLOPE``). None where the images are too
+        from the two images' quality readings before clipping (``REFERENCE_COMPARE_SLOPE``). None where the images are too
         small to compare."""
         ref = np.asarray(pil[req.roles.index("reference")].convert("RGB"))
 
@@ -577,7 +577,7 @@ class Assistant:
         if req.task in COMPARE_TASKS:
             a, b = cue(req.roles.index("A")), cue(req.roles.index("B"))
             p_a = (None if a is None or b is None else
-                   float(1.0 / (1.0 + math.exp(-REFERENCE_COMPARE_SLOPE * (a.mos - b.mos)))))
+                   float(1.0 / (1.0 + math.exp(-REFERENCE_COMPARE_SLOPE * (a.mos_raw - b.mos_raw)))))
             return {"cue": None, "p_a": p_a}
         non_ref = [i for i, r in enumerate(req.roles) if r != "reference"]
         return {"cue": cue(non_ref[-1]), "p_a": None}

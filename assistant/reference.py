@@ -175,6 +175,7 @@ class ReferenceCue:
     severity: float  # predicted worst severity, 0 (clean) .. 5
     mos: float  # predicted quality 1 (bad) .. 5 (excellent), the scale of ``rating_value``
     p_rating: np.ndarray  # (len(RATING_IDS),): P(each rating word)
+    mos_raw: float = float("nan")  # the quality reading before clipping to 1..5: two bad images still rank
 
     @property
     def category(self) -> str:
@@ -216,8 +217,10 @@ class ReferenceModel:
         a = self._design(np.asarray(features, dtype=np.float64))
         p, pr = _softmax(a @ self.category_weight), _softmax(a @ self.rating_weight)
         sev = np.clip(a @ self.severity_weight, 0.0, 5.0)
-        mos = np.clip(a @ self.mos_weight, 1.0, 5.0)
-        return [ReferenceCue(p[i, :-1], float(p[i, -1]), float(sev[i]), float(mos[i]), pr[i]) for i in range(len(a))]
+        raw = a @ self.mos_weight
+        mos = np.clip(raw, 1.0, 5.0)
+        return [ReferenceCue(p[i, :-1], float(p[i, -1]), float(sev[i]), float(mos[i]), pr[i], float(raw[i]))
+                for i in range(len(a))]
 
     def judge(self, reference: np.ndarray, image: np.ndarray) -> ReferenceCue:
         """The reading of ``image`` against ``reference`` (uint8 RGB arrays)."""

@@ -88,7 +88,7 @@ def figures(model: ReferenceModel, feats: np.ndarray, labels: list[tuple], compa
     # the score an answer reports: the expectation over the rating words (here, the reading's own)
     c = M.correlation([float(cue.p_rating @ RATING_VALUES) for cue in cues], [m for _, _, m, _ in labels])
     out["rating-score SRCC"] = (c["srcc"], c["n"])
-    ab = [(cues[a].mos >= cues[b].mos) == (t == "A") for a, b, t in comparisons]
+    ab = [(cues[a].mos_raw >= cues[b].mos_raw) == (t == "A") for a, b, t in comparisons]
     out["comparisons"] = (M.safe_div(sum(ab), len(ab)), len(ab))
     return out
 

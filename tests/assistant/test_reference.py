@@ -223,7 +223,7 @@ def test_the_assistant_reads_a_reference_where_one_is_given(tmp_path, monkeypatc
     calls.clear()
     res = a.run([Request("quality.compare", [paths[0], paths[1], paths[0]], ["reference", "A", "B"])])[0]
     clean = a.reference_model.judge(ref, ref)  # B is the reference itself
-    p = 1 / (1 + math.exp(-inference.REFERENCE_COMPARE_SLOPE * (cue.mos - clean.mos)))
+    p = 1 / (1 + math.exp(-inference.REFERENCE_COMPARE_SLOPE * (cue.mos_raw - clean.mos_raw)))
     c = res.comparison
     assert c.better == "B" and math.isclose(c.p_a, p, rel_tol=1e-6) and math.isclose(c.p_a_swapped, p, rel_tol=1e-6)
     assert c.consistent and len(calls) == 1 and calls[0]["guide_p_a"].tolist() == [0.0]  # no probe pass
