@@ -83,18 +83,22 @@ def guidance_problem(strength: Any) -> str | None:
     return None
 
 
-def _variants(phrase: str) -> set[str]:
-    return {" " + phrase, " " + phrase[:1].upper() + phrase[1:]}
+def _variants(phrase: str, sentence_start: bool = False) -> set[str]:
+    """How a phrase is met inside an answer: after a space, lower or capitalised; with ``sentence_start`` also
+    capitalised with no space before it, as the answer's first word is written."""
+    out = {" " + phrase, " " + phrase[:1].upper() + phrase[1:]}
+    return out | {phrase[:1].upper() + phrase[1:]} if sentence_start else out
 
 
 class _Table:
     """Token-sequence prefixes of one group's phrasings: for each prefix (a tuple of token ids, the
     empty one included) the tokens that continue some phrasing, and which classes each may name."""
 
-    def __init__(self, tokenizer: Any, phrasings: list[tuple[str, int]], n_classes: int):
+    def __init__(self, tokenizer: Any, phrasings: list[tuple[str, int]], n_classes: int,
+                 sentence_start: bool = False):
         grow: dict[tuple[int, ...], dict[int, set[int]]] = {}
         for phrase, cls in phrasings:
-            for text in _variants(phrase):
+            for text in _variants(phrase, sentence_start):
                 seq = tokenizer.encode(text, add_special_tokens=False)
                 for k, tok in enumerate(seq):
                     grow.setdefault(tuple(seq[:k]), {}).setdefault(tok, set()).add(cls)
@@ -155,7 +159,9 @@ class EvidenceGuide:
                                      for p in NO_DISTORTION_OPENINGS})
         # the rest of each clean statement, pulled up while the answer is inside one ("no" -> "visible" ->
         # "distortion"), so that a pulled-up "no" goes on to say what it is about
-        self.clean_phrases = _Table(tokenizer, [(p, 0) for p in NO_DISTORTION_OPENINGS], 1)
+        # (the clean openers include the answer's first word, "No", so its continuation is pulled up too: without
+        # it a strongly pulled "No" at the start went on as "No detail is visible" or "No.")
+        self.clean_phrases = _Table(tokenizer, [(p, 0) for p in NO_DISTORTION_OPENINGS], 1, sentence_start=True)
         self.claim_openers = set(self.clean_openers) | {
             tokenizer.encode(v, add_special_tokens=False)[0] for t in SEVERITIES for p in t.phrasings
             for v in _variants(p)}

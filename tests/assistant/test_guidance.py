@@ -83,6 +83,11 @@ def test_a_clean_image_pushes_severity_words_down_and_pulls_a_clean_statement_un
     # inside the statement its next word is pulled up as well
     inside = proc(torch.tensor([[the, image, no]]), torch.zeros(1, 2000))[0]
     assert math.isclose(float(inside[visible]), 2.0 * margin, rel_tol=1e-4)
+    # ... also after the answer's first word, "No" (no space before it): it goes on to say what it is about
+    start = _ids(tok, "No visible")
+    assert start[0] in guide.clean_openers
+    opened = proc(torch.tensor([start[:1]]), torch.zeros(1, 2000))[0]
+    assert math.isclose(float(opened[start[1]]), 2.0 * margin, rel_tol=1e-4)
     # once the answer has written a severity word it has made its claim: no more pull on the opening
     proc = guide.processor(_probs(), p_sev, torch.tensor([2.0]))
     proc(torch.tensor([[the, image]]), torch.zeros(1, 2000))
