@@ -241,6 +241,12 @@ class LoupeConfig(ModelOptions):
     """Decoding of comparisons, with guidance on: ``heads``, the verdict word is steered by the heads'
     severities (``assistant/guidance.py``); ``both_orders``, the LM reads the pair in both orders first, and
     the answer writes the verdict of its averaged P(A better) (``Assistant.run``)."""
+    rating_width: float | None = None
+    """Decoding of assessments, with guidance on: None leaves the rating words to the LM where no reference
+    image is given; a width w guides them by the heads' predicted worst severity ``level`` (0..5): q(rating)
+    proportional to ``exp(-(value - (5 - 0.8 * level)) ** 2 / (2 * w ** 2))``, the rating words' values 5
+    (excellent) to 1 (bad) and ``5 - 0.8 * level`` the quality ``loupe eval`` gives one distortion of that
+    level. A reference image's readings (``assistant/reference.py``) take precedence."""
     verdict_temperature: float = 1.0
     """Reading: the reported P(tampered) is ``sigmoid(logit(p) / T)`` of the LM's verdict probability p
     (temperature scaling, fitted on a validation split by ``loupe train calibrate``); 1 leaves p as it is.
@@ -259,6 +265,9 @@ class LoupeConfig(ModelOptions):
             problems.append(f"evidence_guidance: {problem}")
         if self.ab_verdict not in AB_VERDICTS:
             problems.append(f"ab_verdict: {self.ab_verdict!r} is not one of {', '.join(AB_VERDICTS)}")
+        w = self.rating_width
+        if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0):
+            problems.append(f"rating_width: {w!r} is not a positive number (or null: the rating words are left alone)")
         t = self.verdict_temperature
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
             problems.append(f"verdict_temperature: {t!r} is not a positive number (1 leaves P(tampered) as is)")
@@ -730,6 +739,10 @@ def evidence_word_ids(tokenizer: Any) -> list[list[list[int]]]:
                                                                     ids(VERDICTS["authentic"].text)]]
 
 
+RATING_VALUES = torch.tensor([float(r.value) for r in RATINGS])
+"""The rating words' values, best first (excellent 5 .. bad 1), in ``RATINGS`` order."""
+
+
 def severity_weights(level: torch.Tensor) -> torch.Tensor:
     """The five severity levels weighted around ``level`` (a predicted level in 0..5): (..., 5), each row
     summing to 1. Shared by the evidence tokens and evidence guidance."""
@@ -1081,13 +1094,19 @@ class ExplainableVLM(nn.Module):
             p_cat[row] = probs[:, :n_cat].amax(0)
             p_sev[row] = severity_weights(probs[-1, n_cat] * 5)
             strength[row] = float(strengths[row])
-        p_rating = None
+        p_rating = torch.full((rows, len(RATING_VALUES)), float("nan"))
+        if self.config.rating_width is not None:  # the heads' severity, read as a rating (LoupeConfig.rating_width)
+            for row, imgs in self.row_images(input_ids, batch).items():
+                level = float(low.aux[imgs[-1]][0][n_cat].float().sigmoid()) * 5
+                p_rating[row] = torch.softmax(-(RATING_VALUES - (5.0 - 0.8 * level)) ** 2
+                                              / (2 * self.config.rating_width ** 2), dim=0)
         if given is not None:
             known = ~torch.isnan(given["p_category"][:, 0])
             p_cat[known] = given["p_category"][known].float()
             level = given["level"]
             p_sev[~torch.isnan(level)] = severity_weights(level[~torch.isnan(level)].float())
-            p_rating = given["p_rating"].float()
+            read = ~torch.isnan(given["p_rating"][:, 0])
+            p_rating[read] = given["p_rating"][read].float()
         return guide.processor(p_cat, p_sev, strength, p_a, p_rating)
 
     def add_fusion(self, logits: torch.Tensor, bias: torch.Tensor | None, prev_ids: torch.Tensor) -> torch.Tensor:

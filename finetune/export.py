@@ -27,10 +27,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def export(checkpoint: str | Path, out: str | Path, merge: bool = False, dtype: str | None = None,
            trust_remote_code: bool = False, evidence_guidance: float | None = None,
-           ab_verdict: str | None = None) -> Path:
-    """Write ``checkpoint`` to ``out`` (merged when ``merge``); returns ``out``. ``evidence_guidance``
-    and ``ab_verdict`` set the exported model's own decoding settings (``assistant/guidance.py``); None
-    keeps them."""
+           ab_verdict: str | None = None, rating_width: float | None = None) -> Path:
+    """Write ``checkpoint`` to ``out`` (merged when ``merge``); returns ``out``. ``evidence_guidance``,
+    ``ab_verdict`` and ``rating_width`` set the exported model's own decoding settings (``assistant/guidance.py``,
+    ``LoupeConfig``); None keeps them."""
     checkpoint, out = Path(checkpoint), Path(out)
     if out.resolve() == checkpoint.resolve():
         raise CheckpointError(f"{out}: export needs a new folder, not the checkpoint itself")
@@ -48,6 +48,8 @@ def export(checkpoint: str | Path, out: str | Path, merge: bool = False, dtype: 
         model.config.evidence_guidance = float(evidence_guidance)
     if ab_verdict is not None:
         model.config.ab_verdict = ab_verdict
+    if rating_width is not None:
+        model.config.rating_width = float(rating_width)
     model.config.check()
     model.save_pretrained(out, processor=processor)
     if (checkpoint / REFERENCE_FILE).is_file():  # the full-reference readings travel with the model
@@ -72,13 +74,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="with guidance on, where a comparison's verdict comes from: 'heads' (the image heads' "
                              "severities steer it) or 'both_orders' (the LM reads the pair in both orders first, "
                              "and the answer writes the verdict of its average); default: as the checkpoint has it")
+    parser.add_argument("--rating-width", type=float, metavar="W",
+                        help="with guidance on, the heads' severity also steers an assessment's rating words, the "
+                             "more the smaller W (LoupeConfig.rating_width; loupe-smol: 0.5); default: as the "
+                             "checkpoint has it")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the base's own code to run")
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         out = export(args.checkpoint, args.out, args.merge, args.dtype, args.trust_remote_code,
-                     args.evidence_guidance, args.ab_verdict)
+                     args.evidence_guidance, args.ab_verdict, args.rating_width)
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"loupe export: {exc}", file=sys.stderr)
         return 2

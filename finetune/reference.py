@@ -4,7 +4,7 @@
 
 It reads every quality record of ``--data`` that comes with a reference image and labels its judged image
 (or a comparison's A and B) with ``meta.distortions`` (``distortions_A`` / ``distortions_B``), measures the
-pair's full-reference features and fits the category, severity and quality readings. With ``--val`` it
+pair's full-reference features and fits the category, rating, severity and quality readings. With ``--val`` it
 prints how they do on that split's pairs: category accuracy (one distortion, by severity), clean called
 clean, severity within one level, the SRCC of the quality reading against ``loupe eval``'s MOS, and the
 share of comparisons with a reference whose better image it names. It writes ``CKPT/reference.safetensors``,

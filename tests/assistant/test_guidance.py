@@ -258,3 +258,34 @@ def test_both_orders_comparisons_write_the_verdict_of_the_lm_s_two_orders_averag
     with pytest.raises(ValueError, match="ab_verdict"):
         a.model.config.check()
     assert inference._written_p_a((None, 0.1)) == 0.0  # only the swapped reading, turned back: B better
+
+
+def test_rating_width_guides_an_assessment_s_rating_words_by_the_heads_severity(tmp_path):
+    from loupe_vlm.assistant.modeling import RATING_VALUES
+    from tests.assistant.test_aux import _sample
+
+    torch.manual_seed(0)
+    model, lp = _tiny(1.0)
+    model.eval()
+    shutil.copy(ASSETS / "noisy.png", tmp_path / "A.png")
+    item = lp.encode_sample(_sample("quality.assess", ["A"], {}), tmp_path, train=False)
+    batch = lp.collate([item], padding_side="left")
+    guide = EvidenceGuide(lp.tokenizer, AUX_CATEGORIES)
+    with torch.no_grad():
+        low = model.encode_lowlevel(batch["lowlevel_pixels"])
+    args = (guide, torch.tensor([2.0]), batch["input_ids"], batch, low)
+    assert model.guide_processor(*args).log_rating is None  # off by default: the rating words are the LM's
+    model.config.rating_width = 0.5
+    proc = model.guide_processor(*args)
+    level = float(low.aux[0][0][len(AUX_CATEGORIES)].sigmoid()) * 5
+    q = torch.softmax(-(RATING_VALUES - (5 - 0.8 * level)) ** 2 / (2 * 0.25), dim=0)
+    assert torch.allclose(proc.log_rating[0], q.log() - q.max().log(), atol=1e-5)
+    # a reference's reading takes precedence
+    given = {"p_category": torch.full((1, len(AUX_CATEGORIES)), 0.05), "level": torch.tensor([1.0]),
+             "p_rating": torch.tensor([[0.1, 0.6, 0.1, 0.1, 0.1]])}
+    proc = model.guide_processor(*args, given=given)
+    assert torch.allclose(proc.log_rating[0], torch.log(given["p_rating"][0] / 0.6), atol=1e-5)
+    for bad in (0, -1.0, True, "wide", float("inf")):
+        model.config.rating_width = bad
+        with pytest.raises(ValueError, match="rating_width"):
+            model.config.check()

@@ -179,9 +179,11 @@ def _reference_assistant(tmp_path):
     model.save_pretrained(tmp_path / "ck", processor=lp.processor)
     feats, labels = _pairs(range(12))
     _fit(feats, labels).save(tmp_path / "ck" / REFERENCE_FILE)
-    export(tmp_path / "ck", tmp_path / "ex", evidence_guidance=2.0)
+    export(tmp_path / "ck", tmp_path / "ex", evidence_guidance=2.0, rating_width=0.7)
     assert (tmp_path / "ex" / REFERENCE_FILE).read_bytes() == (tmp_path / "ck" / REFERENCE_FILE).read_bytes()
-    return Assistant.from_pretrained(tmp_path / "ex")
+    a = Assistant.from_pretrained(tmp_path / "ex")
+    assert a.model.config.rating_width == 0.7
+    return a
 
 
 def test_the_assistant_reads_a_reference_where_one_is_given(tmp_path, monkeypatch):
