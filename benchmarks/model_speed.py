@@ -50,7 +50,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from PIL import Image  # noqa: E402
+from PIL import Image, ImageFilter  # noqa: E402
 
 from loupe_vlm.assistant import lm_precision  # noqa: E402
 
@@ -218,6 +218,13 @@ def main(argv: list[str] | None = None) -> int:
         img = bench_image(args.size)
         (ma, ra), (mb, rb) = interleaved_medians([lambda a=a: a.assess(img) for a in assistants], args.repeats)
         row(f"brief quality answer, `assess` (median of {args.repeats})", "brief", "s", ma, mb, ra, rb)
+        # the same against a reference (a blurred copy judged against the image): a model that ships
+        # reference.safetensors also measures the pair (assistant/reference.py)
+        blurred = img.filter(ImageFilter.GaussianBlur(2))
+        (ma, ra), (mb, rb) = interleaved_medians([lambda a=a: a.assess(blurred, reference=img) for a in assistants],
+                                                 args.repeats)
+        row(f"brief quality answer against a reference, `assess(image, reference=...)` (median of {args.repeats})",
+            "brief", "s", ma, mb, ra, rb)
         (ma, ra), (mb, rb) = interleaved_medians([lambda a=a: a.detect_forgery(img) for a in assistants],
                                                  args.repeats)
         row(f"forgery with mask, `detect_forgery` (median of {args.repeats})", "forgery", "s", ma, mb, ra, rb)
