@@ -99,16 +99,23 @@ def test_a_clean_image_pushes_severity_words_down_and_pulls_a_clean_statement_un
     assert distorted[s] == 0 and distorted[no] < 0
 
 
-def test_generate_returns_the_guided_logits_and_only_guided_rows_change(tmp_path):
+def _guided_batch(tmp_path, task: str, rows: int):
+    """A tiny model with heads, its processor, a batch of ``rows`` copies of one ``task`` record on the noisy
+    asset, and an EvidenceGuide."""
+    from tests.assistant.test_aux import _sample
+
     torch.manual_seed(0)
     model, lp = _tiny(1.0)
     model.eval()
     shutil.copy(ASSETS / "noisy.png", tmp_path / "A.png")
+    item = lp.encode_sample(_sample(task, ["A"], {}), tmp_path, train=False)
+    return model, lp, lp.collate([item] * rows, padding_side="left"), EvidenceGuide(lp.tokenizer, AUX_CATEGORIES)
+
+
+def test_generate_returns_the_guided_logits_and_only_guided_rows_change(tmp_path):
     from tests.assistant.test_aux import _sample
 
-    item = lp.encode_sample(_sample("quality.identify", ["A"], {}), tmp_path, train=False)
-    batch = lp.collate([item, item], padding_side="left")
-    guide = EvidenceGuide(lp.tokenizer, AUX_CATEGORIES)
+    model, lp, batch, guide = _guided_batch(tmp_path, "quality.identify", 2)
     with torch.no_grad():
         plain = model.generate(batch, max_new_tokens=1)
         guided = model.generate(batch, max_new_tokens=1, guide=guide, guide_strength=torch.tensor([3.0, 0.0]))
@@ -262,15 +269,8 @@ def test_both_orders_comparisons_write_the_verdict_of_the_lm_s_two_orders_averag
 
 def test_rating_width_guides_an_assessment_s_rating_words_by_the_heads_severity(tmp_path):
     from loupe_vlm.assistant.modeling import RATING_VALUES
-    from tests.assistant.test_aux import _sample
 
-    torch.manual_seed(0)
-    model, lp = _tiny(1.0)
-    model.eval()
-    shutil.copy(ASSETS / "noisy.png", tmp_path / "A.png")
-    item = lp.encode_sample(_sample("quality.assess", ["A"], {}), tmp_path, train=False)
-    batch = lp.collate([item], padding_side="left")
-    guide = EvidenceGuide(lp.tokenizer, AUX_CATEGORIES)
+    model, _, batch, guide = _guided_batch(tmp_path, "quality.assess", 1)
     with torch.no_grad():
         low = model.encode_lowlevel(batch["lowlevel_pixels"])
     args = (guide, torch.tensor([2.0]), batch["input_ids"], batch, low)
