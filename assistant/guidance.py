@@ -215,10 +215,15 @@ class GuideProcessor:
         self.prompt_len: int | None = None  # set at the first step: what comes after it was generated
         self.steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (rows, tokens, values) per step
         # the phrase openers' values do not change from step to step: one per described row and group
-        self.openings = [(guide.categories.opening(log_cat[b]), guide.severities.opening(log_sev[b]))
+        self.openings = [(guide.categories.opening(log_cat[b]), guide.severities.opening(log_sev[b]),
+                          guide.ratings.opening(log_rating[b]) if self._rates(b) else None)
                          if float(strength[b]) != 0.0 and not bool(self.compare[b]) else None
                          for b in range(len(strength))]
         self.width = max(guide.categories.longest, guide.severities.longest, guide.ratings.longest)
+
+    def _rates(self, b: int) -> bool:
+        """Whether row ``b``'s rating words are guided."""
+        return self.log_rating is not None and not bool(torch.isnan(self.log_rating[b, 0]))
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         rows, toks, vals = [], [], []
@@ -238,13 +243,12 @@ class GuideProcessor:
                             vals.append(max(s * v, FLOOR))
                 continue
             tail = input_ids[b, -self.width:].tolist() if self.width else []
-            cat_open, sev_open = self.openings[b]
+            cat_open, sev_open, rating_open = self.openings[b]
             found = self.guide.severities.bias(tail, self.log_sev[b], sev_open)
             for tok, v in self.guide.categories.bias(tail, self.log_cat[b], cat_open).items():
                 found[tok] = max(v, found.get(tok, float("-inf")))
-            if self.log_rating is not None and not bool(torch.isnan(self.log_rating[b, 0])):
-                for tok, v in self.guide.ratings.bias(tail, self.log_rating[b],
-                                                         self.guide.ratings.opening(self.log_rating[b])).items():
+            if rating_open is not None:
+                for tok, v in self.guide.ratings.bias(tail, self.log_rating[b], rating_open).items():
                     found[tok] = max(v, found.get(tok, float("-inf")))
             for tok, v in found.items():
                 if v < 0:  # the best reading's words get 0: nothing to add

@@ -1082,6 +1082,8 @@ class ExplainableVLM(nn.Module):
         p_sev = torch.ones(rows, 5)
         p_a = torch.full((rows,), float("nan"))
         strength = torch.zeros(rows)  # a row without an image has nothing to be guided by
+        p_rating = torch.full((rows, len(RATING_VALUES)), float("nan"))  # NaN: the rating words are the LM's
+        width = self.config.rating_width
         for row, imgs in self.row_images(input_ids, batch).items():
             probs = torch.stack([low.aux[i][0].float().sigmoid().cpu() for i in imgs])
             if compare is not None and bool(compare[row]):
@@ -1093,13 +1095,10 @@ class ExplainableVLM(nn.Module):
                     p_a[row] = p_a_given[row]
             p_cat[row] = probs[:, :n_cat].amax(0)
             p_sev[row] = severity_weights(probs[-1, n_cat] * 5)
+            if width is not None:  # the heads' severity, read as a rating (LoupeConfig.rating_width)
+                quality = 5.0 - 0.8 * probs[-1, n_cat] * 5
+                p_rating[row] = torch.softmax(-(RATING_VALUES - quality) ** 2 / (2 * width ** 2), dim=0)
             strength[row] = float(strengths[row])
-        p_rating = torch.full((rows, len(RATING_VALUES)), float("nan"))
-        if self.config.rating_width is not None:  # the heads' severity, read as a rating (LoupeConfig.rating_width)
-            for row, imgs in self.row_images(input_ids, batch).items():
-                level = float(low.aux[imgs[-1]][0][n_cat].float().sigmoid()) * 5
-                p_rating[row] = torch.softmax(-(RATING_VALUES - (5.0 - 0.8 * level)) ** 2
-                                              / (2 * self.config.rating_width ** 2), dim=0)
         if given is not None:
             known = ~torch.isnan(given["p_category"][:, 0])
             p_cat[known] = given["p_category"][known].float()

@@ -175,7 +175,7 @@ class ReferenceCue:
     severity: float  # predicted worst severity, 0 (clean) .. 5
     mos: float  # predicted quality 1 (bad) .. 5 (excellent), the scale of ``rating_value``
     p_rating: np.ndarray  # (len(RATING_IDS),): P(each rating word)
-    mos_raw: float = float("nan")  # the quality reading before clipping to 1..5: two bad images still rank
+    mos_raw: float  # the quality reading before clipping to 1..5: two bad images still rank
 
     @property
     def category(self) -> str:
@@ -279,11 +279,7 @@ class ReferenceModel:
         if sorted(tensors) != sorted(cls.TENSORS):
             raise ReferenceError(f"{path}: tensors {sorted(tensors)} are not a reference model's; refit it with "
                                  "loupe train reference")
-        try:
-            return cls(**tensors)
-        except TypeError:
-            raise ReferenceError(f"{path}: tensors {sorted(tensors)} are not a reference model's; refit it with "
-                                 "loupe train reference") from None
+        return cls(**tensors)
 
 
 def load_reference_model(checkpoint: str | Path) -> ReferenceModel | None:

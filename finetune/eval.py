@@ -377,6 +377,13 @@ def compute_metrics(records: list[dict], root: Path,
     return {"metrics": table.items, "details": details}
 
 
+def _by_reference(records: list[dict], values: list) -> list[tuple[str, list]]:
+    """``values`` (one per record) split into those of records whose question gave a reference image ("yes")
+    and the others ("no")."""
+    return [(tag, [v for r, v in zip(records, values) if (r.get("reference") is not None) == has])
+            for tag, has in (("yes", True), ("no", False))]
+
+
 def _quality(ok: list[dict], table: _Table, details: dict, calib: list) -> None:
     recs = [r for r in ok if r["sample_task"] in ("quality.assess", "quality.identify")]
     if not recs:
@@ -412,12 +419,10 @@ def _quality(ok: list[dict], table: _Table, details: dict, calib: list) -> None:
         table.put("quality.category_accuracy_severity2", M.distortion_metrics(*zip(*strong))["category_accuracy"],
                   "single-distortion items at severity >= 2: the answer names exactly the true category", len(strong))
     # with and without a reference image: a reference is read against (assistant/reference.py)
-    for has_ref in (True, False):
-        part = [(p, t) for r, p, t in zip(with_dist, preds, trues) if (r.get("reference") is not None) == has_ref
-                and len(t) == 1]
+    for tag, part in _by_reference(with_dist, list(zip(preds, trues))):
+        part = [(p, t) for p, t in part if len(t) == 1]
         if part:
-            table.put(f"quality[reference={'yes' if has_ref else 'no'}].category_accuracy",
-                      M.distortion_metrics(*zip(*part))["category_accuracy"],
+            table.put(f"quality[reference={tag}].category_accuracy", M.distortion_metrics(*zip(*part))["category_accuracy"],
                       "single-distortion items, with / without a reference image", len(part))
     single = [(r["gt"]["distortions"][0]["category"], (p[0]["category"] if p else None))
               for r, p in zip(with_dist, preds) if len(r["gt"]["distortions"]) == 1]
@@ -441,11 +446,10 @@ def _quality(ok: list[dict], table: _Table, details: dict, calib: list) -> None:
         c = M.correlation(pred, true)
         proto = f"global over all quality.assess items, score (rating-word expectation) vs ground truth [{label}]"
         table.put("quality.srcc", c["srcc"], proto, c["n"])
-        for has_ref in (True, False):
-            part = [(p, t) for r, p, t in zip(scored, pred, true) if (r.get("reference") is not None) == has_ref]
+        for tag, part in _by_reference(scored, list(zip(pred, true))):
             if len(part) > 2:
                 cp = M.correlation(*zip(*part))
-                table.put(f"quality[reference={'yes' if has_ref else 'no'}].srcc", cp["srcc"],
+                table.put(f"quality[reference={tag}].srcc", cp["srcc"],
                           "the same, over the items with / without a reference image", cp["n"])
         table.put("quality.plcc", c["plcc"], proto + ", no fit", c["n"])
         table.put("quality.plcc_logistic", c["plcc_logistic"], proto + ", after a 4-parameter logistic fit", c["n"])
@@ -486,12 +490,10 @@ def _comparison(ok: list[dict], table: _Table, calib: list, verdicts: list) -> N
     table.put("compare.accuracy", ab["accuracy_averaged"], "A/B verdict from P(A) averaged over both orders", ab["n"])
     table.put("compare.swap_consistency", ab["swap_consistency"],
               "share of pairs naming the same image in both orders", ab["swap_pairs"])
-    for has_ref in (True, False):
-        part = [(c.get("better"), r["gt"]["better"]) for r, c in zip(recs, comp) if (r.get("reference") is not None) == has_ref]
+    for tag, part in _by_reference(recs, [c.get("better") == r["gt"]["better"] for r, c in zip(recs, comp)]):
         if part:
-            table.put(f"compare[reference={'yes' if has_ref else 'no'}].accuracy",
-                      M._mean([p == t for p, t in part]), "the A/B verdict, pairs with / without a reference image",
-                      len(part))
+            table.put(f"compare[reference={tag}].accuracy", M._mean(part),
+                      "the A/B verdict, pairs with / without a reference image", len(part))
     for r, c in zip(recs, comp):
         if r.get("confidence") is not None:
             calib.append((r["confidence"], c.get("better") == r["gt"]["better"], r["sample_task"]))

@@ -44,6 +44,8 @@ def read_pairs(data: Path, progress: bool = True) -> tuple[np.ndarray, list[tupl
     samples = [s for _, s in iter_jsonl(data, errors=errors, check_files=True) if s.task.startswith("quality.")]
     for err in errors[:5]:
         print(f"skipped: {err}", file=sys.stderr)
+    if len(errors) > 5:
+        print(f"... and {len(errors) - 5} more bad lines skipped", file=sys.stderr)
     rows: dict[tuple[str, str], int] = {}
     feats, labels, comparisons = [], [], []
     for s in tqdm(samples, desc=f"reference pairs of {data.name}", disable=not progress, dynamic_ncols=True):

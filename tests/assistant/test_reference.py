@@ -102,20 +102,16 @@ def test_the_fit_tells_the_changes_apart_on_unseen_pairs_and_round_trips(tmp_pat
     assert load_reference_model(tmp_path / "nothing-here") is None
 
 
-def test_a_damaged_or_foreign_reference_file_is_refused_with_the_fix():
+def test_a_damaged_or_foreign_reference_file_is_refused_with_the_fix(tmp_path):
     from safetensors.numpy import save_file
 
-    import tempfile
-    from pathlib import Path
-
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / REFERENCE_FILE
-        path.write_bytes(b"not safetensors")
-        with pytest.raises(ReferenceError, match="loupe train reference"):
-            load_reference_model(d)
-        save_file({"w": np.zeros(3, np.float32)}, str(path), metadata={"format": "other"})
-        with pytest.raises(ReferenceError, match="another format"):
-            load_reference_model(d)
+    path = tmp_path / REFERENCE_FILE
+    path.write_bytes(b"not safetensors")
+    with pytest.raises(ReferenceError, match="loupe train reference"):
+        load_reference_model(tmp_path)
+    save_file({"w": np.zeros(3, np.float32)}, str(path), metadata={"format": "other"})
+    with pytest.raises(ReferenceError, match="another format"):
+        load_reference_model(tmp_path)
 
 
 def test_the_fit_needs_enough_labelled_pairs():
