@@ -48,6 +48,7 @@ from loupe_vlm.prompts import (
 from loupe_vlm.prompts.parsing import find_terms, parse_distortions, parse_manipulation, strip_mask_tokens
 
 from . import duplication
+from . import noreference as noreference_mod
 from . import reference as reference_mod
 from . import lm_precision as lm_precision_mod
 from . import merged_cache
@@ -87,10 +88,11 @@ RATED_TASKS = ("quality.assess",)
 """Tasks whose answers close on a rating word (``consistency.RatingProcessor`` holds the end back until then)."""
 
 REFERENCE_COMPARE_SLOPE = 4.0
-"""A comparison with a reference image: P(A better) = sigmoid(REFERENCE_COMPARE_SLOPE * (quality of A - quality
-of B)), both read against the reference (``assistant/reference.py``, 1..5): a quarter of a point reads as 0.73,
-one point as 0.98. Set by hand, not fitted; on loupe-smol's quality validation split the reading names the
-better image of 97% of these pairs."""
+"""A comparison with readings: P(A better) = sigmoid(REFERENCE_COMPARE_SLOPE * (quality of A - quality of B)),
+both read against the reference image where one is given (``assistant/reference.py``), else from each image
+alone (``assistant/noreference.py``), on the 1..5 scale: a quarter of a point reads as 0.73, one point as 0.98.
+Set by hand, not fitted; on loupe-smol's quality validation split the readings name the better image of 97% of
+the pairs with a reference and of the pairs without one."""
 
 AB_PROBE_TOKENS = 12
 """How far the unguided first pass of a ``both_orders`` comparison writes: the builders' verdict sentences
@@ -109,14 +111,15 @@ etched" was the commonest repeat."""
 
 
 def checkpoint_id(path: Path, name: str) -> str:
-    """A result's ``model``: the checkpoint's name and a digest of its config, heads and full-reference model
-    where it has one (before any ``+fp16lm`` / ``+guidance`` suffix), so predictions say which weights and
+    """A result's ``model``: the checkpoint's name and a digest of its config, heads and reading models
+    (full-reference, no-reference) where it has them (before any ``+fp16lm`` / ``+guidance`` suffix), so predictions say which weights and
     settings made them."""
     digest = hashlib.sha256()
     for f in ("loupe_config.json", "heads.safetensors"):
         digest.update((Path(path) / f).read_bytes())
-    if (Path(path) / reference_mod.REFERENCE_FILE).is_file():
-        digest.update((Path(path) / reference_mod.REFERENCE_FILE).read_bytes())
+    for f in (reference_mod.REFERENCE_FILE, noreference_mod.NOREFERENCE_FILE):
+        if (Path(path) / f).is_file():
+            digest.update((Path(path) / f).read_bytes())
     return f"{name}@{digest.hexdigest()[:10]}"
 
 
@@ -363,7 +366,7 @@ class Assistant:
     """Explainable image analysis with one model. Build it with ``Assistant.from_pretrained``."""
 
     def __init__(self, model: ExplainableVLM, processor: Any, name: str = "loupe", max_new_tokens: int = 160,
-                 evidence_guidance: float | None = None, reference_model: Any = None):
+                 evidence_guidance: float | None = None, reference_model: Any = None, noreference_model: Any = None):
         self.model = model.eval()
         self.processor = LoupeProcessor.for_model(model, processor)
         self.tokenizer = self.processor.tokenizer
@@ -381,8 +384,10 @@ class Assistant:
         # a model without auxiliary heads has nothing to guide by: generate then leaves every row alone
         self.guide = EvidenceGuide(self.tokenizer, AUX_CATEGORIES) if self.evidence_guidance else None
         self._keep_forgery: list[int] | None = None  # _forgery_keep(), built on first use (~0.2 s)
-        # full-reference readings (assistant/reference.py), used where a question gives a reference image
+        # full-reference readings (assistant/reference.py), used where a question gives a reference image, and
+        # no-reference ones (assistant/noreference.py), used where it does not
         self.reference_model = reference_model
+        self.noreference_model = noreference_model
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, *, device: str = "cpu", dtype: torch.dtype | None = None,
@@ -430,7 +435,8 @@ class Assistant:
         if evidence_guidance is not None and evidence_guidance != model.config.evidence_guidance:
             name += f"+guidance{evidence_guidance:g}"  # answers differ from the checkpoint's own setting
         return cls(model, processor, name=name, max_new_tokens=max_new_tokens, evidence_guidance=evidence_guidance,
-                   reference_model=reference_mod.load_reference_model(path))
+                   reference_model=reference_mod.load_reference_model(path),
+                   noreference_model=noreference_mod.load_noreference_model(path))
 
     # ---- one-call API --------------------------------------------------------------------------
     def assess(self, image: Any, reference: Any = None, detail: bool = False) -> Result:
@@ -520,11 +526,11 @@ class Assistant:
         the swapped pair and turned back to P(A better))), from a short unguided pass that stops after
         ``AB_PROBE_TOKENS`` tokens. None where that pass wrote no "A" or "B"."""
         found: dict[int, list[float | None]] = {}
-        for i, k, e in jobs:  # a pair with a reference is read against it, in both orders alike: no LM pass
-            p = (e.reference or {}).get("p_a")
+        for i, k, e in jobs:  # a pair with readings (assistant/reference.py, noreference.py) is decided by them, in both orders alike: no LM pass
+            p = (e.readings or {}).get("p_a")
             if p is not None:
                 found.setdefault(i, [None, None])[k] = p if k == 0 else 1.0 - p
-        jobs = [(i, k, e) for i, k, e in jobs if (e.reference or {}).get("p_a") is None]
+        jobs = [(i, k, e) for i, k, e in jobs if (e.readings or {}).get("p_a") is None]
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start:start + batch_size]
             t0 = time.perf_counter()
@@ -549,38 +555,56 @@ class Assistant:
             swapped[ia], swapped[ib] = pil[ib], pil[ia]
             orders.append(swapped)
         encoded = [self._encode(req, imgs) for imgs in orders]
-        if "reference" in req.roles and req.task in GUIDED_TASKS and self.guide is not None \
-                and self.reference_model is not None:
-            readings = self._reference_readings(req, pil)
+        readings = self._readings(req, pil, encoded[0])
+        if readings is not None:
             for k, e in enumerate(encoded):
-                e.reference = readings if k == 0 else {"cue": readings["cue"], "p_a": (
+                e.readings = readings if k == 0 else {"cue": readings["cue"], "p_a": (
                     None if readings["p_a"] is None else 1.0 - readings["p_a"])}  # the swapped pair: B is shown as A
         if req.task == "forgery.detect" and self._weighs_duplicates():  # copy-move evidence of the judged image
             judged = encoded[0].mask_image
             encoded[0].duplicate = duplication.find_duplicate(np.asarray(pil[judged].convert("RGB")))
         return encoded
 
-    def _reference_readings(self, req: Request, pil: list[Any]) -> dict[str, Any]:
-        """The full-reference readings of a quality question with a reference image, in the order asked:
-        ``cue``, the judged image's ``ReferenceCue`` (describing tasks), and ``p_a``, a comparison's P(A better)
-        from the two images' quality readings before clipping (``REFERENCE_COMPARE_SLOPE``). None where the images are too
-        small to compare."""
-        ref = np.asarray(pil[req.roles.index("reference")].convert("RGB"))
+    def _readings(self, req: Request, pil: list[Any], encoded: Any) -> dict[str, Any] | None:
+        """The readings that guide a quality question's answer, in the order asked: ``cue``, the judged image's
+        ``ReferenceCue`` (describing tasks), and ``p_a``, a comparison's P(A better) from the two images' quality
+        readings before clipping (``REFERENCE_COMPARE_SLOPE``). Read against the reference image where the
+        question gives one (``assistant/reference.py``), else from the image alone and the heads' logits
+        (``assistant/noreference.py``). None where the checkpoint has no such model or the question is not
+        guided; a cue is None where an image is too small to read."""
+        if req.task not in GUIDED_TASKS or self.guide is None:
+            return None
+        if "reference" in req.roles:
+            if self.reference_model is None:
+                return None
+            ref = np.asarray(pil[req.roles.index("reference")].convert("RGB"))
 
-        def cue(i: int) -> Any:
-            try:
-                return self.reference_model.judge(ref, np.asarray(pil[i].convert("RGB")))
-            except reference_mod.ReferenceError as exc:
-                logger.info("no full-reference reading: %s", exc)
+            def read(idx: list[int]) -> dict[int, Any]:
+                return {i: self.reference_model.judge(ref, np.asarray(pil[i].convert("RGB"))) for i in idx}
+        else:
+            if self.noreference_model is None:
                 return None
 
-        if req.task in COMPARE_TASKS:
-            a, b = cue(req.roles.index("A")), cue(req.roles.index("B"))
-            p_a = (None if a is None or b is None else
-                   float(1.0 / (1.0 + math.exp(-REFERENCE_COMPARE_SLOPE * (a.mos_raw - b.mos_raw)))))
-            return {"cue": None, "p_a": p_a}
-        non_ref = [i for i, r in enumerate(req.roles) if r != "reference"]
-        return {"cue": cue(non_ref[-1]), "p_a": None}
+            def read(idx: list[int]) -> dict[int, Any]:
+                with torch.no_grad():
+                    low = self.model.encode_lowlevel([encoded.lowlevel_pixels[i] for i in idx])
+                if not low.aux or low.aux[0] is None:
+                    raise reference_mod.ReferenceError("the model has no auxiliary heads")
+                return {i: self.noreference_model.judge(np.asarray(pil[i].convert("RGB")), a[0].float().cpu().numpy())
+                        for i, a in zip(idx, low.aux)}
+
+        compare = req.task in COMPARE_TASKS
+        idx = ([req.roles.index("A"), req.roles.index("B")] if compare else
+               [[i for i, r in enumerate(req.roles) if r != "reference"][-1]])
+        try:
+            cues = read(idx)
+        except reference_mod.ReferenceError as exc:
+            logger.info("no quality readings: %s", exc)
+            return {"cue": None, "p_a": None}
+        if compare:
+            a, b = cues[idx[0]], cues[idx[1]]
+            return {"cue": None, "p_a": float(1.0 / (1.0 + math.exp(-REFERENCE_COMPARE_SLOPE * (a.mos_raw - b.mos_raw))))}
+        return {"cue": cues[idx[0]], "p_a": None}
 
     def _weighs_duplicates(self) -> bool:
         """Whether forgery verdicts weigh copy-move evidence (a three-term ``LoupeConfig.verdict_map``)."""
@@ -656,11 +680,11 @@ class Assistant:
                                                     for t in tasks])
             extra["guide_compare"] = torch.tensor([t in COMPARE_TASKS for t in tasks])
             # a comparison with a reference image is decided by the full-reference readings, unless given
-            p_a = [p if p is not None else (e.reference or {}).get("p_a") if t in COMPARE_TASKS else None
+            p_a = [p if p is not None else (e.readings or {}).get("p_a") if t in COMPARE_TASKS else None
                    for p, e, t in zip(p_a or [None] * len(encoded), encoded, tasks)]
             if any(p is not None for p in p_a):
                 extra["guide_p_a"] = torch.tensor([float("nan") if p is None else float(p) for p in p_a])
-            cues = [(e.reference or {}).get("cue") if t in GUIDED_TASKS else None for e, t in zip(encoded, tasks)]
+            cues = [(e.readings or {}).get("cue") if t in GUIDED_TASKS else None for e, t in zip(encoded, tasks)]
             if any(c is not None for c in cues):
                 extra["guide_given"] = _given_readings(cues)
         verdict_rows = torch.tensor([t in VERDICT_TASKS for t in tasks], dtype=torch.bool)

@@ -158,8 +158,9 @@ class Encoded:
     aux: torch.Tensor | None = None  # (N, AUX_DIM) per-image labels from Sample.meta, NaN = unknown
     aux_mask: list[torch.Tensor | None] | None = None  # per image: tampered-pixel map (H', W') or None
     duplicate: Any = None  # at inference, a forgery question's copy-move evidence (duplication.Duplicate) or None
-    # at inference, a quality question's full-reference readings (Assistant._reference_readings) or None
-    reference: Any = None
+    # at inference, a quality question's readings (Assistant._readings: against its reference, or of the image
+    # alone) or None
+    readings: Any = None
 
 
 # Auxiliary per-image labels (see ``aux_labels``): one bit per distortion category, then the worst

@@ -71,6 +71,13 @@ def _fit_size(rgb: np.ndarray, side: int) -> np.ndarray:
     return cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
 
 
+def distinct_colours(rgb: np.ndarray) -> int:
+    """The number of distinct RGB triples of a uint8 image (each packed into one integer: ``np.unique`` over
+    rows sorts ten times slower)."""
+    x = rgb.reshape(-1, 3).astype(np.int32)
+    return len(np.unique((x[:, 0] << 16) | (x[:, 1] << 8) | x[:, 2]))
+
+
 def reference_features(reference: np.ndarray, image: np.ndarray) -> np.ndarray:
     """FEATURES of ``image`` against its ``reference`` (both uint8 RGB, H x W x 3; the image is resized to
     the reference's size, both to at most WORK_SIDE):
@@ -118,10 +125,7 @@ def reference_features(reference: np.ndarray, image: np.ndarray) -> np.ndarray:
                   - np.log((dr[:, 7::8].mean() + 1e-3) / (dr.mean() + 1e-3)))
     flat = float((dx < 0.5).mean() - (dr < 0.5).mean())
 
-    def colours(a: np.ndarray) -> int:
-        return len(np.unique((a // 4).reshape(-1, 3), axis=0))
-
-    palette = np.log(colours(image) + 1) - np.log(colours(reference) + 1)
+    palette = np.log(distinct_colours(image // 4) + 1) - np.log(distinct_colours(reference // 4) + 1)
     coarse = np.abs(cv2.GaussianBlur(lx, (0, 0), 4) - cv2.GaussianBlur(lr, (0, 0), 4)).mean()
     out = [lx.mean() - lr.mean(), np.log((lx.std() + 1) / (lr.std() + 1)), np.log(chroma_x / chroma_r),
            np.log(ex / er), direction, np.log(residual + 1e-3), blockiness, flat, palette, psnr, ssim, coarse,
@@ -168,7 +172,8 @@ def _softmax_fit(a: np.ndarray, labels: Sequence[int | None], k: int, l2: float,
 
 @dataclass
 class ReferenceCue:
-    """The reference model's reading of one judged image."""
+    """A reading model's reading of one judged image (``ReferenceModel``, or ``NoReferenceModel`` in
+    ``assistant/noreference.py``)."""
 
     p_category: np.ndarray  # (len(CATEGORIES),): P(each distortion category); 1 - their sum is P(clean)
     p_clean: float
@@ -183,9 +188,13 @@ class ReferenceCue:
         return CLASSES[k]
 
 
-class ReferenceModel:
-    """FEATURES -> category and rating (softmax regressions), worst severity and MOS (ridge regressions)."""
+class ReadingModel:
+    """Features -> category and rating (softmax regressions), worst severity and MOS (ridge regressions).
+    Subclasses name their FEATURES, the safetensors FORMAT and the command that fits them (REFIT)."""
 
+    FEATURES: tuple[str, ...] = ()
+    FORMAT = ""
+    REFIT = ""
     TENSORS = ("feature_mean", "feature_std", "expanded_mean", "expanded_std", "category_weight", "rating_weight",
                "severity_weight", "mos_weight")
 
@@ -196,16 +205,16 @@ class ReferenceModel:
         self.expanded_mean, self.expanded_std = expanded_mean, expanded_std
         self.category_weight, self.rating_weight = category_weight, rating_weight
         self.severity_weight, self.mos_weight = severity_weight, mos_weight
-        d = 3 * len(FEATURES) + 1
-        shapes = {"feature_mean": (feature_mean.shape, (len(FEATURES),)),
-                  "feature_std": (feature_std.shape, (len(FEATURES),)),
+        f = len(self.FEATURES)
+        d = 3 * f + 1
+        shapes = {"feature_mean": (feature_mean.shape, (f,)), "feature_std": (feature_std.shape, (f,)),
                   "expanded_mean": (expanded_mean.shape, (d - 1,)), "expanded_std": (expanded_std.shape, (d - 1,)),
                   "category_weight": (category_weight.shape, (d, len(CLASSES))),
                   "rating_weight": (rating_weight.shape, (d, len(RATING_IDS))),
                   "severity_weight": (severity_weight.shape, (d,)), "mos_weight": (mos_weight.shape, (d,))}
         bad = [f"{k} {tuple(got)} (expected {want})" for k, (got, want) in shapes.items() if tuple(got) != want]
         if bad:
-            raise ReferenceError("reference model tensors of the wrong shape: " + ", ".join(bad))
+            raise ReferenceError(f"{self.FORMAT} tensors of the wrong shape: " + ", ".join(bad))
 
     def _design(self, features: np.ndarray) -> np.ndarray:
         z = _expand((np.atleast_2d(features) - self.feature_mean) / self.feature_std)
@@ -222,23 +231,19 @@ class ReferenceModel:
         return [ReferenceCue(p[i, :-1], float(p[i, -1]), float(sev[i]), float(mos[i]), pr[i], float(raw[i]))
                 for i in range(len(a))]
 
-    def judge(self, reference: np.ndarray, image: np.ndarray) -> ReferenceCue:
-        """The reading of ``image`` against ``reference`` (uint8 RGB arrays)."""
-        return self.predict(reference_features(reference, image))[0]
-
     # ---- fit / save / load ---------------------------------------------------------------------
     @classmethod
     def fit(cls, features: np.ndarray, classes: Sequence[int | None], severity: Sequence[float],
             mos: Sequence[float], ratings: Sequence[int | None], category_l2: float = 1e-3,
-            regression_l2: float = 10.0) -> "ReferenceModel":
-        """Fit on labelled pairs: ``features`` (N, F); ``classes`` each pair's index in CLASSES, or None for a
-        pair with several distortions (left out of the category model only); ``severity`` the worst
+            regression_l2: float = 10.0) -> "ReadingModel":
+        """Fit on labelled images: ``features`` (N, F); ``classes`` each image's index in CLASSES, or None for
+        one with several distortions (left out of the category model only); ``severity`` the worst
         severity (0 clean); ``mos`` the quality 1..5; ``ratings`` the index in RATING_IDS or None (unknown).
-        L2 weights: chosen on loupe-smol's quality validation split (``loupe train reference`` prints the
-        figures)."""
+        L2 weights: chosen on loupe-smol's quality validation split (``loupe train reference`` and ``loupe
+        train noreference`` print the figures)."""
         x = np.asarray(features, dtype=np.float64)
-        if x.ndim != 2 or x.shape[1] != len(FEATURES) or len(x) < MIN_PAIRS:
-            raise ReferenceError(f"{len(x)} labelled pairs with a reference; the fit needs at least {MIN_PAIRS}")
+        if x.ndim != 2 or x.shape[1] != len(cls.FEATURES) or len(x) < MIN_PAIRS:
+            raise ReferenceError(f"{len(x)} labelled images for the {cls.FORMAT} fit; it needs at least {MIN_PAIRS}")
         mean, std = x.mean(0), x.std(0) + 1e-9
         z = _expand((x - mean) / std)
         emean, estd = z.mean(0), z.std(0) + 1e-9
@@ -256,12 +261,13 @@ class ReferenceModel:
         from safetensors.numpy import save_file
 
         tensors = {k: np.ascontiguousarray(getattr(self, k), dtype=np.float32) for k in self.TENSORS}
-        save_file(tensors, str(path), metadata={"format": FORMAT, "classes": json.dumps(CLASSES),
-                                               "ratings": json.dumps(RATING_IDS), "features": json.dumps(FEATURES)})
+        save_file(tensors, str(path), metadata={"format": self.FORMAT, "classes": json.dumps(CLASSES),
+                                               "ratings": json.dumps(RATING_IDS),
+                                               "features": json.dumps(self.FEATURES)})
 
     @classmethod
-    def load(cls, path: str | Path) -> "ReferenceModel":
-        """Read ``reference.safetensors``; a file of another format, classes or features is refused."""
+    def load(cls, path: str | Path) -> "ReadingModel":
+        """Read a saved model; a file of another format, classes or features is refused."""
         from safetensors import safe_open
 
         try:
@@ -269,17 +275,28 @@ class ReferenceModel:
                 meta = f.metadata() or {}
                 tensors = {k: f.get_tensor(k).astype(np.float64) for k in f.keys()}
         except Exception as exc:  # safetensors' own error type is not an OSError or ValueError
-            raise ReferenceError(f"{path}: not a readable safetensors file ({exc}); refit it with loupe train "
-                                 "reference") from None
-        if meta.get("format") != FORMAT or json.loads(meta.get("classes", "[]")) != list(CLASSES) \
+            raise ReferenceError(f"{path}: not a readable safetensors file ({exc}); refit it with {cls.REFIT}") from None
+        if meta.get("format") != cls.FORMAT or json.loads(meta.get("classes", "[]")) != list(CLASSES) \
                 or json.loads(meta.get("ratings", "[]")) != list(RATING_IDS) \
-                or json.loads(meta.get("features", "[]")) != list(FEATURES):
-            raise ReferenceError(f"{path}: a reference model of another format, taxonomy or feature set; refit it "
-                                 "with loupe train reference")
+                or json.loads(meta.get("features", "[]")) != list(cls.FEATURES):
+            raise ReferenceError(f"{path}: a reading model of another format, taxonomy or feature set (this needs "
+                                 f"{cls.FORMAT}); refit it with {cls.REFIT}")
         if sorted(tensors) != sorted(cls.TENSORS):
-            raise ReferenceError(f"{path}: tensors {sorted(tensors)} are not a reference model's; refit it with "
-                                 "loupe train reference")
+            raise ReferenceError(f"{path}: tensors {sorted(tensors)} are not a {cls.FORMAT} model's; refit it with "
+                                 f"{cls.REFIT}")
         return cls(**tensors)
+
+
+class ReferenceModel(ReadingModel):
+    """FEATURES of a (reference, image) pair -> the readings (``ReadingModel``)."""
+
+    FEATURES = FEATURES
+    FORMAT = FORMAT
+    REFIT = "loupe train reference"
+
+    def judge(self, reference: np.ndarray, image: np.ndarray) -> ReferenceCue:
+        """The reading of ``image`` against ``reference`` (uint8 RGB arrays)."""
+        return self.predict(reference_features(reference, image))[0]
 
 
 def load_reference_model(checkpoint: str | Path) -> ReferenceModel | None:

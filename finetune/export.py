@@ -18,6 +18,7 @@ import torch
 
 from loupe_vlm.assistant.guidance import AB_VERDICTS
 from loupe_vlm.assistant.modeling import CheckpointError, ExplainableVLM
+from loupe_vlm.assistant.noreference import NOREFERENCE_FILE
 from loupe_vlm.assistant.reference import REFERENCE_FILE
 
 logger = logging.getLogger("loupe_vlm.finetune.export")
@@ -52,8 +53,9 @@ def export(checkpoint: str | Path, out: str | Path, merge: bool = False, dtype: 
         model.config.rating_width = float(rating_width)
     model.config.check()
     model.save_pretrained(out, processor=processor)
-    if (checkpoint / REFERENCE_FILE).is_file():  # the full-reference readings travel with the model
-        shutil.copyfile(checkpoint / REFERENCE_FILE, out / REFERENCE_FILE)
+    for f in (REFERENCE_FILE, NOREFERENCE_FILE):  # the reading models travel with the model
+        if (checkpoint / f).is_file():
+            shutil.copyfile(checkpoint / f, out / f)
     logger.info("exported %s -> %s%s", checkpoint, out, " (LoRA merged)" if merge and is_peft else "")
     return out
 

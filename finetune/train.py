@@ -70,6 +70,8 @@ launch lines:
                                                    # (loupe train calibrate --help)
   loupe train reference --checkpoint CKPT --data Q/train.jsonl --val Q/val.jsonl  # full-reference readings
                                                    # (loupe train reference --help)
+  loupe train noreference --checkpoint CKPT --data Q/train.jsonl --val Q/val.jsonl  # readings of one image
+                                                   # (loupe train noreference --help)
 """
 
 
@@ -115,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         from loupe_vlm.finetune.reference import main as reference_main
 
         return reference_main(args[1:])
+    if args[:1] == ["noreference"]:
+        from loupe_vlm.finetune.noreference import main as noreference_main
+
+        return noreference_main(args[1:])
     if args[:1] == ["calibrate"]:
         from loupe_vlm.finetune.calibrate import main as calibrate_main
 
