@@ -20,7 +20,7 @@ of tokens by their summed probability.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -113,34 +113,68 @@ class RatingProcessor:
 
 
 class RepeatBan:
-    """No run of ``n`` tokens twice in the answer of a row in ``rows`` (B,) bool: transformers'
-    ``NoRepeatNGramLogitsProcessor`` applied to those rows' generated tokens only, not to the prompt and
-    not to the other rows, and never to ``keep`` (token ids whose choice the result reads: rating words,
-    A and B), so that no banned word makes the text disagree with the result read from the same scores.
+    """No run of ``n`` words twice in the answer of a row in ``rows`` (B,) bool, counted on those rows'
+    generated tokens only (not the prompt, not the other rows) and never banning ``keep`` (token ids whose
+    choice the result reads: rating words, A and B), so that no banned word makes the text disagree with the
+    result read from the same scores.
+
+    ``word_class`` (V,) long gives each token id a class: the ids of one word written with or without a
+    leading space or capital ("The" and " the") share one, and punctuation and whitespace tokens are -1 and
+    left out of the runs. So "still readable, but" and, later, "still readable but" are the same run, as
+    ``loupe eval`` counts them (``prompts.parsing.repeated_ngram``). Without it each token id is its own class,
+    which is transformers' ``NoRepeatNGramLogitsProcessor``'s rule. Hand-written for that reason: the library
+    processor compares exact token ids.
 
     Used on quality answers, and on forgery answers with ``keep`` holding what those repeat by design: the
     digits, "%" and joining words of their coordinates ("from 10% to 49% across and 11% to 49% down"),
     where a ban would change a location, and the mask token, one per region."""
 
-    def __init__(self, n: int, rows: torch.Tensor, keep: Sequence[int] = ()):
-        from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
-
-        self.ban = NoRepeatNGramLogitsProcessor(n)
+    def __init__(self, n: int, rows: torch.Tensor, keep: Sequence[int] = (), word_class: torch.Tensor | None = None):
+        self.n = n
         self.rows = rows.bool()
         self.keep = torch.tensor(sorted(set(int(k) for k in keep)), dtype=torch.long)
+        self.word_class = word_class
         self.prompt_len: int | None = None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self.prompt_len is None:
             self.prompt_len = input_ids.shape[1]
-        rows = self.rows.nonzero().flatten().to(scores.device)
-        if rows.numel() == 0 or input_ids.shape[1] - self.prompt_len < self.ban.ngram_size:
+        rows = self.rows.nonzero().flatten().tolist()
+        if not rows or input_ids.shape[1] - self.prompt_len < self.n - 1:
             return scores
-        sub = scores[rows]
-        banned = self.ban(input_ids[rows, self.prompt_len:], sub)
-        if self.keep.numel():
-            k = self.keep[self.keep < scores.shape[-1]].to(scores.device)
-            banned[:, k] = sub[:, k]
-        out = scores.clone()
-        out[rows] = banned
+        vocab = scores.shape[-1]
+        classes = (torch.arange(vocab) if self.word_class is None else self.word_class[:vocab]).to(scores.device)
+        free = torch.zeros(vocab, dtype=torch.bool, device=scores.device)  # never banned
+        free[self.keep[self.keep < vocab].to(scores.device)] = True
+        out = scores
+        for r in rows:
+            gen = input_ids[r, self.prompt_len:].to(scores.device)
+            seq = torch.where(gen < len(classes), classes[gen.clamp_max(len(classes) - 1)],
+                              gen.new_full(gen.shape, -3))  # ids beyond the scores' width: a class of their own
+            seq = seq[seq != -1]  # punctuation and spaces do not break or make a run
+            if len(seq) < self.n:
+                continue
+            windows = seq.unfold(0, self.n - 1, 1)  # every run of n-1 words, the last one is the current
+            hits = (windows[:-1] == windows[-1]).all(1).nonzero().flatten()
+            banned = seq[hits + self.n - 1]
+            banned = banned[banned >= 0]
+            if banned.numel():
+                if out is scores:
+                    out = scores.clone()
+                out[r, torch.isin(classes, banned) & ~free] = float("-inf")
         return out
+
+
+def word_classes(tokenizer: Any) -> torch.Tensor:
+    """``RepeatBan``'s ``word_class`` for a tokenizer: one class per word, lower-cased and stripped of the
+    spaces around it; -1 for tokens of only punctuation or whitespace. About 0.3 s for a 49k vocabulary."""
+    found: dict[str, int] = {}
+    out = torch.empty(len(tokenizer), dtype=torch.long)
+    for i in range(len(tokenizer)):
+        word = tokenizer.decode([i]).strip().lower()
+        out[i] = -1 if not word.strip(PUNCTUATION) else found.setdefault(word, len(found))
+    return out
+
+
+PUNCTUATION = ".,;:!?()\"'-"
+"""What ``word_classes`` reads as punctuation, that of ``prompts.parsing.repeated_ngram`` (and "-")."""

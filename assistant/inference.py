@@ -52,7 +52,7 @@ from . import noreference as noreference_mod
 from . import reference as reference_mod
 from . import lm_precision as lm_precision_mod
 from . import merged_cache
-from .consistency import RatingProcessor, RepeatBan, VerdictProcessor
+from .consistency import RatingProcessor, RepeatBan, VerdictProcessor, word_classes
 from .guidance import COMPARE_TASKS, GUIDED_TASKS, EvidenceGuide, guidance_problem
 from .modeling import ExplainableVLM
 from .processing import AUX_CATEGORIES, ImageError, LoupeProcessor, load_image, resize_logits
@@ -384,6 +384,7 @@ class Assistant:
         # a model without auxiliary heads has nothing to guide by: generate then leaves every row alone
         self.guide = EvidenceGuide(self.tokenizer, AUX_CATEGORIES) if self.evidence_guidance else None
         self._keep_forgery: list[int] | None = None  # _forgery_keep(), built on first use (~0.2 s)
+        self._word_class: torch.Tensor | None = None  # _word_classes(), built on first use (~0.3 s)
         # full-reference readings (assistant/reference.py), used where a question gives a reference image, and
         # no-reference ones (assistant/noreference.py), used where it does not
         self.reference_model = reference_model
@@ -711,7 +712,8 @@ class Assistant:
             last.append(RatingProcessor(self.ratings.all_ids, sorted(self.eos_ids), rating_rows))
         quality_rows = torch.tensor([t in GUIDED_TASKS for t in tasks], dtype=torch.bool)
         if bool(quality_rows.any()):  # a quality answer says each thing once
-            last.append(RepeatBan(NO_REPEAT_TOKENS, quality_rows, self.ratings.all_ids + self.ab.all_ids))
+            last.append(RepeatBan(NO_REPEAT_TOKENS, quality_rows, self.ratings.all_ids + self.ab.all_ids,
+                                  word_class=self._word_classes()))
         forgery_rows = torch.tensor([t == "forgery.detect" for t in tasks], dtype=torch.bool)
         if bool(forgery_rows.any()):  # ... and so does a forgery answer, but for its coordinates and masks
             last.append(RepeatBan(NO_REPEAT_TOKENS, forgery_rows, self._forgery_keep()))
@@ -738,6 +740,13 @@ class Assistant:
                 for _ in range(pos.numel()):
                     rows[b]["masks"].append(torch.sigmoid(resize_logits(next(it), (h, w))).cpu().numpy())
         return rows
+
+    def _word_classes(self) -> torch.Tensor:
+        """``consistency.word_classes`` of this tokenizer, built on first use: a quality answer's repeats are
+        counted by word, as ``loupe eval`` counts them ("readable, but" and "readable but" are one run)."""
+        if self._word_class is None:
+            self._word_class = word_classes(self.tokenizer)
+        return self._word_class
 
     def _forgery_keep(self) -> list[int]:
         """Tokens a forgery answer may repeat (``RepeatBan``'s ``keep``): digits, "%", spaces and punctuation,

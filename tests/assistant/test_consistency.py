@@ -124,6 +124,32 @@ def test_a_quality_answer_never_repeats_a_run_of_tokens_but_keeps_its_key_words_
     assert not torch.isinf(proc(ids, scores)).any()
 
 
+def test_a_repeat_is_counted_by_word_across_case_spaces_and_punctuation(tiny_assistant):
+    from loupe_vlm.assistant.consistency import word_classes
+
+    tok = tiny_assistant.tokenizer
+    classes = word_classes(tok)
+    one = lambda w: tok(w, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert all(int(classes[i]) == -1 for w in (",", ".", " .") for i in one(w))  # punctuation is left out
+    # ids 0..7 as words: 1 and 2 are one word ("The" / " the"), 5 is a comma
+    word = torch.tensor([0, 1, 1, 3, 4, -1, 6, 7])
+    proc = RepeatBan(4, torch.tensor([True]), keep=[7], word_class=word)
+    prompt = torch.tensor([[0, 0]])
+    proc(prompt, torch.zeros(1, 8))
+    # the answer wrote "1 3 4 , 6" then "2 3 4": the comma does not count and 1 reads as 2, so 6 would
+    # repeat the run; 5 (a comma) and 7 (kept) stay free
+    out = proc(torch.cat([prompt, torch.tensor([[1, 3, 4, 5, 6, 0, 2, 3, 4]])], 1), torch.zeros(1, 8))
+    assert out[0, 6] == float("-inf") and (out[0] == 0).sum() == 7
+    out = proc(torch.cat([prompt, torch.tensor([[1, 3, 4, 7, 0, 2, 3, 4]])], 1), torch.zeros(1, 8))
+    assert not torch.isinf(out).any()  # the run was completed by a kept token: it is not banned
+    # the assistant's own classes: "still readable, but" then "still readable but" is one run
+    made = RepeatBan(4, torch.tensor([True]), [], word_class=classes)
+    ids = one("The scene is still readable, but its look is odd. The content is still readable")
+    made(prompt, torch.zeros(1, len(tok)))
+    out = made(torch.cat([prompt, torch.tensor([ids])], 1), torch.zeros(1, len(tok)))
+    assert torch.isinf(out[0, one(" but")[0]]) and not torch.isinf(out[0, one(",")[0]])
+
+
 def test_the_assistant_bans_repeats_in_quality_and_forgery_answers_each_with_its_own_exceptions(tiny_assistant,
                                                                                                 monkeypatch):
     made = _recorded(monkeypatch, "RepeatBan")
@@ -136,6 +162,9 @@ def test_the_assistant_bans_repeats_in_quality_and_forgery_answers_each_with_its
     assert quality.rows.tolist() == [True, False, False] and forgery.rows.tolist() == [False, True, False]
     assert set(quality.keep.tolist()) == set(tiny_assistant.ratings.all_ids + tiny_assistant.ab.all_ids)
     assert set(forgery.keep.tolist()) == set(tiny_assistant._forgery_keep())
+    # quality repeats are counted by word (as loupe eval counts them); forgery ones by token id, so that
+    # the coordinates' "10% to 80%" runs stay free
+    assert torch.equal(quality.word_class, tiny_assistant._word_classes()) and forgery.word_class is None
 
 
 def test_a_forced_row_writes_the_forced_verdict_whatever_the_scores_say():
