@@ -11,6 +11,9 @@ PNG images, a ``card.md``) that ``loupe eval`` and ``benchmarks/lowlevel_probe.p
         --sources gcompris-qt-data palapeli-data opencv-doc
     loupe eval --data data/external/test.jsonl --out runs/external
 
+``--split val`` corrupts the validation split's photos instead (``val.jsonl``), for choosing settings without
+looking at the test photos.
+
 Only ``quality.category_accuracy`` (single-distortion items) and ``quality.clean_accuracy`` mean
 anything here: each corruption is given severity 3 by convention, so severity figures do not.
 """
@@ -80,8 +83,8 @@ CORRUPTIONS = {
 assert set(CORRUPTIONS) == set(CATEGORIES.ids), "one corruption per taxonomy category"
 
 
-def build(data: Path, out: Path, sources: list[str], seed: int) -> dict:
-    test = data / "test.jsonl"
+def build(data: Path, out: Path, sources: list[str], seed: int, split: str = "test") -> dict:
+    test = data / f"{split}.jsonl"
     if not test.is_file():
         raise SystemExit(f"{test}: not found; --data must be a quality dataset built by `loupe build-data quality`")
     refs: dict[str, str] = {}  # reference view -> source photo, first seen order
@@ -102,7 +105,7 @@ def build(data: Path, out: Path, sources: list[str], seed: int) -> dict:
         img = np.asarray(Image.open(data / rel).convert("RGB"))
         for cat in ["clean", *CORRUPTIONS]:
             arr = img if cat == "clean" else CORRUPTIONS[cat][1](img, rng)
-            name = f"images/{k:04d}-{cat}.png"
+            name = f"images/{k:04d}-{cat}.png" if split == "test" else f"images/{split}-{k:04d}-{cat}.png"
             Image.fromarray(np.ascontiguousarray(arr)).save(out / name)
             ds = [] if cat == "clean" else [{"name": cat, "category": cat, "severity": 3}]
             answer = ("There is no visible distortion in the image." if cat == "clean" else
@@ -113,11 +116,11 @@ def build(data: Path, out: Path, sources: list[str], seed: int) -> dict:
                           "masks": [], "meta": {"distortions": ds, "clean": cat == "clean", "source": photo,
                                                 "source_photo": photo, "detail": "brief", "reference": False,
                                                 "corruption": "none" if cat == "clean" else CORRUPTIONS[cat][0]}})
-    tmp = out / "test.jsonl.tmp"
+    tmp = out / f"{split}.jsonl.tmp"
     tmp.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    tmp.replace(out / "test.jsonl")
+    tmp.replace(out / f"{split}.jsonl")
     rows = "\n".join(f"| {c} | {d} |" for c, (d, _) in CORRUPTIONS.items())
-    (out / "card.md").write_text(
+    (out / ("card.md" if split == "test" else f"card-{split}.md")).write_text(
         f"# External corruptions (benchmarks/external_corruptions.py)\n\n"
         f"- from: `{test}`, its clean reference views from sources {', '.join(sources) or 'all'}\n"
         f"- photos: {len(refs)}; samples: {len(lines)} (each photo clean and once per category); seed {seed}\n"
@@ -130,11 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="a quality dataset folder (its test.jsonl is read)")
+    p.add_argument("--split", choices=("test", "val"), default="test",
+                   help="which split's photos to corrupt: test (held out: report) or val (to choose settings "
+                        "on, without looking at test); the output is SPLIT.jsonl")
     p.add_argument("--out", type=Path, required=True, help="output dataset folder")
     p.add_argument("--sources", nargs="*", default=[], help="photo sources to keep (default: all)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    print(json.dumps(build(args.data, args.out, args.sources, args.seed)))
+    print(json.dumps(build(args.data, args.out, args.sources, args.seed, args.split)))
     return 0
 
 
