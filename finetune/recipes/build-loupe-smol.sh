@@ -61,9 +61,9 @@ $LOUPE train calibrate --checkpoint "$OUT" --map --data "$DATA/forgery/val.jsonl
 # SRCC 0.919, comparisons 0.971.
 $LOUPE train reference --checkpoint "$OUT" --data "$DATA/quality/train.jsonl" --val "$DATA/quality/val.jsonl" --no-progress
 # no-reference readings (assistant/noreference.py): the judged image's own statistics read together with the
-# heads' logits, fitted on every labelled image of the quality training split (~20 min); they guide the answers
+# heads' logits, fitted on every labelled image of the quality training split (~6 min); they guide the answers
 # to quality questions without a reference. On the validation split, against the heads alone: category at
-# severity >= 2 0.658 -> 0.823, clean 0.755 -> 0.915, quality SRCC 0.686 -> 0.822, comparisons 0.844 -> 0.968.
+# severity >= 2 0.658 -> 0.804, clean 0.755 -> 0.906, quality SRCC 0.686 -> 0.827, comparisons 0.844 -> 0.968.
 $LOUPE train noreference --checkpoint "$OUT" --data "$DATA/quality/train.jsonl" --val "$DATA/quality/val.jsonl" --no-progress
 $LOUPE eval --model "$OUT" --data "$DATA/quality/test.jsonl" --batch-size 8 --limit "$EVAL_LIMIT" --out runs/eval-loupe-smol-quality --restart
 $LOUPE eval --model "$OUT" --data "$DATA/forgery/test.jsonl" --batch-size 8 --limit "$EVAL_LIMIT" --out runs/eval-loupe-smol-forgery --restart
