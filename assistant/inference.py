@@ -112,8 +112,8 @@ etched" was the commonest repeat."""
 
 def checkpoint_id(path: Path, name: str) -> str:
     """A result's ``model``: the checkpoint's name and a digest of its config, heads and reading models
-    (full-reference, no-reference) where it has them (before any ``+fp16lm`` / ``+guidance`` suffix), so predictions say which weights and
-    settings made them."""
+    (full-reference, no-reference) where it has them (before any ``+fp16lm`` / ``+guidance`` suffix), so
+    predictions say which weights and settings made them."""
     digest = hashlib.sha256()
     for f in ("loupe_config.json", "heads.safetensors"):
         digest.update((Path(path) / f).read_bytes())
@@ -527,7 +527,9 @@ class Assistant:
         the swapped pair and turned back to P(A better))), from a short unguided pass that stops after
         ``AB_PROBE_TOKENS`` tokens. None where that pass wrote no "A" or "B"."""
         found: dict[int, list[float | None]] = {}
-        for i, k, e in jobs:  # a pair with readings (assistant/reference.py, noreference.py) is decided by them, in both orders alike: no LM pass
+        # a pair with readings (assistant/reference.py, noreference.py) is decided by them, in both orders alike:
+        # no LM pass
+        for i, k, e in jobs:
             p = (e.readings or {}).get("p_a")
             if p is not None:
                 found.setdefault(i, [None, None])[k] = p if k == 0 else 1.0 - p
@@ -604,7 +606,8 @@ class Assistant:
             return {"cue": None, "p_a": None}
         if compare:
             a, b = cues[idx[0]], cues[idx[1]]
-            return {"cue": None, "p_a": float(1.0 / (1.0 + math.exp(-REFERENCE_COMPARE_SLOPE * (a.mos_raw - b.mos_raw))))}
+            p_a = 1.0 / (1.0 + math.exp(-REFERENCE_COMPARE_SLOPE * (a.mos_raw - b.mos_raw)))
+            return {"cue": None, "p_a": float(p_a)}
         return {"cue": cues[idx[0]], "p_a": None}
 
     def _weighs_duplicates(self) -> bool:

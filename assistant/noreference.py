@@ -94,7 +94,8 @@ def image_features(rgb: np.ndarray) -> np.ndarray:
            chroma.mean(), np.percentile(chroma, 95), saturation.mean(), np.percentile(saturation, 95),
            np.log(e_fine), np.log(e_mid), np.log(e_coarse), np.log(e_fine / e_mid), np.log(e_mid / e_coarse),
            np.log(kurtosis), np.log(grad.mean() + 1e-2), np.log(flat_detail), np.log(sigma),
-           np.log(flat_detail / e_fine), equal_right, equal_below, np.log(colours_coarse + 1), np.log(colours + 1), np.log(colours / (h * w)), gaps, hi - lo]
+           np.log(flat_detail / e_fine), equal_right, equal_below, np.log(colours_coarse + 1), np.log(colours + 1),
+           np.log(colours / (h * w)), gaps, hi - lo]
     return np.asarray(out, dtype=np.float64)
 
 

@@ -16,22 +16,18 @@ split; a test split is refused unless ``--allow-test``.
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from loupe_vlm.assistant.noreference import (FEATURES, HEADS_FEATURES, NOREFERENCE_FILE, NoReferenceModel, heads_logits,
-                                             image_features, labelled_images, with_heads)
+from loupe_vlm.assistant.noreference import (FEATURES, HEADS_FEATURES, NOREFERENCE_FILE, NoReferenceModel,
+                                             heads_logits, image_features, labelled_images, with_heads)
 from loupe_vlm.assistant.processing import load_image
 from loupe_vlm.assistant.reference import CLASSES, ReferenceCue, ReferenceError, labels_of
-from loupe_vlm.prompts.sample import SampleError, iter_jsonl
 
-from .calibrate import CalibrationError, _refuse_test_split
-from .reference import figures
+from .calibrate import CalibrationError
+from .reference import check_inputs, figures, figures_line, quality_samples, reading_parser, write_model
 
 
 def read_images(data: Path, model: object, progress: bool = True) -> tuple[np.ndarray, list[tuple], list[tuple]]:
@@ -39,12 +35,7 @@ def read_images(data: Path, model: object, progress: bool = True) -> tuple[np.nd
     (``labels_of``), and its comparisons without a reference as (row of A, row of B, truth "A"/"B")."""
     from tqdm import tqdm
 
-    errors: list[SampleError] = []
-    samples = [s for _, s in iter_jsonl(data, errors=errors, check_files=True) if s.task.startswith("quality.")]
-    for err in errors[:5]:
-        print(f"skipped: {err}", file=sys.stderr)
-    if len(errors) > 5:
-        print(f"... and {len(errors) - 5} more bad lines skipped", file=sys.stderr)
+    samples = quality_samples(data)
     rows: dict[str, int] = {}
     feats, labels, comparisons = [], [], []
     for s in tqdm(samples, desc=f"labelled images of {data.name}", disable=not progress, dynamic_ncols=True):
@@ -91,29 +82,11 @@ class HeadsAlone:
         return out
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="loupe train noreference", description=__doc__.split("\n\n")[0].strip(),
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, type=Path, metavar="CKPT", help="the Loupe checkpoint folder")
-    p.add_argument("--data", required=True, type=Path, metavar="JSONL",
-                   help="quality records with labelled images to fit on (a training split)")
-    p.add_argument("--val", type=Path, metavar="JSONL", help="a validation split to report the fit's figures on")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--dry-run", action="store_true", help="print the figures, write nothing")
-    p.add_argument("--allow-test", action="store_true", help="accept a test split as --data (not advised)")
-    return p
-
-
-def _line(name: str, fig: dict) -> str:
-    return f"  {name}: " + "; ".join(f"{k} {'-' if v is None else f'{v:.3f}'} (n={n})" for k, (v, n) in fig.items() if n)
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = reading_parser("loupe train noreference", __doc__,
+                          "quality records with labelled images to fit on (a training split)").parse_args(argv)
     try:
-        if not (args.checkpoint / "loupe_config.json").is_file():
-            raise CalibrationError(f"{args.checkpoint}: not a Loupe checkpoint folder (no loupe_config.json)")
-        _refuse_test_split(str(args.data), "--data", args.allow_test)
+        check_inputs(args)
         if not args.data.is_file():
             raise FileNotFoundError(f"{args.data}: no such file; give a quality training split (train.jsonl)")
         from loupe_vlm.assistant.modeling import ExplainableVLM
@@ -134,19 +107,13 @@ def main(argv: list[str] | None = None) -> int:
         if len(f) == 0:
             print(f"  {name}: no labelled images")
             continue
-        print(_line(name, figures(fitted, f, lab, comp)))
+        print(figures_line(name, figures(fitted, f, lab, comp)))
         heads = figures(HeadsAlone(), f, lab, comp)
         heads.pop("rating", None)
         heads.pop("rating-score SRCC", None)
-        print(_line(f"{name}, the heads alone", heads))
+        print(figures_line(f"{name}, the heads alone", heads))
     if args.dry_run:
         print("dry run: nothing written")
         return 0
-    target = args.checkpoint / NOREFERENCE_FILE
-    fd, tmp = tempfile.mkstemp(prefix=".noreference.", dir=args.checkpoint)
-    os.close(fd)
-    fitted.save(tmp)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, target)
-    print(f"wrote {target}")
+    print(f"wrote {write_model(fitted, args.checkpoint, NOREFERENCE_FILE)}")
     return 0

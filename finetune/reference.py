@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from loupe_vlm.assistant.processing import load_image
-from loupe_vlm.assistant.reference import (CLASSES, FEATURES, RATING_IDS, REFERENCE_FILE, ReferenceError,
+from loupe_vlm.assistant.reference import (CLASSES, FEATURES, RATING_IDS, REFERENCE_FILE, ReadingModel, ReferenceError,
                                            ReferenceModel, labels_of, pairs_of, reference_features)
 from loupe_vlm.prompts import rating_value
 from loupe_vlm.prompts.sample import SampleError, iter_jsonl
@@ -35,17 +35,23 @@ from .calibrate import CalibrationError, _refuse_test_split
 RATING_VALUES = np.array([rating_value(r) for r in RATING_IDS], dtype=float)
 
 
-def read_pairs(data: Path, progress: bool = True) -> tuple[np.ndarray, list[tuple], list[tuple]]:
-    """Features (N, F) of the distinct labelled (reference, image) pairs of a JSONL, their labels
-    (``labels_of``), and its comparisons with a reference as (row of A, row of B, truth "A"/"B")."""
-    from tqdm import tqdm
-
+def quality_samples(data: Path) -> list:
+    """The quality records of a JSONL; bad lines are skipped, and the first five named on stderr."""
     errors: list[SampleError] = []
     samples = [s for _, s in iter_jsonl(data, errors=errors, check_files=True) if s.task.startswith("quality.")]
     for err in errors[:5]:
         print(f"skipped: {err}", file=sys.stderr)
     if len(errors) > 5:
         print(f"... and {len(errors) - 5} more bad lines skipped", file=sys.stderr)
+    return samples
+
+
+def read_pairs(data: Path, progress: bool = True) -> tuple[np.ndarray, list[tuple], list[tuple]]:
+    """Features (N, F) of the distinct labelled (reference, image) pairs of a JSONL, their labels
+    (``labels_of``), and its comparisons with a reference as (row of A, row of B, truth "A"/"B")."""
+    from tqdm import tqdm
+
+    samples = quality_samples(data)
     rows: dict[tuple[str, str], int] = {}
     feats, labels, comparisons = [], [], []
     for s in tqdm(samples, desc=f"reference pairs of {data.name}", disable=not progress, dynamic_ncols=True):
@@ -95,12 +101,12 @@ def figures(model: ReferenceModel, feats: np.ndarray, labels: list[tuple], compa
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="loupe train reference", description=__doc__.split("\n\n")[0].strip(),
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+def reading_parser(prog: str, doc: str, data_help: str) -> argparse.ArgumentParser:
+    """The command line of a reading-model fit (``loupe train reference`` and ``noreference``)."""
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0].strip(),
+                                epilog=doc.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, type=Path, metavar="CKPT", help="the Loupe checkpoint folder")
-    p.add_argument("--data", required=True, type=Path, metavar="JSONL",
-                   help="quality records with reference images to fit on (a training split)")
+    p.add_argument("--data", required=True, type=Path, metavar="JSONL", help=data_help)
     p.add_argument("--val", type=Path, metavar="JSONL", help="a validation split to report the fit's figures on")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--dry-run", action="store_true", help="print the figures, write nothing")
@@ -108,12 +114,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_inputs(args: argparse.Namespace) -> None:
+    """Refuse a folder that is not a checkpoint and a test split given as ``--data`` (``CalibrationError``)."""
+    if not (args.checkpoint / "loupe_config.json").is_file():
+        raise CalibrationError(f"{args.checkpoint}: not a Loupe checkpoint folder (no loupe_config.json)")
+    _refuse_test_split(str(args.data), "--data", args.allow_test)
+
+
+def figures_line(name: str, fig: dict) -> str:
+    """One printed line of ``figures``' output (figures with no items left out)."""
+    parts = [f"{k} {'-' if v is None else f'{v:.3f}'} (n={n})" for k, (v, n) in fig.items() if n]
+    return f"  {name}: " + "; ".join(parts)
+
+
+def write_model(model: ReadingModel, checkpoint: Path, name: str) -> Path:
+    """Save ``model`` as ``checkpoint/name``, atomically (a temporary file renamed over it)."""
+    target = checkpoint / name
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=checkpoint)
+    os.close(fd)
+    model.save(tmp)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, target)
+    return target
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = reading_parser("loupe train reference", __doc__,
+                          "quality records with reference images to fit on (a training split)").parse_args(argv)
     try:
-        if not (args.checkpoint / "loupe_config.json").is_file():
-            raise CalibrationError(f"{args.checkpoint}: not a Loupe checkpoint folder (no loupe_config.json)")
-        _refuse_test_split(str(args.data), "--data", args.allow_test)
+        check_inputs(args)
         feats, labels, _ = read_pairs(args.data, progress=not args.no_progress)
         model = ReferenceModel.fit(feats, [lab[0] for lab in labels], [lab[1] for lab in labels],
                                    [lab[2] for lab in labels], [lab[3] for lab in labels])
@@ -128,17 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         if len(f) == 0:
             print(f"  {name}: no pairs with a reference")
             continue
-        parts = [f"{k} {'-' if v is None else f'{v:.3f}'} (n={n})" for k, (v, n) in figures(model, f, lab, comp).items()
-                 if n]
-        print(f"  {name}: " + "; ".join(parts))
+        print(figures_line(name, figures(model, f, lab, comp)))
     if args.dry_run:
         print("dry run: nothing written")
         return 0
-    target = args.checkpoint / REFERENCE_FILE
-    fd, tmp = tempfile.mkstemp(prefix=".reference.", dir=args.checkpoint)
-    os.close(fd)
-    model.save(tmp)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, target)
-    print(f"wrote {target}")
+    print(f"wrote {write_model(model, args.checkpoint, REFERENCE_FILE)}")
     return 0
