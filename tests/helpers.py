@@ -104,3 +104,14 @@ def build_tiny_checkpoint(path: Path, family: str = "qwen2_5_vl", steps: int = 1
     model.config.name = "tiny-test"
     model.save_pretrained(path, processor=lp.processor)
     return path
+
+
+def load_benchmark(name: str):
+    """A ``benchmarks/`` script as a module (the scripts are not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

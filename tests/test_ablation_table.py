@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "ablation_table.py"
-
+from tests.helpers import load_benchmark
 
 def _module():
-    spec = importlib.util.spec_from_file_location("ablation_table", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("ablation_table")
 
 
 def _report(folder: Path, metrics: dict[str, tuple[float, int]]) -> None:

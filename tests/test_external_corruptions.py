@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "external_corruptions.py"
-
+from tests.helpers import load_benchmark
 
 def _module():
-    spec = importlib.util.spec_from_file_location("external_corruptions", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("external_corruptions")
 
 
 def _split(data: Path, name: str, photo: str, seed: int) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import cv2
@@ -14,7 +13,7 @@ from loupe_vlm.assistant.noreference import (CLASSIC_FEATURES, FEATURES, HEADS_F
                                              NoReferenceModel, image_features, labelled_images,
                                              load_noreference_model, with_heads)
 from loupe_vlm.assistant.reference import CLASSES, REFERENCE_FILE, RATING_IDS, ReferenceError, labels_of
-from tests.assistant.test_reference import _distort, _fit, _messages, _pairs, _photo
+from tests.assistant.test_reference import _distort, _fit, _messages, _pairs, _photo, _png, _splits
 
 F = {name: i for i, name in enumerate(CLASSIC_FEATURES)}
 KINDS = ("clean", "brighten", "blur", "noise")
@@ -103,11 +102,6 @@ def test_labelled_images_follow_the_records():
     assert labelled_images(unlabelled) == []
 
 
-def _write(tmp_path, name, img):
-    cv2.imwrite(str(tmp_path / f"{name}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
-    return str(tmp_path / f"{name}.png")
-
-
 def test_the_assistant_reads_questions_without_a_reference_by_the_model(tmp_path, monkeypatch):
     from loupe_vlm.assistant import inference
     from loupe_vlm.assistant.inference import Assistant, Request
@@ -129,7 +123,7 @@ def test_the_assistant_reads_questions_without_a_reference_by_the_model(tmp_path
     assert a.noreference_model is not None and a.reference_model is not None
     photo = _photo(7)
     noisy = _distort(photo, "noise", 4, np.random.default_rng(0))
-    paths = [_write(tmp_path, "photo", photo), _write(tmp_path, "noisy", noisy)]
+    paths = [_png(tmp_path / "photo.png", photo), _png(tmp_path / "noisy.png", noisy)]
 
     def heads(path):
         px = to_lowlevel_tensor(load_image(path), a.model.config.lowlevel_max_side)
@@ -180,7 +174,7 @@ def test_loupe_train_noreference_fits_writes_and_refuses_a_test_split(tmp_path, 
         photo = _photo(s)
         imgs = {kind: photo if kind == "clean" else _distort(photo, kind, 2 + s % 3, rng) for kind in KINDS}
         for kind, img in imgs.items():
-            cv2.imwrite(str(data / "images" / f"{s}-{kind}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+            _png(data / "images" / f"{s}-{kind}.png", img)
             dists = [] if kind == "clean" else [{"name": kind, "category": kind, "severity": 2 + s % 3}]
             lines.append({"id": f"{s}-{kind}", "task": "quality.assess", "images": [f"images/{s}-{kind}.png"],
                           "image_roles": ["A"], "messages": _messages(1),
@@ -190,8 +184,7 @@ def test_loupe_train_noreference_fits_writes_and_refuses_a_test_split(tmp_path, 
                       "messages": _messages(2), "meta": {"distortions_A": [], "distortions_B": [
                           {"name": "blur", "category": "blur", "severity": 2 + s % 3}], "better": "A"}})
     lines.append({"id": "broken"})
-    (data / "train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    (data / "test.jsonl").write_text((data / "train.jsonl").read_text())
+    _splits(data, lines)
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     train = ["--data", str(data / "train.jsonl"), "--no-progress"]

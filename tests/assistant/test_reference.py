@@ -52,6 +52,18 @@ def _pairs(seeds, kinds=("clean", "brighten", "blur", "noise")):
     return np.asarray(feats), labels
 
 
+def _png(path, img: np.ndarray) -> str:
+    """Write an RGB array as a PNG; its path as a string."""
+    cv2.imwrite(str(path), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    return str(path)
+
+
+def _splits(data, lines: list[dict]) -> None:
+    """``lines`` as ``data/train.jsonl``, and the same again as ``test.jsonl`` (for the refusal of a test split)."""
+    (data / "train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (data / "test.jsonl").write_text((data / "train.jsonl").read_text())
+
+
 def _fit(feats, labels) -> ReferenceModel:
     return ReferenceModel.fit(feats, [lab[0] for lab in labels], [lab[1] for lab in labels],
                               [lab[2] for lab in labels], [lab[3] for lab in labels])
@@ -241,18 +253,17 @@ def test_loupe_train_reference_fits_writes_and_refuses_a_test_split(tmp_path, ca
     lines = []
     for s in range(12):
         ref = _photo(s)
-        cv2.imwrite(str(data / "images" / f"{s}-ref.png"), cv2.cvtColor(ref, cv2.COLOR_RGB2BGR))
+        _png(data / "images" / f"{s}-ref.png", ref)
         for kind in ("clean", "brighten", "blur", "noise"):
             level = 1 + s % 4
             img = ref if kind == "clean" else _distort(ref, kind, level, rng)
-            cv2.imwrite(str(data / "images" / f"{s}-{kind}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+            _png(data / "images" / f"{s}-{kind}.png", img)
             dists = [] if kind == "clean" else [{"name": kind, "category": kind, "severity": level}]
             lines.append({"id": f"{s}-{kind}", "task": "quality.assess",
                           "images": [f"images/{s}-ref.png", f"images/{s}-{kind}.png"],
                           "image_roles": ["reference", "A"], "messages": _messages(2),
                           "meta": {"distortions": dists, "rating": "excellent" if kind == "clean" else "fair"}})
-    (data / "train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    (data / "test.jsonl").write_text((data / "train.jsonl").read_text())
+    _splits(data, lines)
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     assert main(["--checkpoint", str(ckpt), "--data", str(data / "train.jsonl")]) == 2  # not a checkpoint
