@@ -165,6 +165,10 @@ class RepeatBan:
         return out
 
 
+PUNCTUATION = ".,;:!?()\"'-"
+"""What ``word_classes`` reads as punctuation, that of ``prompts.parsing.repeated_ngram`` (and "-")."""
+
+
 def word_classes(tokenizer: Any) -> torch.Tensor:
     """``RepeatBan``'s ``word_class`` for a tokenizer: one class per word, lower-cased and stripped of the
     spaces around it; -1 for tokens of only punctuation or whitespace. About 0.3 s for a 49k vocabulary."""
@@ -175,6 +179,3 @@ def word_classes(tokenizer: Any) -> torch.Tensor:
         out[i] = -1 if not word.strip(PUNCTUATION) else found.setdefault(word, len(found))
     return out
 
-
-PUNCTUATION = ".,;:!?()\"'-"
-"""What ``word_classes`` reads as punctuation, that of ``prompts.parsing.repeated_ngram`` (and "-")."""

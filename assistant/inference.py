@@ -589,12 +589,9 @@ class Assistant:
                 return None
 
             def read(idx: list[int]) -> dict[int, Any]:
-                with torch.no_grad():
-                    low = self.model.encode_lowlevel([encoded.lowlevel_pixels[i] for i in idx])
-                if not low.aux or low.aux[0] is None:
-                    raise reference_mod.ReferenceError("the model has no auxiliary heads")
-                return {i: self.noreference_model.judge(np.asarray(pil[i].convert("RGB")), a[0].float().cpu().numpy())
-                        for i, a in zip(idx, low.aux)}
+                logits = noreference_mod.heads_logits(self.model, [encoded.lowlevel_pixels[i] for i in idx])
+                return {i: self.noreference_model.judge(np.asarray(pil[i].convert("RGB")), row)
+                        for i, row in zip(idx, logits)}
 
         compare = req.task in COMPARE_TASKS
         idx = ([req.roles.index("A"), req.roles.index("B")] if compare else

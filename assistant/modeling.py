@@ -246,7 +246,7 @@ class LoupeConfig(ModelOptions):
     image is given; a width w guides them by the heads' predicted worst severity ``level`` (0..5): q(rating)
     proportional to ``exp(-(value - (5 - 0.8 * level)) ** 2 / (2 * w ** 2))``, the rating words' values 5
     (excellent) to 1 (bad) and ``5 - 0.8 * level`` the quality ``loupe eval`` gives one distortion of that
-    level. A reference image's readings (``assistant/reference.py``) take precedence."""
+    level. Readings given to ``guide_processor`` take precedence (``assistant/reference.py``, ``noreference.py``)."""
     verdict_temperature: float = 1.0
     """Reading: the reported P(tampered) is ``sigmoid(logit(p) / T)`` of the LM's verdict probability p
     (temperature scaling, fitted on a validation split by ``loupe train calibrate``); 1 leaves p as it is.

@@ -4,9 +4,8 @@ Without a reference image, loupe-smol's auxiliary heads alone decide which disto
 answer may use (``assistant/guidance.py``). They call half of the slight distortions clean, and their severity
 ranks a pair of images the wrong way round one time in six. Classic no-reference measurements see several of
 these distortions directly: pixelation leaves runs of equal pixels, quantisation leaves few colours and gaps in
-the histogram, noise
-raises the fine detail of flat regions, blur lowers the fine detail against the coarse one, and tonal and
-colour changes move the lightness, chroma and clipping statistics.
+the histogram, noise raises the fine detail of flat regions, blur lowers the fine detail against the coarse
+one, and tonal and colour changes move the lightness, chroma and clipping statistics.
 
 ``image_features(rgb)`` measures CLASSIC_FEATURES (OpenCV and numpy) at most WORK_SIDE px; ``NoReferenceModel``
 (the readings model of ``assistant/reference.py`` on FEATURES: these and the heads' logits) maps them to the
@@ -126,33 +125,14 @@ def load_noreference_model(checkpoint: str | Path) -> NoReferenceModel | None:
     return NoReferenceModel.load(path) if path.is_file() else None
 
 
-def heads_logits(model: Any, images: Sequence[Any]) -> np.ndarray:
-    """The auxiliary heads' logits (N, len(HEADS_FEATURES)) of PIL images, each seen as the assistant shows it
-    to the heads (``to_lowlevel_tensor`` at the model's ``lowlevel_max_side``)."""
+def heads_logits(model: Any, pixels: Sequence[Any]) -> np.ndarray:
+    """The auxiliary heads' logits (N, len(HEADS_FEATURES)) of images as the assistant shows them to the heads:
+    ``pixels`` are ``processing.to_lowlevel_tensor`` tensors at the model's ``lowlevel_max_side`` (an
+    ``Encoded``'s ``lowlevel_pixels``)."""
     import torch
 
-    from .processing import to_lowlevel_tensor
-
     with torch.no_grad():
-        low = model.encode_lowlevel([to_lowlevel_tensor(im, model.config.lowlevel_max_side) for im in images])
+        low = model.encode_lowlevel(list(pixels))
     if not low.aux or low.aux[0] is None:
         raise ReferenceError("the model has no auxiliary heads; the no-reference model reads their logits")
     return np.stack([a[0].float().cpu().numpy() for a in low.aux]).astype(np.float64)
-
-
-def labelled_images(sample: Any) -> list[tuple[int, list[dict], str | None]]:
-    """The labelled (image index, distortions, rating or None) of one quality record, as the builders label
-    them: a reference image is clean (its rating unstated); the judged image has ``meta.distortions`` and
-    ``meta.rating``; a comparison's A and B have ``distortions_A`` / ``distortions_B`` and ``rating_A`` /
-    ``rating_B``."""
-    roles, meta = list(sample.image_roles), sample.meta or {}
-    out: list[tuple[int, list[dict], str | None]] = []
-    if "reference" in roles:
-        out.append((roles.index("reference"), [], None))
-    if sample.task in ("quality.assess", "quality.identify"):
-        if isinstance(meta.get("distortions"), list):
-            out.append((len(roles) - 1, meta["distortions"], meta.get("rating")))
-    elif sample.task in ("quality.compare", "quality.rate"):
-        out += [(roles.index(k), meta[f"distortions_{k}"], meta.get(f"rating_{k}")) for k in ("A", "B")
-                if k in roles and isinstance(meta.get(f"distortions_{k}"), list)]
-    return out

@@ -275,7 +275,8 @@ class ReadingModel:
                 meta = f.metadata() or {}
                 tensors = {k: f.get_tensor(k).astype(np.float64) for k in f.keys()}
         except Exception as exc:  # safetensors' own error type is not an OSError or ValueError
-            raise ReferenceError(f"{path}: not a readable safetensors file ({exc}); refit it with {cls.REFIT}") from None
+            raise ReferenceError(f"{path}: not a readable safetensors file ({exc}); refit it with "
+                                 f"{cls.REFIT}") from None
         if meta.get("format") != cls.FORMAT or json.loads(meta.get("classes", "[]")) != list(CLASSES) \
                 or json.loads(meta.get("ratings", "[]")) != list(RATING_IDS) \
                 or json.loads(meta.get("features", "[]")) != list(cls.FEATURES):
@@ -305,21 +306,32 @@ def load_reference_model(checkpoint: str | Path) -> ReferenceModel | None:
     return ReferenceModel.load(path) if path.is_file() else None
 
 
+def labelled_images(sample: Any) -> list[tuple[int, list[dict], str | None]]:
+    """The labelled (image index, distortions, rating or None) of one quality record, as the builders label
+    them: a reference image is clean (its rating unstated); the judged image has ``meta.distortions`` and
+    ``meta.rating``; a comparison's A and B have ``distortions_A`` / ``distortions_B`` and ``rating_A`` /
+    ``rating_B``."""
+    roles, meta = list(sample.image_roles), sample.meta or {}
+    out: list[tuple[int, list[dict], str | None]] = []
+    if "reference" in roles:
+        out.append((roles.index("reference"), [], None))
+    if sample.task in ("quality.assess", "quality.identify"):
+        if isinstance(meta.get("distortions"), list):
+            out.append((len(roles) - 1, meta["distortions"], meta.get("rating")))
+    elif sample.task in ("quality.compare", "quality.rate"):
+        out += [(roles.index(k), meta[f"distortions_{k}"], meta.get(f"rating_{k}")) for k in ("A", "B")
+                if k in roles and isinstance(meta.get(f"distortions_{k}"), list)]
+    return out
+
+
 def pairs_of(sample: Any) -> list[tuple[int, int, list[dict], str | None]]:
     """The labelled (reference index, image index, distortions, rating or None) pairs of one quality record
-    with a reference image: its judged image (``meta.distortions``, ``meta.rating``), or a comparison's A and
-    B (``distortions_A`` / ``distortions_B``, ``rating_A`` / ``rating_B``)."""
+    with a reference image: each of its ``labelled_images`` but the reference itself."""
     roles = list(sample.image_roles)
     if "reference" not in roles:
         return []
-    ref, meta = roles.index("reference"), sample.meta or {}
-    if sample.task in ("quality.assess", "quality.identify"):
-        ds = meta.get("distortions")
-        return [] if ds is None else [(ref, len(roles) - 1, ds, meta.get("rating"))]
-    if sample.task in ("quality.compare", "quality.rate"):
-        return [(ref, roles.index(k), meta[f"distortions_{k}"], meta.get(f"rating_{k}")) for k in ("A", "B")
-                if k in roles and meta.get(f"distortions_{k}") is not None]
-    return []
+    ref = roles.index("reference")
+    return [(ref, i, dists, rating) for i, dists, rating in labelled_images(sample) if i != ref]
 
 
 def labels_of(distortions: Sequence[dict], rating: str | None = None) -> tuple[int | None, float, float, int | None]:

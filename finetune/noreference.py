@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from loupe_vlm.assistant.noreference import (FEATURES, HEADS_FEATURES, NOREFERENCE_FILE, NoReferenceModel,
-                                             heads_logits, image_features, labelled_images, with_heads)
-from loupe_vlm.assistant.processing import load_image
-from loupe_vlm.assistant.reference import CLASSES, ReferenceCue, ReferenceError, labels_of
+                                             heads_logits, image_features, with_heads)
+from loupe_vlm.assistant.processing import load_image, to_lowlevel_tensor
+from loupe_vlm.assistant.reference import CLASSES, ReferenceCue, ReferenceError, labelled_images, labels_of
 
 from .calibrate import CalibrationError
 from .reference import check_inputs, figures, figures_line, quality_samples, reading_parser, write_model
@@ -45,7 +45,8 @@ def read_images(data: Path, model: object, progress: bool = True) -> tuple[np.nd
             if key not in rows:
                 try:
                     img = load_image(data.parent / key)
-                    f = with_heads(image_features(np.asarray(img)), heads_logits(model, [img])[0])
+                    pixels = to_lowlevel_tensor(img, model.config.lowlevel_max_side)  # as the assistant shows it
+                    f = with_heads(image_features(np.asarray(img)), heads_logits(model, [pixels])[0])
                 except (OSError, ValueError) as exc:
                     print(f"{data}: {s.id}: {key} skipped ({exc})", file=sys.stderr)
                     continue

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from loupe_vlm.assistant.noreference import (CLASSIC_FEATURES, FEATURES, HEADS_FEATURES, NOREFERENCE_FILE,
-                                             NoReferenceModel, image_features, labelled_images,
+                                             NoReferenceModel, image_features,
                                              load_noreference_model, with_heads)
-from loupe_vlm.assistant.reference import CLASSES, REFERENCE_FILE, RATING_IDS, ReferenceError, labels_of
+from loupe_vlm.assistant.reference import (CLASSES, REFERENCE_FILE, RATING_IDS, ReferenceError, labelled_images,
+                                           labels_of)
 from tests.assistant.test_reference import _distort, _fit, _messages, _pairs, _photo, _png, _splits
 
 F = {name: i for i, name in enumerate(CLASSIC_FEATURES)}
