@@ -48,13 +48,14 @@ from loupe_vlm.prompts import (
 from loupe_vlm.prompts.parsing import find_terms, parse_distortions, parse_manipulation, strip_mask_tokens
 
 from . import duplication
+from . import forensic as forensic_mod
 from . import noreference as noreference_mod
 from . import reference as reference_mod
 from . import lm_precision as lm_precision_mod
 from . import merged_cache
 from .consistency import RatingProcessor, RepeatBan, VerdictProcessor, word_classes
 from .guidance import COMPARE_TASKS, GUIDED_TASKS, EvidenceGuide, guidance_problem
-from .modeling import ExplainableVLM
+from .modeling import ExplainableVLM, map_verdict
 from .processing import AUX_CATEGORIES, ImageError, LoupeProcessor, load_image, resize_logits
 
 logger = logging.getLogger(__name__)
@@ -111,13 +112,13 @@ etched" was the commonest repeat."""
 
 
 def checkpoint_id(path: Path, name: str) -> str:
-    """A result's ``model``: the checkpoint's name and a digest of its config, heads and reading models
-    (full-reference, no-reference) where it has them (before any ``+fp16lm`` / ``+guidance`` suffix), so
+    """A result's ``model``: the checkpoint's name and a digest of its config, heads, reading models
+    (full-reference, no-reference) and forensic network where it has them (before any ``+fp16lm`` / ``+guidance`` suffix), so
     predictions say which weights and settings made them."""
     digest = hashlib.sha256()
     for f in ("loupe_config.json", "heads.safetensors"):
         digest.update((Path(path) / f).read_bytes())
-    for f in (reference_mod.REFERENCE_FILE, noreference_mod.NOREFERENCE_FILE):
+    for f in (reference_mod.REFERENCE_FILE, noreference_mod.NOREFERENCE_FILE, forensic_mod.FORENSIC_FILE):
         if (Path(path) / f).is_file():
             digest.update((Path(path) / f).read_bytes())
     return f"{name}@{digest.hexdigest()[:10]}"
@@ -366,7 +367,8 @@ class Assistant:
     """Explainable image analysis with one model. Build it with ``Assistant.from_pretrained``."""
 
     def __init__(self, model: ExplainableVLM, processor: Any, name: str = "loupe", max_new_tokens: int = 160,
-                 evidence_guidance: float | None = None, reference_model: Any = None, noreference_model: Any = None):
+                 evidence_guidance: float | None = None, reference_model: Any = None, noreference_model: Any = None,
+                 forensic: Any = None):
         self.model = model.eval()
         self.processor = LoupeProcessor.for_model(model, processor)
         self.tokenizer = self.processor.tokenizer
@@ -389,6 +391,9 @@ class Assistant:
         # no-reference ones (assistant/noreference.py), used where it does not
         self.reference_model = reference_model
         self.noreference_model = noreference_model
+        # the forensic network (assistant/forensic.py): where a checkpoint has one, forgery questions read their
+        # tampering map (verdict, pasted copy, mask) from it instead of the auxiliary heads
+        self.forensic = forensic
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, *, device: str = "cpu", dtype: torch.dtype | None = None,
@@ -437,7 +442,8 @@ class Assistant:
             name += f"+guidance{evidence_guidance:g}"  # answers differ from the checkpoint's own setting
         return cls(model, processor, name=name, max_new_tokens=max_new_tokens, evidence_guidance=evidence_guidance,
                    reference_model=reference_mod.load_reference_model(path),
-                   noreference_model=noreference_mod.load_noreference_model(path))
+                   noreference_model=noreference_mod.load_noreference_model(path),
+                   forensic=forensic_mod.load_forensic_model(path))
 
     # ---- one-call API --------------------------------------------------------------------------
     def assess(self, image: Any, reference: Any = None, detail: bool = False) -> Result:
@@ -566,6 +572,8 @@ class Assistant:
         if req.task == "forgery.detect" and self._weighs_duplicates():  # copy-move evidence of the judged image
             judged = encoded[0].mask_image
             encoded[0].duplicate = duplication.find_duplicate(np.asarray(pil[judged].convert("RGB")))
+        if req.task == "forgery.detect" and self.forensic is not None:  # the forensic network's tampering map
+            encoded[0].forensic = forensic_mod.forensic_maps(self.forensic, [pil[encoded[0].mask_image]])[0][0]
         return encoded
 
     def _readings(self, req: Request, pil: list[Any], encoded: Any) -> dict[str, Any] | None:
@@ -689,6 +697,8 @@ class Assistant:
             if any(c is not None for c in cues):
                 extra["guide_given"] = _given_readings(cues)
         verdict_rows = torch.tensor([t in VERDICT_TASKS for t in tasks], dtype=torch.bool)
+        fmaps = {b: e.forensic for b, (e, t) in enumerate(zip(encoded, tasks)) if t == "forgery.detect" and
+                 e.forensic is not None}  # the forensic network's tampering maps (logits), per forgery row
         last: list[Any] = []
         p_map: list[float | None] = [None] * len(encoded)
         copies: list[np.ndarray | None] = [None] * len(encoded)
@@ -703,9 +713,11 @@ class Assistant:
                 p_map = [p if t == "forgery.detect" else None for p, t in
                          zip(self.model.map_verdicts(batch["input_ids"], batch, extra["low"],
                                                      [duplication.strength(d) for d in dups]), tasks)]
+                for b, fmap in fmaps.items():  # where the forensic network drew the map, its map decides
+                    p_map[b] = map_verdict(fmap, self.model.config.verdict_map, duplication.strength(dups[b]))
                 forced = [None if p is None else (0 if p >= 0.5 else 1) for p in p_map]
                 copies = self._pasted_copies(encoded, dups, p_map,
-                                             self.model.tamper_maps(batch["input_ids"], batch, extra["low"]))
+                                             {**self.model.tamper_maps(batch["input_ids"], batch, extra["low"]), **fmaps})
             last.append(VerdictProcessor(order, verdict_rows, forced))
         rating_rows = torch.tensor([t in RATED_TASKS for t in tasks], dtype=torch.bool)
         if bool(rating_rows.any()) and self.eos_ids:  # an assessment does not end before its rating word
@@ -739,6 +751,11 @@ class Assistant:
                 w, h = encoded[b].sizes[encoded[b].mask_image]
                 for _ in range(pos.numel()):
                     rows[b]["masks"].append(torch.sigmoid(resize_logits(next(it), (h, w))).cpu().numpy())
+        for b, fmap in fmaps.items():  # a forgery mask: the decoder's and the forensic network's, averaged
+            if rows[b]["masks"]:
+                w, h = encoded[b].sizes[encoded[b].mask_image]
+                fprob = torch.sigmoid(resize_logits(fmap.float().cpu(), (h, w))).numpy()
+                rows[b]["masks"] = [(m + fprob) / 2 for m in rows[b]["masks"]]
         return rows
 
     def _word_classes(self) -> torch.Tensor:

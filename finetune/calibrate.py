@@ -137,12 +137,13 @@ def fit_map(m: np.ndarray, y: np.ndarray, d: np.ndarray | None = None) -> tuple[
 def map_logits(checkpoint: Path, data: Path, progress: bool = True, duplicates: bool = False
                ) -> tuple[list[float], list[bool], int, list[float]]:
     """The largest tampering-map logit of the judged image of each forgery record in ``data`` with a
-    known verdict, the truths, how many records were skipped (an unreadable image), and with
+    known verdict (from the checkpoint's forensic network where it has one, else its auxiliary heads), the truths, how many records were skipped (an unreadable image), and with
     ``duplicates`` each judged image's copy-move evidence (``duplication.strength``; else an empty list)."""
     import torch
     from tqdm import tqdm
 
     from loupe_vlm.assistant import duplication
+    from loupe_vlm.assistant.forensic import forensic_maps, load_forensic_model
     from loupe_vlm.assistant.modeling import ExplainableVLM, map_strength
     from loupe_vlm.assistant.processing import LoupeProcessor, load_image
     from loupe_vlm.prompts.sample import iter_jsonl
@@ -150,6 +151,7 @@ def map_logits(checkpoint: Path, data: Path, progress: bool = True, duplicates: 
     model, processor = ExplainableVLM.from_pretrained(checkpoint)
     model.eval()
     lp = LoupeProcessor.for_model(model, processor)
+    forensic = load_forensic_model(checkpoint)  # where the checkpoint has one, its map is the one the verdict reads
     samples = [(n, s) for n, s in iter_jsonl(data, errors=[], check_files=True)
                if s.task == "forgery.detect" and isinstance((s.meta or {}).get("tampered"), bool)]
     m: list[float] = []
@@ -160,20 +162,23 @@ def map_logits(checkpoint: Path, data: Path, progress: bool = True, duplicates: 
         for line, sample in tqdm(samples, desc="tampering maps", disable=not progress, dynamic_ncols=True):
             try:
                 enc = lp.encode_sample(sample, data.parent, train=False)
-                judged = (np.asarray(load_image(data.parent / sample.images[enc.mask_image], lp.max_image_pixels))
-                          if duplicates else None)
+                pil = (load_image(data.parent / sample.images[enc.mask_image], lp.max_image_pixels)
+                       if duplicates or forensic is not None else None)
             except (OSError, ValueError) as exc:
                 print(f"{data}:{line}: skipped ({exc})", file=sys.stderr)
                 skipped += 1
                 continue
-            aux = model.encode_lowlevel([enc.lowlevel_pixels[-1]]).aux[0]
-            if aux is None:
-                raise CalibrationError(f"{checkpoint}: this model has no tampering map (auxiliary heads); "
-                                       "calibrate its language model's verdict with --report instead")
-            m.append(map_strength(aux[1]))
+            if forensic is not None:
+                m.append(map_strength(forensic_maps(forensic, [pil])[0][0]))
+            else:
+                aux = model.encode_lowlevel([enc.lowlevel_pixels[-1]]).aux[0]
+                if aux is None:
+                    raise CalibrationError(f"{checkpoint}: this model has no tampering map (auxiliary heads); "
+                                           "calibrate its language model's verdict with --report instead")
+                m.append(map_strength(aux[1]))
             y.append(bool(sample.meta["tampered"]))
-            if judged is not None:
-                d.append(duplication.strength(duplication.find_duplicate(judged)))
+            if duplicates:
+                d.append(duplication.strength(duplication.find_duplicate(np.asarray(pil.convert("RGB")))))
     return m, y, skipped, d
 
 

@@ -18,6 +18,7 @@ import torch
 
 from loupe_vlm.assistant.guidance import AB_VERDICTS
 from loupe_vlm.assistant.modeling import CheckpointError, ExplainableVLM
+from loupe_vlm.assistant.forensic import FORENSIC_FILE
 from loupe_vlm.assistant.noreference import NOREFERENCE_FILE
 from loupe_vlm.assistant.reference import REFERENCE_FILE
 
@@ -53,7 +54,7 @@ def export(checkpoint: str | Path, out: str | Path, merge: bool = False, dtype: 
         model.config.rating_width = float(rating_width)
     model.config.check()
     model.save_pretrained(out, processor=processor)
-    for f in (REFERENCE_FILE, NOREFERENCE_FILE):  # the reading models travel with the model
+    for f in (REFERENCE_FILE, NOREFERENCE_FILE, FORENSIC_FILE):  # the reading models and forensic net travel with it
         if (checkpoint / f).is_file():
             shutil.copyfile(checkpoint / f, out / f)
     logger.info("exported %s -> %s%s", checkpoint, out, " (LoRA merged)" if merge and is_peft else "")

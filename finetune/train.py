@@ -72,6 +72,8 @@ launch lines:
                                                    # (loupe train reference --help)
   loupe train noreference --checkpoint CKPT --data Q/train.jsonl --val Q/val.jsonl  # readings of one image
                                                    # (loupe train noreference --help)
+  loupe train forensic --checkpoint CKPT --data F/train.jsonl --val F/val.jsonl --work DIR  # forgery maps
+                                                   # (loupe train forensic --help)
 """
 
 
@@ -121,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         from loupe_vlm.finetune.noreference import main as noreference_main
 
         return noreference_main(args[1:])
+    if args[:1] == ["forensic"]:
+        from loupe_vlm.finetune.forensic import main as forensic_main
+
+        return forensic_main(args[1:])
     if args[:1] == ["calibrate"]:
         from loupe_vlm.finetune.calibrate import main as calibrate_main
 
