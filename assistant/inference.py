@@ -6,8 +6,9 @@ DESIGN.md's result schema. Numbers are never parsed from digits and never invent
 * rating score: the expectation of 5..1 under the softmax over the five rating words, at the
   position where the answer writes its rating word (Q-Align's idea);
 * P(tampered): softmax over {tampered, authentic} at the verdict position, or, in forgery answers of
-  a model whose config sets ``verdict_map``, a logistic reading of its heads' tampering map (the answer
-  then writes that verdict);
+  a model whose config sets ``verdict_map``, a logistic reading of its heads' tampering map, or of its
+  forensic network's image-level logit where it ships one (``assistant/forensic.py``), with copy-move
+  evidence (the answer then writes that verdict);
 * P(A better): softmax over {A, B} at the verdict position, averaged over both orders of the pair;
 * confidence: the mean probability of the answer's key tokens (verdict, rating, A/B, taxonomy words).
 
@@ -55,7 +56,7 @@ from . import lm_precision as lm_precision_mod
 from . import merged_cache
 from .consistency import RatingProcessor, RepeatBan, VerdictProcessor, word_classes
 from .guidance import COMPARE_TASKS, GUIDED_TASKS, EvidenceGuide, guidance_problem
-from .modeling import ExplainableVLM, map_verdict
+from .modeling import ExplainableVLM, map_logit
 from .processing import AUX_CATEGORIES, ImageError, LoupeProcessor, load_image, resize_logits
 
 logger = logging.getLogger(__name__)
@@ -573,7 +574,7 @@ class Assistant:
             judged = encoded[0].mask_image
             encoded[0].duplicate = duplication.find_duplicate(np.asarray(pil[judged].convert("RGB")))
         if req.task == "forgery.detect" and self.forensic is not None:  # the forensic network's tampering map
-            encoded[0].forensic = forensic_mod.forensic_maps(self.forensic, [pil[encoded[0].mask_image]])[0][0]
+            encoded[0].forensic = forensic_mod.forensic_maps(self.forensic, [pil[encoded[0].mask_image]])[0]
         return encoded
 
     def _readings(self, req: Request, pil: list[Any], encoded: Any) -> dict[str, Any] | None:
@@ -697,8 +698,10 @@ class Assistant:
             if any(c is not None for c in cues):
                 extra["guide_given"] = _given_readings(cues)
         verdict_rows = torch.tensor([t in VERDICT_TASKS for t in tasks], dtype=torch.bool)
-        fmaps = {b: e.forensic for b, (e, t) in enumerate(zip(encoded, tasks)) if t == "forgery.detect" and
-                 e.forensic is not None}  # the forensic network's tampering maps (logits), per forgery row
+        # the forensic network's (tampering map, image-level logit), per forgery row that has them
+        found = {b: e.forensic for b, (e, t) in enumerate(zip(encoded, tasks)) if t == "forgery.detect" and
+                 e.forensic is not None}
+        fmaps = {b: f[0] for b, f in found.items()}
         last: list[Any] = []
         p_map: list[float | None] = [None] * len(encoded)
         copies: list[np.ndarray | None] = [None] * len(encoded)
@@ -713,8 +716,9 @@ class Assistant:
                 p_map = [p if t == "forgery.detect" else None for p, t in
                          zip(self.model.map_verdicts(batch["input_ids"], batch, extra["low"],
                                                      [duplication.strength(d) for d in dups]), tasks)]
-                for b, fmap in fmaps.items():  # where the forensic network drew the map, its map decides
-                    p_map[b] = map_verdict(fmap, self.model.config.verdict_map, duplication.strength(dups[b]))
+                for b, (_, logit) in found.items():  # where the forensic network ran, its image-level logit decides
+                    p_map[b] = 1.0 / (1.0 + math.exp(-map_logit(logit, self.model.config.verdict_map,
+                                                                 duplication.strength(dups[b]))))
                 forced = [None if p is None else (0 if p >= 0.5 else 1) for p in p_map]
                 copies = self._pasted_copies(encoded, dups, p_map,
                                              {**self.model.tamper_maps(batch["input_ids"], batch, extra["low"]), **fmaps})

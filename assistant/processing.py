@@ -158,8 +158,8 @@ class Encoded:
     aux: torch.Tensor | None = None  # (N, AUX_DIM) per-image labels from Sample.meta, NaN = unknown
     aux_mask: list[torch.Tensor | None] | None = None  # per image: tampered-pixel map (H', W') or None
     duplicate: Any = None  # at inference, a forgery question's copy-move evidence (duplication.Duplicate) or None
-    # at inference, a forgery question's tampering map from the forensic network (assistant/forensic.py):
-    # logits (h, w) of the judged image, or None
+    # at inference, a forgery question's reading by the forensic network (assistant/forensic.py): (tampering-map
+    # logits (h, w), image-level logit) of the judged image, or None
     forensic: Any = None
     # at inference, a quality question's readings (Assistant._readings: against its reference, or of the image
     # alone) or None

@@ -18,7 +18,8 @@ undone with the temperature the checkpoint had when the report was made.
 
 With ``--map`` it fits the other reading of the verdict instead (``LoupeConfig.verdict_map``): P(tampered)
 = ``sigmoid(a * m + b + c * d)`` of m, the largest logit of the auxiliary heads' tampering map on each image
-of a validation JSONL (``--data``), and d, the image's copy-move evidence (``assistant/duplication.py``: a
+of a validation JSONL (``--data``) (for a checkpoint with a forensic network, ``assistant/forensic.py``: that
+network's image-level logit), and d, the image's copy-move evidence (``assistant/duplication.py``: a
 region found twice in the image; 0 where none), by maximum likelihood (a logistic regression). The model
 then decides its verdicts by that probability, and its answers write them. ``--no-duplicates`` fits
 ``sigmoid(a * m + b)`` alone; so does a split where no image shows copy-move evidence. This runs the heads
@@ -40,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from loupe_vlm.assistant.inference import checkpoint_id
+from loupe_vlm.assistant.forensic import FORENSIC_FILE
 from loupe_vlm.assistant.modeling import CheckpointError, LoupeConfig, map_logit
 
 from . import metrics as M
@@ -137,7 +139,7 @@ def fit_map(m: np.ndarray, y: np.ndarray, d: np.ndarray | None = None) -> tuple[
 def map_logits(checkpoint: Path, data: Path, progress: bool = True, duplicates: bool = False
                ) -> tuple[list[float], list[bool], int, list[float]]:
     """The largest tampering-map logit of the judged image of each forgery record in ``data`` with a
-    known verdict (from the checkpoint's forensic network where it has one, else its auxiliary heads), the truths, how many records were skipped (an unreadable image), and with
+    known verdict (or, where the checkpoint has a forensic network, that network's image-level logit), the truths, how many records were skipped (an unreadable image), and with
     ``duplicates`` each judged image's copy-move evidence (``duplication.strength``; else an empty list)."""
     import torch
     from tqdm import tqdm
@@ -168,8 +170,8 @@ def map_logits(checkpoint: Path, data: Path, progress: bool = True, duplicates: 
                 print(f"{data}:{line}: skipped ({exc})", file=sys.stderr)
                 skipped += 1
                 continue
-            if forensic is not None:
-                m.append(map_strength(forensic_maps(forensic, [pil])[0][0]))
+            if forensic is not None:  # its image-level logit, which the assistant reads too
+                m.append(forensic_maps(forensic, [pil])[0][1])
             else:
                 aux = model.encode_lowlevel([enc.lowlevel_pixels[-1]]).aux[0]
                 if aux is None:
@@ -229,7 +231,9 @@ def main_map(args: argparse.Namespace, config: LoupeConfig, config_file: Path) -
     if config.verdict_map is not None and (len(config.verdict_map) == 2 or dups):  # its evidence term was read
         print(f"  before  {_map_summary(mm, y, tuple(config.verdict_map), dd)}   (verdict_map {config.verdict_map})")
     print(f"  after   {_map_summary(mm, y, coef, dd)}   (on these records)")
-    print(f"verdict_map: P(tampered) = sigmoid({coef[0]:.4g} * max map logit + {coef[1]:.4g}"
+    reading = ("the forensic network's image-level logit" if (args.checkpoint / FORENSIC_FILE).is_file()
+               else "max map logit")
+    print(f"verdict_map: P(tampered) = sigmoid({coef[0]:.4g} * {reading} + {coef[1]:.4g}"
           + (f" + {coef[2]:.4g} * copy-move evidence)" if len(coef) > 2 else ")"))
     if coef[0] <= 0:
         print("loupe train calibrate: the fitted slope is not positive: on these records a stronger tampering map "

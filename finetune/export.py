@@ -9,6 +9,7 @@ folder or a ``checkpoints/step-N`` folder; the resume state (``trainer/``) is no
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import sys
@@ -57,8 +58,20 @@ def export(checkpoint: str | Path, out: str | Path, merge: bool = False, dtype: 
     for f in (REFERENCE_FILE, NOREFERENCE_FILE, FORENSIC_FILE):  # the reading models and forensic net travel with it
         if (checkpoint / f).is_file():
             shutil.copyfile(checkpoint / f, out / f)
+    compact_json(out / "tokenizer.json")
     logger.info("exported %s -> %s%s", checkpoint, out, " (LoRA merged)" if merge and is_peft else "")
     return out
+
+
+def compact_json(path: Path) -> None:
+    """Rewrite a JSON file without indentation, if it exists: the same content (a tokenizer loads the same),
+    in less space (loupe-smol's tokenizer.json: 3.5 -> 1.6 MB, which keeps the shipped folder within its
+    size budget)."""
+    if path.is_file():
+        data = json.loads(path.read_text(encoding="utf-8"))
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(data, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
+        tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:

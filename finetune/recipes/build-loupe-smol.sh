@@ -48,12 +48,17 @@ rm -f "$OUT/adapter/README.md"   # peft's generic card; MODEL_CARD.md is the mod
 # used when verdict_map, next, is cleared)
 $LOUPE eval --model "$OUT" --data "$DATA/forgery/val.jsonl" --batch-size 8 --out runs/eval-loupe-smol-forgery-val --restart
 $LOUPE train calibrate --checkpoint "$OUT" --report runs/eval-loupe-smol-forgery-val
-# the forgery verdict from the heads' tampering map instead (verdict_map, finetune/calibrate.py): a logistic
-# reading of the map's largest logit, fitted on the same validation split (30 s); on it, for the seventh
-# build, balanced accuracy 0.699 -> 0.773, AUC 0.755 -> 0.840, pixel-F1 0.330 -> 0.419 (authentic called
-# authentic 0.881 -> 0.836). It sets the verdicts from here on, so it comes after the temperature fit. Its third
-# term weighs copy-move evidence (assistant/duplication.py; ~3 min in all): balanced accuracy 0.773 -> 0.849 and
-# authentic called authentic 0.836 -> 0.891 on the same records.
+# the forensic network (assistant/forensic.py): EfficientNet-Lite0 with a small decoder, trained on forgery
+# localisation alone (10 epochs, ~40 min; resumable from $RUN-forensic); forgery questions read their verdict
+# logit and, averaged with the decoder's, their masks from it. On the validation split (5-fold, verdict with
+# copy-move evidence) balanced accuracy 0.849 -> 0.880, verdict ECE 0.026, pixel-F1 0.517 -> about 0.62.
+$LOUPE train forensic --checkpoint "$OUT" --data "$DATA/forgery/train.jsonl" --val "$DATA/forgery/val.jsonl" \
+  --work "$RUN-forensic" --no-progress
+# the forgery verdict from the forensic network (verdict_map, finetune/calibrate.py): a logistic reading of its
+# image-level logit (for a model without one, of the heads' map's largest logit) and of copy-move evidence
+# (assistant/duplication.py), fitted on the same validation split (~3 min). It sets the verdicts from here on,
+# so it comes after the temperature fit. With the heads' map, for the seventh build: balanced accuracy 0.699
+# (the LM's verdict) -> 0.773 (map) -> 0.849 (map and copy-move evidence).
 $LOUPE train calibrate --checkpoint "$OUT" --map --data "$DATA/forgery/val.jsonl" --no-progress
 # full-reference readings (assistant/reference.py): what a judged image changed against its reference image,
 # fitted on the quality training split's pairs with a reference (~4 min); they guide the answers wherever a

@@ -52,8 +52,9 @@ def test_a_file_that_is_not_a_forensic_network_is_refused_with_what_to_do(tmp_pa
         load_forensic(tmp_path / "shape.safetensors")
 
 
-def test_forgery_questions_read_the_forensic_map_for_verdict_and_copy(tiny_assistant, monkeypatch):
-    """With a forensic network, a forgery row's P(tampered) is verdict_map read on its map, not the heads';
+def test_forgery_questions_read_the_forensic_network_for_their_verdict(tiny_assistant, monkeypatch):
+    """With a forensic network, a forgery row's P(tampered) is verdict_map read on its image-level logit, not
+    on the heads' map;
     quality rows never run it; without one the heads' map decides as before."""
     model = tiny_assistant.model
     monkeypatch.setattr(model.config, "verdict_map", [1.0, 0.0])
@@ -65,14 +66,15 @@ def test_forgery_questions_read_the_forensic_map_for_verdict_and_copy(tiny_assis
 
     def fake(net, images):
         calls.append([im.size for im in images])
-        return [(strong, 0.0) for _ in images]
+        return [(strong, 1.5) for _ in images]
 
     monkeypatch.setattr(forensic_mod, "forensic_maps", fake)
     monkeypatch.setattr(tiny_assistant, "forensic", object())
     out = tiny_assistant.run([Request("forgery.detect", [ASSETS / "tampered.png"], ["A"]),
                               Request("quality.assess", [ASSETS / "noisy.png"], ["A"])])
     assert calls == [[(128, 96)]]  # the judged image of the forgery row only
-    assert out[0].forgery.probability == pytest.approx(1 / (1 + math.exp(-2.5)), abs=1e-4)
+    # verdict_map reads the network's image-level logit
+    assert out[0].forgery.probability == pytest.approx(1 / (1 + math.exp(-1.5)), abs=1e-4)
     assert out[0].forgery.tampered and out[1].forgery is None
     monkeypatch.setattr(tiny_assistant, "forensic", None)
     r = tiny_assistant.run([Request("forgery.detect", [ASSETS / "tampered.png"], ["A"])])[0]
@@ -91,7 +93,7 @@ def test_a_forgery_mask_averages_the_decoder_and_the_forensic_map(tiny_assistant
     assert alone.forgery.tampered and alone.forgery.mask_probability is not None, alone.text
     fmap = torch.full((SIDE // 4, SIDE // 4), -3.0)
     fmap[:, :28] = 3.0
-    monkeypatch.setattr(forensic_mod, "forensic_maps", lambda net, images: [(fmap, 0.0) for _ in images])
+    monkeypatch.setattr(forensic_mod, "forensic_maps", lambda net, images: [(fmap, 3.0) for _ in images])
     monkeypatch.setattr(tiny_assistant, "forensic", object())
     both = tiny_assistant.run([req])[0]
     fprob = torch.sigmoid(resize_logits(fmap, (96, 128))).numpy()
@@ -181,3 +183,22 @@ def test_train_forensic_fits_resumes_writes_and_refuses_bad_inputs(tmp_path, cap
     assert main(["--checkpoint", str(ckpt), "--data", str(tmp_path / "none.jsonl"), "--val", str(val),
                  "--work", str(work)]) == 2
     assert "none.jsonl" in capsys.readouterr().err
+
+
+def test_export_copies_the_forensic_network_and_writes_the_same_tokenizer_compactly(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    from loupe_vlm.finetune.export import export
+    from tests.assistant.test_aux import _tiny
+
+    model, lp = _tiny(1.0)
+    model.save_pretrained(tmp_path / "ck", processor=lp.processor)
+    save_forensic(ForensicNet(pretrained=False), tmp_path / "ck" / FORENSIC_FILE)
+    export(tmp_path / "ck", tmp_path / "ex")
+    assert (tmp_path / "ex" / FORENSIC_FILE).read_bytes() == (tmp_path / "ck" / FORENSIC_FILE).read_bytes()
+    before, after = tmp_path / "ck" / "tokenizer.json", tmp_path / "ex" / "tokenizer.json"
+    assert json.loads(after.read_text()) == json.loads(before.read_text())
+    assert "\n" not in after.read_text() and after.stat().st_size < before.stat().st_size
+    text = "The image is tampered: a pasted region <|mask|> in the top left."
+    assert (PreTrainedTokenizerFast(tokenizer_file=str(after)).encode(text) ==
+            PreTrainedTokenizerFast(tokenizer_file=str(before)).encode(text))
