@@ -58,20 +58,26 @@ def export(checkpoint: str | Path, out: str | Path, merge: bool = False, dtype: 
     for f in (REFERENCE_FILE, NOREFERENCE_FILE, FORENSIC_FILE):  # the reading models and forensic net travel with it
         if (checkpoint / f).is_file():
             shutil.copyfile(checkpoint / f, out / f)
-    compact_json(out / "tokenizer.json")
+    compact_tokenizer(out / "tokenizer.json")
     logger.info("exported %s -> %s%s", checkpoint, out, " (LoRA merged)" if merge and is_peft else "")
     return out
 
 
-def compact_json(path: Path) -> None:
-    """Rewrite a JSON file without indentation, if it exists: the same content (a tokenizer loads the same),
-    in less space (loupe-smol's tokenizer.json: 3.5 -> 1.6 MB, which keeps the shipped folder within its
-    size budget)."""
-    if path.is_file():
-        data = json.loads(path.read_text(encoding="utf-8"))
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(data, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
-        tmp.replace(path)
+def compact_tokenizer(path: Path) -> None:
+    """Rewrite a ``tokenizer.json``, if it exists, in less space and with the same meaning: no indentation, and
+    a BPE model's merges as "a b" strings instead of ["a", "b"] pairs (the format the tokenizers library has
+    always read; kept as pairs where a part holds a space). loupe-smol's: 3.5 -> 1.4 MB, which keeps the
+    shipped folder within its size budget."""
+    if not path.is_file():
+        return
+    data = json.loads(path.read_text(encoding="utf-8"))
+    merges = (data.get("model") or {}).get("merges")
+    if isinstance(merges, list) and all(isinstance(m, list) and len(m) == 2 and " " not in m[0] + m[1]
+                                        for m in merges):
+        data["model"]["merges"] = [f"{a} {b}" for a, b in merges]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
+    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -197,8 +197,12 @@ def test_export_copies_the_forensic_network_and_writes_the_same_tokenizer_compac
     export(tmp_path / "ck", tmp_path / "ex")
     assert (tmp_path / "ex" / FORENSIC_FILE).read_bytes() == (tmp_path / "ck" / FORENSIC_FILE).read_bytes()
     before, after = tmp_path / "ck" / "tokenizer.json", tmp_path / "ex" / "tokenizer.json"
-    assert json.loads(after.read_text()) == json.loads(before.read_text())
+    old, new = json.loads(before.read_text()), json.loads(after.read_text())
     assert "\n" not in after.read_text() and after.stat().st_size < before.stat().st_size
-    text = "The image is tampered: a pasted region <|mask|> in the top left."
-    assert (PreTrainedTokenizerFast(tokenizer_file=str(after)).encode(text) ==
-            PreTrainedTokenizerFast(tokenizer_file=str(before)).encode(text))
+    if isinstance(old["model"].get("merges"), list) and old["model"]["merges"]:  # a BPE model: its merges as strings
+        assert new["model"]["merges"] == [" ".join(m) if isinstance(m, list) else m for m in old["model"]["merges"]]
+    a, b = PreTrainedTokenizerFast(tokenizer_file=str(before)), PreTrainedTokenizerFast(tokenizer_file=str(after))
+    assert a.get_vocab() == b.get_vocab()
+    for text in ("The image is tampered: a pasted region <|mask|> in the top left.",
+                 "Image A is better; the quality is poor (JPEG q=8), 12% of the image, déjà vu."):
+        assert a.encode(text) == b.encode(text)
