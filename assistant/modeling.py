@@ -554,6 +554,19 @@ def efficientnet_lite0(pretrained: bool) -> nn.Module:
     return net
 
 
+def efficientnet_taps(stem: nn.Module, blocks: Sequence[nn.Module], taps: Sequence[int], rgb: torch.Tensor
+                      ) -> list[torch.Tensor]:
+    """EfficientNet-Lite's stem and blocks on rgb (B, 3, H, W) in [0, 1] (the input scaled as it was trained,
+    ``(rgb - 127) / 128`` in 0..255): the outputs of the blocks numbered in ``taps``, in order."""
+    x = stem((rgb * 255.0 - 127.0) / 128.0)
+    out = []
+    for i, block in enumerate(blocks):
+        x = block(x)
+        if i in taps:
+            out.append(x)
+    return out
+
+
 class _EfficientNetTrunk(nn.Module):
     """EfficientNet-Lite0's stem and 16 blocks (the classifier head is not used). Returns the stride-32 map
     (320 channels, with the stride-16 map pooled onto it: 432) for the image tokens and, for the mask
@@ -579,13 +592,7 @@ class _EfficientNetTrunk(nn.Module):
         return self
 
     def forward(self, rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.stem((rgb * 255.0 - 127.0) / 128.0)
-        taps = []
-        for i, block in enumerate(self.blocks):
-            x = block(x)
-            if i in self.TAPS:
-                taps.append(x)
-        s8, s16, s32 = taps
+        s8, s16, s32 = efficientnet_taps(self.stem, self.blocks, self.TAPS, rgb)
         tokens = torch.cat([s32, F.adaptive_avg_pool2d(s16, s32.shape[-2:])], dim=1)
         dense = torch.cat([s8, F.interpolate(s16, size=s8.shape[-2:], mode="bilinear", align_corners=False)], dim=1)
         return tokens, dense
