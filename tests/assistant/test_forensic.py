@@ -36,6 +36,14 @@ def test_the_network_maps_at_a_quarter_and_round_trips_through_safetensors(tmp_p
     assert img.shape == (3, SIDE, SIDE) and float(img.max()) == 1.0
     (m, z), = forensic_maps(back, [np.zeros((40, 40, 3), np.uint8)])
     assert m.shape == (SIDE // 4, SIDE // 4) and math.isfinite(z)
+    # a reading is the mean of the image's and its mirror image's (mirrored back)
+    photo = (np.random.default_rng(0).random((SIDE, SIDE, 3)) * 255).astype(np.uint8)
+    (m, z), = forensic_maps(back, [photo])
+    x = to_input(photo).unsqueeze(0)
+    with torch.no_grad():
+        (m1, z1), (m2, z2) = back(x), back(x.flip(-1))
+    assert torch.allclose(m, (m1[0] + m2[0].flip(-1)) / 2, atol=1e-5) and z == pytest.approx(float(z1 + z2) / 2, abs=1e-5)
+    assert not torch.allclose(m1[0], m2[0].flip(-1), atol=1e-3)  # the two readings differ: the mean is not a no-op
 
 
 def test_a_file_that_is_not_a_forensic_network_is_refused_with_what_to_do(tmp_path):
