@@ -56,7 +56,7 @@ from . import lm_precision as lm_precision_mod
 from . import merged_cache
 from .consistency import RatingProcessor, RepeatBan, VerdictProcessor, word_classes
 from .guidance import COMPARE_TASKS, GUIDED_TASKS, EvidenceGuide, guidance_problem
-from .modeling import ExplainableVLM, map_logit
+from .modeling import ExplainableVLM, strength_verdict
 from .processing import AUX_CATEGORIES, ImageError, LoupeProcessor, load_image, resize_logits
 
 logger = logging.getLogger(__name__)
@@ -717,8 +717,7 @@ class Assistant:
                          zip(self.model.map_verdicts(batch["input_ids"], batch, extra["low"],
                                                      [duplication.strength(d) for d in dups]), tasks)]
                 for b, (_, logit) in found.items():  # where the forensic network ran, its image-level logit decides
-                    p_map[b] = 1.0 / (1.0 + math.exp(-map_logit(logit, self.model.config.verdict_map,
-                                                                 duplication.strength(dups[b]))))
+                    p_map[b] = strength_verdict(logit, self.model.config.verdict_map, duplication.strength(dups[b]))
                 forced = [None if p is None else (0 if p >= 0.5 else 1) for p in p_map]
                 copies = self._pasted_copies(encoded, dups, p_map,
                                              {**self.model.tamper_maps(batch["input_ids"], batch, extra["low"]), **fmaps})

@@ -397,10 +397,16 @@ def map_logit(strength: Any, coef: Sequence[float], duplicate: Any = 0.0) -> Any
     return z + coef[2] * duplicate if len(coef) > 2 else z
 
 
+def strength_verdict(strength: float, coef: Sequence[float], duplicate: float = 0.0) -> float:
+    """P(tampered) = sigmoid(``map_logit``) of a reading's strength (the heads' ``map_strength``, or a forensic
+    network's image-level logit) under ``LoupeConfig.verdict_map``; ``duplicate`` is the copy-move evidence
+    (``duplication.strength``)."""
+    return float(torch.sigmoid(torch.tensor(map_logit(strength, coef, duplicate))))
+
+
 def map_verdict(tamper_map: torch.Tensor, coef: Sequence[float], duplicate: float = 0.0) -> float:
-    """P(tampered) = sigmoid(``map_logit``) of the map's ``map_strength`` (``LoupeConfig.verdict_map``);
-    ``duplicate`` is the copy-move evidence (``duplication.strength``)."""
-    return float(torch.sigmoid(torch.tensor(map_logit(map_strength(tamper_map), coef, duplicate))))
+    """``strength_verdict`` of the map's ``map_strength``."""
+    return strength_verdict(map_strength(tamper_map), coef, duplicate)
 
 
 def map_pool(logits: torch.Tensor) -> torch.Tensor:

@@ -130,13 +130,14 @@ def evaluate(net, images: np.ndarray, masks: np.ndarray, tampered: np.ndarray, k
 
 def _save_state(work: Path, net, opt, step: int, history: list) -> None:
     """The run's weights and optimiser moments (safetensors) and its step and history (JSON), atomically."""
+    import torch
     from safetensors.torch import save_file
 
     state = {f"net.{k}": v.detach().contiguous() for k, v in net.state_dict().items()}
     for idx, st in opt.state_dict()["state"].items():
         for name, v in st.items():
-            state[f"opt.{idx}.{name}"] = (v if isinstance(v, __import__("torch").Tensor) else
-                                          __import__("torch").tensor(float(v))).detach().contiguous()
+            state[f"opt.{idx}.{name}"] = torch.as_tensor(v, dtype=v.dtype if torch.is_tensor(v) else torch.float32
+                                                         ).detach().contiguous()
     tmp = work / "state.safetensors.tmp"
     save_file(state, str(tmp))
     tmp.replace(work / "state.safetensors")
