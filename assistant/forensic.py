@@ -85,7 +85,8 @@ class ForensicNet(nn.Module):
         logits = self.map_head(y)[:, 0]  # (B, H/4, W/4)
         flat = logits.flatten(1)
         k = max(1, flat.shape[1] // 20)
-        pooled = torch.cat([s32.mean(dim=(2, 3)), flat.amax(1, keepdim=True), flat.topk(k, dim=1).values.mean(1, keepdim=True)], 1)
+        pooled = torch.cat([s32.mean(dim=(2, 3)), flat.amax(1, keepdim=True),
+                            flat.topk(k, dim=1).values.mean(1, keepdim=True)], 1)
         return logits, self.image_head(pooled)[:, 0]
 
 
@@ -154,7 +155,8 @@ def load_forensic(path: Path) -> ForensicNet:
             header = f.metadata() or {}
             state = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # safetensors raises several types for a corrupt or truncated file
-        raise ForensicError(f"{path}: not a readable safetensors file ({exc}); run `loupe train forensic` again") from None
+        raise ForensicError(f"{path}: not a readable safetensors file ({exc}); "
+                            "run `loupe train forensic` again") from None
     if header.get("format") != FORMAT:
         raise ForensicError(f"{path}: format {header.get('format')!r}, expected {FORMAT!r}; "
                             "run `loupe train forensic` to write it")

@@ -114,8 +114,8 @@ etched" was the commonest repeat."""
 
 def checkpoint_id(path: Path, name: str) -> str:
     """A result's ``model``: the checkpoint's name and a digest of its config, heads, reading models
-    (full-reference, no-reference) and forensic network where it has them (before any ``+fp16lm`` / ``+guidance`` suffix), so
-    predictions say which weights and settings made them."""
+    (full-reference, no-reference) and forensic network where it has them (before any ``+fp16lm`` /
+    ``+guidance`` suffix), so predictions say which weights and settings made them."""
     digest = hashlib.sha256()
     for f in ("loupe_config.json", "heads.safetensors"):
         digest.update((Path(path) / f).read_bytes())
@@ -719,8 +719,8 @@ class Assistant:
                 for b, (_, logit) in found.items():  # where the forensic network ran, its image-level logit decides
                     p_map[b] = strength_verdict(logit, self.model.config.verdict_map, duplication.strength(dups[b]))
                 forced = [None if p is None else (0 if p >= 0.5 else 1) for p in p_map]
-                copies = self._pasted_copies(encoded, dups, p_map,
-                                             {**self.model.tamper_maps(batch["input_ids"], batch, extra["low"]), **fmaps})
+                maps = {**self.model.tamper_maps(batch["input_ids"], batch, extra["low"]), **fmaps}
+                copies = self._pasted_copies(encoded, dups, p_map, maps)
             last.append(VerdictProcessor(order, verdict_rows, forced))
         rating_rows = torch.tensor([t in RATED_TASKS for t in tasks], dtype=torch.bool)
         if bool(rating_rows.any()) and self.eos_ids:  # an assessment does not end before its rating word

@@ -139,8 +139,9 @@ def fit_map(m: np.ndarray, y: np.ndarray, d: np.ndarray | None = None) -> tuple[
 def map_logits(checkpoint: Path, data: Path, progress: bool = True, duplicates: bool = False
                ) -> tuple[list[float], list[bool], int, list[float]]:
     """The largest tampering-map logit of the judged image of each forgery record in ``data`` with a
-    known verdict (or, where the checkpoint has a forensic network, that network's image-level logit), the truths, how many records were skipped (an unreadable image), and with
-    ``duplicates`` each judged image's copy-move evidence (``duplication.strength``; else an empty list)."""
+    known verdict (or, where the checkpoint has a forensic network, that network's image-level logit), the
+    truths, how many records were skipped (an unreadable image), and with ``duplicates`` each judged image's
+    copy-move evidence (``duplication.strength``; else an empty list)."""
     import torch
     from tqdm import tqdm
 

@@ -28,7 +28,7 @@ def test_the_network_maps_at_a_quarter_and_round_trips_through_safetensors(tmp_p
     back = load_forensic(tmp_path / FORENSIC_FILE)
     with torch.no_grad():
         maps2, logits2 = back(x)
-    # stored in half precision: the same maps to about 1e-2
+    # stored as int8 weights with per-channel scales: the same maps to within 5e-2
     assert torch.allclose(maps, maps2, atol=5e-2) and torch.allclose(logits, logits2, atol=5e-2)
     assert load_forensic_model(tmp_path) is not None and load_forensic_model(tmp_path / "none") is None
     # any image comes in at SIDE x SIDE, in [0, 1]
@@ -42,7 +42,8 @@ def test_the_network_maps_at_a_quarter_and_round_trips_through_safetensors(tmp_p
     x = to_input(photo).unsqueeze(0)
     with torch.no_grad():
         (m1, z1), (m2, z2) = back(x), back(x.flip(-1))
-    assert torch.allclose(m, (m1[0] + m2[0].flip(-1)) / 2, atol=1e-5) and z == pytest.approx(float(z1 + z2) / 2, abs=1e-5)
+    assert torch.allclose(m, (m1[0] + m2[0].flip(-1)) / 2, atol=1e-5)
+    assert z == pytest.approx(float(z1 + z2) / 2, abs=1e-5)
     assert not torch.allclose(m1[0], m2[0].flip(-1), atol=1e-3)  # the two readings differ: the mean is not a no-op
 
 
