@@ -67,7 +67,8 @@ def heads_out(model: ExplainableVLM, images: list[torch.Tensor]) -> list[tuple[t
         by_shape.setdefault(tuple(img.shape), []).append(k)
     feats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for ks in by_shape.values():
-        pooled, dense = model.heads_trunk(torch.stack([images[k] for k in ks]).to(model.device))
+        x = torch.stack([images[k] for k in ks]).to(model.device)
+        pooled, dense = model.heads_trunk(x.contiguous(memory_format=torch.channels_last))
         feats.update({k: (pooled[j], dense[j]) for j, k in enumerate(ks)})
     return [model.lowlevel(img.to(model.device), feats[k])[2] for k, img in enumerate(images)]
 
@@ -163,6 +164,9 @@ def refit(args: argparse.Namespace) -> dict[str, Any]:
     model.to(device)
     lp = LoupeProcessor.for_model(model, processor)
     groups = prepare(model)
+    # the heads' trunk in channels-last layout while it trains (the same float32 arithmetic in the layout
+    # oneDNN's convolutions prefer), back to the usual layout before it is saved
+    model.heads_trunk.to(memory_format=torch.channels_last)
     bad = BadRecords(args.max_bad_records)
     train = read_split(args.data, "train", lp, bad, max_length=10 ** 9)
     val = val_images(read_split(args.data, "val", lp, bad, max_length=10 ** 9, required=False), lp, args.val_limit)
@@ -224,6 +228,7 @@ def refit(args: argparse.Namespace) -> dict[str, Any]:
         epoch += 1
     bar.close()
     model.eval()
+    model.heads_trunk.to(memory_format=torch.contiguous_format)
     after = validate(model, val) if val else None
     logger.info("refit-heads: after %d steps: %s", args.steps, after)
     settings = json.loads(json.dumps(vars(args), default=str))  # paths as text

@@ -47,6 +47,24 @@ def test_the_network_maps_at_a_quarter_and_round_trips_through_safetensors(tmp_p
     assert not torch.allclose(m1[0], m2[0].flip(-1), atol=1e-3)  # the two readings differ: the mean is not a no-op
 
 
+def test_the_channels_last_layout_training_uses_reads_the_same_and_saves(tmp_path):
+    # loupe train forensic (and refit-heads, stage 1) train in channels-last layout for speed: the same
+    # readings, and a network in that layout is written and read back like any other
+    torch.manual_seed(0)
+    net = ForensicNet(pretrained=False).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        maps, logits = net(x)
+        net.to(memory_format=torch.channels_last)
+        assert net.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+        maps2, logits2 = net(x.contiguous(memory_format=torch.channels_last))
+    assert torch.allclose(maps, maps2, atol=1e-4) and torch.allclose(logits, logits2, atol=1e-4)
+    save_forensic(net, tmp_path / FORENSIC_FILE)
+    with torch.no_grad():
+        maps3, _ = load_forensic(tmp_path / FORENSIC_FILE)(x)
+    assert torch.allclose(maps, maps3, atol=5e-2)
+
+
 def test_a_file_that_is_not_a_forensic_network_is_refused_with_what_to_do(tmp_path):
     from safetensors.torch import save_file
 
