@@ -14,7 +14,7 @@ calibrate --map`` afterwards). ``--dry-run`` writes nothing to the checkpoint.
 
 The run is resumable: ``--work`` keeps the weights, the optimiser's state and the step every
 ``--save-every`` steps (safetensors and JSON), and the same command carries on from there after a kill.
-About 0.85 s a batch of 16 at 224 px on 2 cores: the default 10 epochs of 3,200 images take about 30 min.
+About 0.9 s a batch of 16 at 224 px on 2 cores: the default 10 epochs of 3,200 images take about 30 min.
 Train on a training split; a test split is refused unless ``--allow-test``.
 """
 
@@ -213,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     targets = _targets(masks)
     torch.manual_seed(args.seed)
     # channels-last weights and inputs: the same float32 arithmetic in the layout oneDNN's convolutions
-    # prefer; a training step of 16 images at 224 px took 0.83 s instead of 1.26 s on 2 cores
+    # prefer; a training step of 16 images at 224 px takes 0.89 s instead of 1.32 s on 2 cores
+    # (benchmarks/train_layout.py)
     net = ForensicNet(pretrained=True).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
     args.work.mkdir(parents=True, exist_ok=True)

@@ -424,8 +424,8 @@ def pretrain_lowlevel(run: Run) -> None:
         groups.append({"params": trunk, "lr": cfg.lr})
         params = params + trunk
         # channels-last while it trains here (the same float32 arithmetic in the layout oneDNN's convolutions
-        # prefer; EfficientNet-Lite0 forward and backward on one 224 px image: 0.42 s -> 0.24 s on 2 cores),
-        # back to the usual layout at the end, before anything is saved
+        # prefer; the trunk's forward and backward on one 224 px image: 1.14x faster on 2 cores,
+        # benchmarks/train_layout.py), back to the usual layout at the end, before anything is saved
         model.heads_trunk_net.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     warmup = max(1, min(cfg.warmup_steps, cfg.scratch.lowlevel_pretrain_steps // 10))

@@ -53,7 +53,7 @@ $LOUPE train calibrate --checkpoint "$OUT" --report runs/eval-loupe-smol-forgery
 # localisation alone; forgery questions read their verdict logit and, averaged with the decoder's, their masks
 # from it. It trains on twice the forgery samples the LM sees: the same seed and the same training photos (an
 # index's sample and split do not depend on --n, so the first N_FORGERY are the LM's: test_forgery_build.py
-# checks it), with other tampering of them (8 epochs of 6,400 images, ~52 min; resumable from
+# checks it), with other tampering of them (8 epochs of 6,400 images, ~45 min in channels-last layout; resumable from
 # $RUN-forensic). The epoch is chosen on the LM's validation split. Against 3,200 images for 10 epochs, on
 # that split: image AUC 0.886 -> 0.925, pixel-F1 0.619 -> 0.672; whole pipeline, balanced accuracy 0.897 ->
 # 0.911 (first 200 test records: 0.863 -> 0.891, pixel-F1 0.601 -> 0.663).
