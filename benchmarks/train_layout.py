@@ -3,9 +3,10 @@
     .venv/bin/python benchmarks/train_layout.py                 # 2 threads, 7 pairs of each
     .venv/bin/python benchmarks/train_layout.py --pairs 11 --threads 1
 
-``loupe train forensic``, ``loupe train refit-heads`` and stage 1 of ``loupe train`` train their
-EfficientNet-Lite0 convolutions in channels-last layout (the same float32 arithmetic, in the memory
-layout oneDNN's convolutions prefer). This times what each of them trains, in both layouts, in one
+``loupe train forensic`` and ``loupe train refit-heads`` train their EfficientNet-Lite0 convolutions in
+channels-last layout (the same float32 arithmetic, in the memory layout oneDNN's convolutions prefer);
+stage 1 of ``loupe train``, one image at a time, stays in the usual layout (its whole step gained nothing
+measurable: the README's figures). This times what each of them trains, in both layouts, in one
 process, interleaved (usual, channels-last, usual, ...), so load from other users of the machine hits
 both alike; the figure to read is the median of the per-pair ratios.
 

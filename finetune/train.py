@@ -423,10 +423,6 @@ def pretrain_lowlevel(run: Run) -> None:
         trunk = [p for p in model.heads_trunk_net.parameters() if p.requires_grad]
         groups.append({"params": trunk, "lr": cfg.lr})
         params = params + trunk
-        # channels-last while it trains here (the same float32 arithmetic in the layout oneDNN's convolutions
-        # prefer; the trunk's forward and backward on one 224 px image: 1.14x faster on 2 cores,
-        # benchmarks/train_layout.py), back to the usual layout at the end, before anything is saved
-        model.heads_trunk_net.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     warmup = max(1, min(cfg.warmup_steps, cfg.scratch.lowlevel_pretrain_steps // 10))
     # (step + 1): the first step already trains, as it did under the warm-up-then-constant schedule
@@ -473,8 +469,6 @@ def pretrain_lowlevel(run: Run) -> None:
                 break
         epoch += 1
     bar.close()
-    if cfg.lowlevel_trunk:
-        model.heads_trunk_net.to(memory_format=torch.contiguous_format)
     if cfg.scratch.lowlevel_freeze:
         set_lowlevel_frozen(model, True)
 

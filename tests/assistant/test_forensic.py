@@ -48,7 +48,7 @@ def test_the_network_maps_at_a_quarter_and_round_trips_through_safetensors(tmp_p
 
 
 def test_the_channels_last_layout_training_uses_reads_the_same_and_saves(tmp_path):
-    # loupe train forensic (and refit-heads, stage 1) train in channels-last layout for speed: the same
+    # loupe train forensic (and refit-heads' trunk) train in channels-last layout for speed: the same
     # readings, and a network in that layout is written and read back like any other
     torch.manual_seed(0)
     net = ForensicNet(pretrained=False).eval()
