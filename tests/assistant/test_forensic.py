@@ -16,12 +16,18 @@ from loupe_vlm.assistant.inference import Request, checkpoint_id
 from tests.helpers import ASSETS
 
 
-def test_the_network_maps_at_a_quarter_and_round_trips_through_safetensors(tmp_path):
+def _untrained_reading(height: int, width: int):
+    """A seeded untrained network, an input batch of two, and the network's reading of it."""
     torch.manual_seed(0)
     net = ForensicNet(pretrained=False).eval()
-    x = torch.rand(2, 3, 64, 96)
+    x = torch.rand(2, 3, height, width)
     with torch.no_grad():
         maps, logits = net(x)
+    return net, x, maps, logits
+
+
+def test_the_network_maps_at_a_quarter_and_round_trips_through_safetensors(tmp_path):
+    net, x, maps, logits = _untrained_reading(64, 96)
     assert maps.shape == (2, 16, 24) and logits.shape == (2,)
     save_forensic(net, tmp_path / FORENSIC_FILE, {"epoch": 3})
     assert not list(tmp_path.glob("*.tmp"))  # written atomically
@@ -50,11 +56,8 @@ def test_the_network_maps_at_a_quarter_and_round_trips_through_safetensors(tmp_p
 def test_the_channels_last_layout_training_uses_reads_the_same_and_saves(tmp_path):
     # loupe train forensic (and refit-heads' trunk) train in channels-last layout for speed: the same
     # readings, and a network in that layout is written and read back like any other
-    torch.manual_seed(0)
-    net = ForensicNet(pretrained=False).eval()
-    x = torch.rand(2, 3, 64, 64)
+    net, x, maps, logits = _untrained_reading(64, 64)
     with torch.no_grad():
-        maps, logits = net(x)
         net.to(memory_format=torch.channels_last)
         assert net.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
         maps2, logits2 = net(x.contiguous(memory_format=torch.channels_last))
