@@ -263,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     best = max(history, key=lambda h: h["pixel_f1"] + h["balanced_image"])
     print(f"best epoch {best['epoch']}: pixel-F1 {best['pixel_f1']:.3f}, "
-          f"balanced accuracy {best['balanced_image']:.3f}, AUC {best['auc_image']:.3f} ({time.time() - t0:.0f} s this run)")
+          f"balanced accuracy {best['balanced_image']:.3f}, AUC {best['auc_image']:.3f} "
+          f"({time.time() - t0:.0f} s this run)")
     if args.dry_run:
         print("dry run: nothing written")
         return 0
