@@ -100,7 +100,7 @@ step data-external .venv/bin/python benchmarks/external_corruptions.py --data "$
   --sources gcompris-qt-data palapeli-data opencv-doc
 step eval-external $LOUPE eval --model "$OUT" --data "$DATA/external/test.jsonl" --batch-size 8 --out runs/eval-loupe-smol-external --restart
 # the forensic branch's auxiliary heads alone, on the same test records
-.venv/bin/python benchmarks/lowlevel_probe.py --checkpoint "$OUT" --quality "$DATA/quality" --forgery "$DATA/forgery" \
-  --split test --val-limit "$EVAL_LIMIT" | tee runs/probe-loupe-smol.txt
+step probe .venv/bin/python benchmarks/lowlevel_probe.py --checkpoint "$OUT" --quality "$DATA/quality" \
+  --forgery "$DATA/forgery" --split test --val-limit "$EVAL_LIMIT" > >(tee runs/probe-loupe-smol.txt)
 echo "loupe-smol rebuilt in $OUT; reports in runs/eval-loupe-smol-*/report.md; wall time by step ($TIMES):"
 awk -F'\t' '{ printf "  %-18s %6.1f min\n", $1, $2 / 60; t += $2 } END { printf "  %-18s %6.1f min\n", "all steps", t / 60 }' "$TIMES"
