@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml Makefile
 
 system-deps:          ## Debian packages, and kphotoalbum's demo photos unpacked into the cache (skipped when present or when not root)
 	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	kpa="$${LOUPE_CACHE_DIR:-$${XDG_CACHE_HOME:-$$HOME/.cache}/loupe}/debian/kphotoalbum"; \
+	kpa="$${LOUPE_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/loupe}/debian/kphotoalbum"; \
 	if [ -n "$$missing" ] || [ ! -d "$$kpa" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq; \

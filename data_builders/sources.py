@@ -232,9 +232,7 @@ def _sample_dir(module: str) -> Path:
 
 
 def _cache_file() -> Path:
-    base = os.environ.get("LOUPE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "loupe")
-    return Path(base) / "pool-index.json"
+    return photo_pool.cache_base() / "pool-index.json"
 
 
 def _file_key(path: str) -> str:

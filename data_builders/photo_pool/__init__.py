@@ -86,11 +86,13 @@ PACKAGE_NAMES = tuple(p.name for p in PACKAGES)
 
 
 def cache_base() -> Path:
-    """Loupe's data cache: ``$LOUPE_CACHE_DIR``, else ``$XDG_CACHE_HOME/loupe``, else ``~/.cache/loupe``
-    (the same folder as the pool index of ``sources``)."""
-    base = os.environ.get("LOUPE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "loupe")
-    return Path(base)
+    """Loupe's cache folder: ``$LOUPE_CACHE``, else ``$XDG_CACHE_HOME/loupe``, else ``~/.cache/loupe``. The
+    same rule as the packaged bases' cache (``assistant.packaged_bases.cache_root``, which this layer may not
+    import), so one variable moves the pool index, kphotoalbum's photos and the converted bases together."""
+    if os.environ.get("LOUPE_CACHE"):
+        return Path(os.environ["LOUPE_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "loupe"
 
 
 def kphotoalbum_root() -> Path:

