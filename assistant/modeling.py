@@ -765,7 +765,12 @@ def severity_weights(level: torch.Tensor) -> torch.Tensor:
 def weighted_token_ce(logits: torch.Tensor, labels: torch.Tensor, key_ids: list[int], weight: float) -> torch.Tensor:
     """Next-token cross-entropy (labels shifted as transformers does) where tokens in ``key_ids``
     count ``weight`` times; the mean is over the weights, so weight 1 gives the plain mean."""
-    logits, labels = logits[:, :-1].float(), labels[:, 1:].to(logits.device)
+    return weighted_ce(logits[:, :-1], labels[:, 1:], key_ids, weight)
+
+
+def weighted_ce(logits: torch.Tensor, labels: torch.Tensor, key_ids: list[int], weight: float) -> torch.Tensor:
+    """``weighted_token_ce`` without the shift: ``logits`` (..., V) already aligned with ``labels`` (...)."""
+    logits, labels = logits.float(), labels.to(logits.device)
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
                          reduction="none")
     flat = labels.reshape(-1)
@@ -823,6 +828,7 @@ class LoupeOutput:
     aux_loss: torch.Tensor | None = None  # the auxiliary LowLevelEncoder loss (config.aux_weight > 0)
     hidden: torch.Tensor | None = None  # (B, L, D) final hidden states (after the final norm)
     lowlevel: "LowLevel | None" = None  # what the LowLevelEncoder gave for this pass
+    scored: torch.Tensor | None = None  # (B, L-1) where ``logits`` rows come from, with ``forward(scored_only=True)``
 
 
 @dataclass
@@ -1171,8 +1177,14 @@ class ExplainableVLM(nn.Module):
         return out
 
     # ---- training forward ----------------------------------------------------------------------
-    def forward(self, batch: dict[str, Any]) -> LoupeOutput:
-        """Teacher-forced pass over a collated batch (see ``LoupeProcessor.collate``)."""
+    def forward(self, batch: dict[str, Any], scored_only: bool = False) -> LoupeOutput:
+        """Teacher-forced pass over a collated batch (see ``LoupeProcessor.collate``).
+
+        ``scored_only`` (training): the vocabulary logits are computed only at the positions whose next
+        token is labelled, and ``LoupeOutput.logits`` is then (N, V) for those positions in row-major order
+        (``LoupeOutput.scored`` (B, L-1) marks them). The loss is the same; on loupe-smol's stage 2 the full
+        (B, L, 49152) logits, their fusion bias and their cross-entropy were about half of a step's time,
+        and most positions are the prompt's, which carry no label."""
         low = self.encode_lowlevel(batch.get("lowlevel_pixels", []))
         inputs = self.vlm_inputs(batch)
         input_ids = batch["input_ids"].to(self.device)
@@ -1181,12 +1193,21 @@ class ExplainableVLM(nn.Module):
         out = self.family.backbone(self.vlm)(inputs_embeds=embeds, position_ids=positions_3d, use_cache=False,
                                               **inputs)
         hidden = out.last_hidden_state
-        logits = self.family.lm_head(self.vlm)(hidden)
-        logits = self.add_fusion(logits, self.fusion_bias(input_ids, batch, low), input_ids)
         labels = batch.get("labels")
-        ce = None
-        if labels is not None:
-            ce = weighted_token_ce(logits, labels, self.config.scratch.key_token_ids, self.config.scratch.key_token_weight)
+        key_ids, key_weight = self.config.scratch.key_token_ids, self.config.scratch.key_token_weight
+        scored = None
+        if scored_only and labels is not None:
+            scored = labels[:, 1:].to(hidden.device) != -100  # (B, L-1): the logits at t predict token t + 1
+            rows = scored.nonzero()[:, 0]
+            logits = self.family.lm_head(self.vlm)(hidden[:, :-1][scored]).unsqueeze(1)  # (N, 1, V)
+            bias = self.fusion_bias(input_ids, batch, low)
+            logits = self.add_fusion(logits, None if bias is None else bias[rows],
+                                     input_ids[:, :-1][scored].unsqueeze(1))[:, 0]
+            ce = weighted_ce(logits, labels[:, 1:].to(hidden.device)[scored], key_ids, key_weight)
+        else:
+            logits = self.family.lm_head(self.vlm)(hidden)
+            logits = self.add_fusion(logits, self.fusion_bias(input_ids, batch, low), input_ids)
+            ce = None if labels is None else weighted_token_ce(logits, labels, key_ids, key_weight)
 
         targets = batch.get("masks") or [None] * input_ids.shape[0]
         positions = []
@@ -1219,7 +1240,7 @@ class ExplainableVLM(nn.Module):
                 loss = loss + self.config.aux_weight * aux
             elif self.config.aux_weight > 0:  # a batch without aux labels: keep the heads in the graph
                 loss = loss + 0.0 * sum(p.sum() for p in self.lowlevel.parameters())
-        return LoupeOutput(loss, ce, bce, dice, logits, mask_logits, aux, hidden, low)
+        return LoupeOutput(loss, ce, bce, dice, logits, mask_logits, aux, hidden, low, scored)
 
     # ---- generation ----------------------------------------------------------------------------
     @torch.no_grad()

@@ -494,8 +494,8 @@ def fit(run: Run) -> None:
             last = micro == cfg.grad_accum
             # gradients are all-reduced only on the last micro-batch of a step
             with contextlib.nullcontext() if last else acc.no_sync(run.model):
-                with acc.autocast():
-                    out = run.model(batch.data)
+                with acc.autocast():  # logits at the labelled positions only: the same loss, faster
+                    out = run.model(batch.data, scored_only=True)
                 acc.backward(out.loss / cfg.grad_accum)
             add_losses(sums, out)
             samples += batch.size
@@ -602,10 +602,10 @@ def validate(run: Run) -> dict[str, Any]:
         if batch.data is None:
             continue
         with acc.autocast():
-            out = model(batch.data)
+            out = model(batch.data, scored_only=True)
         labels = batch.data["labels"].to(out.logits.device)[:, 1:]
         answer = labels != IGNORE_INDEX
-        correct = (out.logits[:, :-1].argmax(-1) == labels) & answer
+        correct = out.logits.argmax(-1) == labels[out.scored]  # the logits of the answer tokens only
         targets = [t for per_row in batch.data["masks"] if per_row is not None for t in per_row]
         ious = [mask_iou(lg.float(), tg.to(lg.device)) for lg, tg in zip(out.mask_logits, targets)]
         sums += torch.tensor([out.loss.item(), 1, correct.sum().item(), answer.sum().item(), sum(ious), len(ious)],

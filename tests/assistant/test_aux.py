@@ -11,7 +11,7 @@ import torch
 from loupe_vlm.assistant.modeling import ExplainableVLM, new_model
 from loupe_vlm.assistant.processing import AUX_CATEGORIES, AUX_DIM, LoupeProcessor, aux_labels
 from loupe_vlm.prompts import Sample, canonical_question, user_content
-from tests.helpers import ASSETS, CORPUS
+from tests.helpers import ASSETS, CORPUS, tiny_model, training_batch
 
 
 def _sample(task: str, roles: list[str], meta: dict, masks: list[str] | None = None, answer: str = "ok") -> Sample:
@@ -221,6 +221,42 @@ def test_evidence_fusion_biases_only_the_key_words_and_round_trips(tmp_path):
     loaded, _ = ExplainableVLM.from_pretrained(tmp_path / "ck")
     with torch.no_grad():
         assert torch.equal(loaded(batch).logits, model(batch).logits)
+
+
+@pytest.mark.parametrize("kind", ["gated-fusion", "llama-lora"])
+def test_scored_only_logits_give_the_same_loss_and_gradients(kind, tmp_path):
+    """``forward(scored_only=True)`` (training) computes the logits only where the next token is labelled:
+    those rows equal the full pass's, and the loss and every gradient are the same."""
+    torch.manual_seed(0)
+    if kind == "gated-fusion":  # loupe-smol's heads: a gated vocabulary bias and weighted key tokens
+        model, lp = _tiny(1.0, evidence_fusion=True, fusion_scope="vocab", fusion_gate=True, key_token_weight=5.0)
+        with torch.no_grad():
+            model.fusion.weight.normal_(0, 0.5)
+            model.fusion_gate.weight.normal_(0, 2.0)
+        batch = _batch(lp, tmp_path)
+    else:  # a text-only LM with LoRA and trainable rows for the added tokens
+        model, lp = tiny_model("llama")
+        model.apply_lora(r=2, alpha=4, trainable_token_ids=[model.config.mask_token_id])
+        batch = training_batch(lp)
+    model.eval()  # no dropout: both passes see the same network
+
+    def run(scored_only: bool):
+        model.zero_grad(set_to_none=True)
+        out = model(batch, scored_only=scored_only)
+        out.loss.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    full, full_grads = run(False)
+    part, part_grads = run(True)
+    labelled = batch["labels"][:, 1:] != -100
+    assert full.scored is None and torch.equal(part.scored, labelled)
+    assert 0 < labelled.sum() < labelled.numel()  # the prompts' positions are left out
+    assert part.logits.shape == (int(labelled.sum()), full.logits.shape[-1])
+    assert torch.allclose(part.logits, full.logits[:, :-1][labelled], atol=1e-5)
+    assert torch.allclose(part.ce_loss, full.ce_loss, atol=1e-6) and torch.allclose(part.loss, full.loss, atol=1e-6)
+    assert full_grads.keys() == part_grads.keys() and len(full_grads) > 0
+    for name, g in full_grads.items():
+        assert torch.allclose(part_grads[name], g, atol=1e-6, rtol=1e-4), name
 
 
 def test_vocab_fusion_reaches_any_token_per_row_and_round_trips(tmp_path):
