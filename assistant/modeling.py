@@ -762,6 +762,20 @@ def severity_weights(level: torch.Tensor) -> torch.Tensor:
     return torch.softmax(-(level.unsqueeze(-1) - torch.arange(1, 6, device=level.device)) ** 2 / 0.5, dim=-1)
 
 
+def _embedding_rows_source(embedding: nn.Module, ids: set[int]) -> torch.Tensor:
+    """The matrix to read the rows ``ids`` of an input embedding from. Under peft's trainable tokens
+    (``TrainableTokensWrapper``, LoRA with trainable rows for the added tokens) ``.weight`` is a new merged
+    copy of the whole matrix at every access (113 MB for SmolLM2: 6% of a stage 1 step, py-spy); rows
+    that are not trainable are the base layer's, so those are read from it directly. Any other module, or
+    an id among the trainable rows, reads ``.weight``."""
+    layer = getattr(embedding, "token_adapter", None)
+    base = getattr(layer, "base_layer", None)
+    indices = getattr(layer, "token_indices", None)
+    if base is None or not isinstance(indices, dict) or ids & {i for v in indices.values() for i in v}:
+        return embedding.weight
+    return base.weight
+
+
 def weighted_token_ce(logits: torch.Tensor, labels: torch.Tensor, key_ids: list[int], weight: float) -> torch.Tensor:
     """Next-token cross-entropy (labels shifted as transformers does) where tokens in ``key_ids``
     count ``weight`` times; the mean is over the weights, so weight 1 gives the plain mean."""
@@ -1000,9 +1014,9 @@ class ExplainableVLM(nn.Module):
         (n_classes, D). One gather over the embedding matrix for all groups: its backward (when the
         embeddings train) then allocates one matrix-sized gradient, not one per word and image: with
         SmolLM2's 49k-word vocabulary those allocations took 28% of a training step (py-spy)."""
-        emb = self.vlm.get_input_embeddings().weight
         groups = self.config.scratch.evidence_word_ids
         classes = [ids for group in groups for ids in group]
+        emb = _embedding_rows_source(self.vlm.get_input_embeddings(), {i for ids in classes for i in ids})
         rows = emb[torch.tensor([i for ids in classes for i in ids], device=emb.device)].float()
         owner = torch.tensor([k for k, ids in enumerate(classes) for _ in ids], device=emb.device)
         sums = torch.zeros(len(classes), rows.shape[1], device=emb.device).index_add(0, owner, rows)

@@ -259,6 +259,32 @@ def test_scored_only_logits_give_the_same_loss_and_gradients(kind, tmp_path):
         assert torch.allclose(part_grads[name], g, atol=1e-6, rtol=1e-4), name
 
 
+def test_evidence_words_read_the_base_rows_under_trainable_tokens_without_a_merged_copy():
+    from loupe_vlm.assistant import modeling
+
+    model, _ = new_model("scratch:test:llama", corpus=CORPUS, seed=0, lowlevel_max_side=64, lowlevel_width=8,
+                         decoder_width=16, min_pixels=28 * 28, max_pixels=64 * 64, aux_weight=1.0,
+                         scratch={"evidence_tokens": True})
+    groups = model.config.scratch.evidence_word_ids
+    ids = {i for group in groups for word in group for i in word}
+    added = model.config.mask_token_id
+    assert groups and added not in ids
+    model.apply_lora(r=2, alpha=4, trainable_token_ids=[added])
+    wrapper = model.vlm.get_input_embeddings()
+    with torch.no_grad():  # a trained delta for the added row, so merged and base matrices differ
+        wrapper.token_adapter.trainable_tokens_delta["default"].add_(1.0)
+    merged = wrapper.weight  # peft's merged copy: the reference
+    base = wrapper.token_adapter.base_layer.weight
+    assert not torch.equal(merged[added], base[added])
+    expected = [torch.stack([merged[word].float().mean(0) for word in group]) for group in groups]
+    assert all(torch.equal(a, b) for a, b in zip(model.evidence_words(), expected))
+    assert modeling._embedding_rows_source(wrapper, ids) is base  # no copy of the matrix
+    # a trainable row among the ids, or a plain embedding: the module's own .weight
+    assert torch.equal(modeling._embedding_rows_source(wrapper, ids | {added}), merged)
+    plain = torch.nn.Embedding(4, 2)
+    assert modeling._embedding_rows_source(plain, {1}) is plain.weight
+
+
 def test_vocab_fusion_reaches_any_token_per_row_and_round_trips(tmp_path):
     torch.manual_seed(0)
     model, lp = _tiny(1.0, evidence_fusion=True, fusion_scope="vocab")
