@@ -1199,7 +1199,8 @@ class ExplainableVLM(nn.Module):
         (``LoupeOutput.scored`` (B, L-1) marks them). The loss and gradients are the same (to rounding). With
         SmolLM2's 49,152-word vocabulary the logits, their fusion bias and their cross-entropy at every
         position were a large share of a step, and about half the positions (the prompt's) carry no label:
-        a forward and backward pass of loupe-smol's stage 2 takes 0.85 of the time (benchmarks/train_logits.py)."""
+        a forward and backward pass of loupe-smol's stage 2 takes about 0.8 of the time (benchmarks/train_logits.py)
+        and the whole stage 2 0.88."""
         low = self.encode_lowlevel(batch.get("lowlevel_pixels", []))
         inputs = self.vlm_inputs(batch)
         input_ids = batch["input_ids"].to(self.device)
