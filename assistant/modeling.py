@@ -1213,13 +1213,13 @@ class ExplainableVLM(nn.Module):
         key_ids, key_weight = self.config.scratch.key_token_ids, self.config.scratch.key_token_weight
         scored = None
         if scored_only and labels is not None:
-            scored = labels[:, 1:].to(hidden.device) != -100  # (B, L-1): the logits at t predict token t + 1
-            rows = scored.nonzero()[:, 0]
+            following = labels[:, 1:].to(hidden.device)  # the logits at t predict token t + 1
+            scored = following != -100  # (B, L-1)
             logits = self.family.lm_head(self.vlm)(hidden[:, :-1][scored]).unsqueeze(1)  # (N, 1, V)
             bias = self.fusion_bias(input_ids, batch, low)
-            logits = self.add_fusion(logits, None if bias is None else bias[rows],
+            logits = self.add_fusion(logits, None if bias is None else bias[scored.nonzero()[:, 0]],
                                      input_ids[:, :-1][scored].unsqueeze(1))[:, 0]
-            ce = weighted_ce(logits, labels[:, 1:].to(hidden.device)[scored], key_ids, key_weight)
+            ce = weighted_ce(logits, following[scored], key_ids, key_weight)
         else:
             logits = self.family.lm_head(self.vlm)(hidden)
             logits = self.add_fusion(logits, self.fusion_bias(input_ids, batch, low), input_ids)

@@ -6,10 +6,11 @@ positions only (``ExplainableVLM.forward(scored_only=True)``, what ``loupe train
 
 The model is built as ``loupe train --config finetune/recipes/loupe-smol.yaml`` builds it for stage 2 (LoRA
 on SmolLM2-135M-Instruct from the packaged base, trainable rows for the added tokens, the evidence fusion
-and its gate, the heads frozen and taken from the shipped model, as ``--scratch.lowlevel_init`` takes them). The batches are the first of the
-recipe's own plan (batch size 4, length bucketing, data weights 3 2). Each batch runs forward and backward
-once each way, interleaved (the first way alternating by batch), so load from other users of the machine hits both
-alike; the figure to read is the median of the per-batch ratios. It also prints the largest difference
+and its gate, the heads frozen and taken from the shipped model, as ``--scratch.lowlevel_init`` takes
+them). The batches are the first of the recipe's own plan (batch size 4, length bucketing, data weights
+3 2). Each batch runs forward and backward once each way, interleaved (the first way alternating by
+batch), so load from other users of the machine hits both alike; the figure to read is the median of the
+per-batch ratios. It also prints the largest difference
 between the two losses, which should be rounding only. The optimizer does not step, so every pass sees
 the same weights.
 """
