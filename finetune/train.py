@@ -182,8 +182,9 @@ def pick_precision(cfg: TrainConfig) -> str:
     On the CPU, ``auto`` is full precision, and ``bf16`` is used where the CPU has bf16 instructions
     (AVX512-BF16 or AMX, oneDNN's check): as on a GPU, the frozen base is loaded in bf16 and its products
     run under torch's CPU autocast, while LoRA, the trainable token rows and Loupe's modules stay fp32.
-    Measured on such a CPU (loupe-smol's stage 2, 20 steps of 4, 2 threads): 74-76 s against 91-93 s in
-    fp32; autocast over an fp32 base, 83 s. Elsewhere it warns and trains in full precision."""
+    Measured on such a CPU (loupe-smol's stage 2, 20 steps of 4, 2 threads): the steps alone 74-76 s against
+    91-93 s in fp32 (autocast over an fp32 base: 83 s); whole processes 0.79 of the time
+    (``benchmarks/train_precision.py``). Elsewhere it warns and trains in full precision."""
     gpu = torch.cuda.is_available() and not cfg.cpu
     if not gpu:
         if cfg.mixed_precision == "bf16" and cpu_has_bf16():
