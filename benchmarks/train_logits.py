@@ -33,19 +33,31 @@ from loupe_vlm.finetune.data import epoch_batches  # noqa: E402
 from loupe_vlm.finetune.train import loader, parse_args, setup  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def stage2_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of a benchmark of loupe-smol's stage 2: its two datasets, the heads it starts from, threads
+    (``benchmarks/train_precision.py`` uses it too)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", nargs=2, required=True, type=Path, metavar=("QUALITY", "FORGERY"),
                    help="the quality and forgery datasets (loupe build-data), as the build script gives them")
     p.add_argument("--heads", type=Path, default=ROOT / "assistant/weights/loupe-smol",
                    help="the checkpoint whose heads stage 2 starts from (default: the shipped loupe-smol)")
-    p.add_argument("--batches", type=int, default=8, help="batches to time (each once per way)")
     p.add_argument("--threads", type=int, default=2)
+    return p
+
+
+def parse_stage2(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``p``'s arguments, with an error naming a dataset folder that has no training split."""
     args = p.parse_args(argv)
     for d in args.data:
         if not (d / "train.jsonl").is_file():
             p.error(f"{d}: no train.jsonl; build it with `loupe build-data` (see the README)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = stage2_parser(__doc__)
+    p.add_argument("--batches", type=int, default=8, help="batches to time (each once per way)")
+    args = parse_stage2(p, argv)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = parse_args(["--config", str(ROOT / "finetune/recipes/loupe-smol.yaml"), "--data", *map(str, args.data),

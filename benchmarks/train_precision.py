@@ -15,7 +15,6 @@ products. On a CPU without bf16 instructions it stops, since ``loupe train`` wou
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -29,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from loupe_vlm.finetune.train import cpu_has_bf16  # noqa: E402
+from train_logits import parse_stage2, stage2_parser  # noqa: E402  (this folder, first on sys.path)
 
 
 def stage2(data: list[Path], heads: Path, out: Path, steps: int, precision: str) -> list[str]:
@@ -47,19 +47,10 @@ def last_losses(out: Path) -> tuple[float | None, float | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", nargs=2, required=True, type=Path, metavar=("QUALITY", "FORGERY"),
-                   help="the quality and forgery datasets (loupe build-data), as the build script gives them")
-    p.add_argument("--heads", type=Path, default=ROOT / "assistant/weights/loupe-smol",
-                   help="the checkpoint whose heads stage 2 starts from (default: the shipped loupe-smol)")
+    p = stage2_parser(__doc__)
     p.add_argument("--steps", type=int, default=20, help="training steps per run (default: 20)")
     p.add_argument("--rounds", type=int, default=2, help="runs of each precision (default: 2)")
-    p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args(argv)
-    for d in args.data:
-        if not (d / "train.jsonl").is_file():
-            p.error(f"{d}: no train.jsonl; build it with `loupe build-data` (see the README)")
+    args = parse_stage2(p, argv)
     if not cpu_has_bf16():
         print("this CPU has no bf16 instructions (AVX512-BF16 or AMX): loupe train would run both in full "
               "precision, so there is nothing to compare", file=sys.stderr)
