@@ -43,6 +43,19 @@ def test_cpu_has_bf16_answers_a_bool():
     assert isinstance(train_mod.cpu_has_bf16(), bool)
 
 
+@pytest.fixture
+def own_accelerator_state():
+    """accelerate keeps one precision per process (its state is shared): a bf16 run in the middle of the suite
+    gets a fresh state, and leaves one, so the full-precision runs before and after it still start. The
+    reset is what accelerate's own test cases do between tests."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.usefixtures("own_accelerator_state")
 def test_cpu_bf16_loads_the_base_in_bf16_and_trains_fp32_weights(dataset, tiny_base, tmp_path, monkeypatch):
     # torch's CPU autocast runs bf16 on any x86 CPU (slowly without the instructions), so this runs everywhere
     from loupe_vlm.finetune.train import finish, fit, setup
