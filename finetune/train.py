@@ -177,7 +177,8 @@ class Run:
 
 
 def pick_precision(cfg: TrainConfig) -> str:
-    """Mixed precision where the hardware has it: bf16 on GPUs with it, fp16 on older GPUs, none on CPU.
+    """Mixed precision where the hardware has it: bf16 on GPUs with it, fp16 on older GPUs, none on CPU
+    unless bf16 is asked for.
 
     On the CPU, ``auto`` is full precision, and ``bf16`` is used where the CPU has bf16 instructions
     (AVX512-BF16 or AMX, oneDNN's check): as on a GPU, the frozen base is loaded in bf16 and its products
