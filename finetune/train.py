@@ -188,9 +188,9 @@ def pick_precision(cfg: TrainConfig) -> str:
     (``benchmarks/train_precision.py``). Elsewhere it warns and trains in full precision."""
     gpu = torch.cuda.is_available() and not cfg.cpu
     if not gpu:
-        if cfg.mixed_precision == "bf16" and cpu_has_bf16():
-            return "bf16"
         if cfg.mixed_precision == "bf16":
+            if cpu_has_bf16():
+                return "bf16"
             logger.warning("mixed_precision bf16 asked for, but this CPU has no bf16 instructions (AVX512-BF16 "
                            "or AMX); training in full precision")
         elif cfg.mixed_precision == "fp16":

@@ -39,8 +39,12 @@ def test_cpu_precision_is_full_unless_bf16_is_asked_for_and_the_cpu_has_it(datas
         assert ["needs a GPU" in r.getMessage() for r in caplog.records] == [True]
 
 
-def test_cpu_has_bf16_answers_a_bool():
-    assert isinstance(train_mod.cpu_has_bf16(), bool)
+def test_cpu_has_bf16_agrees_with_the_cpu_flags():
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        pytest.skip("no /proc/cpuinfo to read the CPU's flags from")
+    flags = {f for line in cpuinfo.read_text().splitlines() if line.startswith("flags") for f in line.split()}
+    assert train_mod.cpu_has_bf16() is bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 @pytest.fixture
