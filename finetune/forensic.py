@@ -14,6 +14,9 @@ calibrate --map`` afterwards). ``--dry-run`` writes nothing to the checkpoint.
 
 The run is resumable: ``--work`` keeps the weights, the optimiser's state and the step every
 ``--save-every`` steps (safetensors and JSON), and the same command carries on from there after a kill.
+Without ``--checkpoint`` it trains into ``--work`` alone; the same command with ``--checkpoint`` then writes
+the chosen epoch's weights without training again (``build-loupe-smol.sh`` trains the network while the
+language model trains, before the model folder exists).
 About 0.9 s a batch of 16 at 224 px on 2 cores: the default 10 epochs of 3,200 images take about 30 min.
 Train on a training split; a test split is refused unless ``--allow-test``.
 """
@@ -128,8 +131,9 @@ def evaluate(net, images: np.ndarray, masks: np.ndarray, tampered: np.ndarray, k
     return out
 
 
-def _save_state(work: Path, net, opt, step: int, history: list) -> None:
-    """The run's weights and optimiser moments (safetensors) and its step and history (JSON), atomically."""
+def _save_state(work: Path, net, opt, step: int, history: list, run: dict) -> None:
+    """The run's weights and optimiser moments (safetensors) and its step and history (JSON), atomically;
+    ``run`` (what the run trains on and for how long) goes into the JSON too, for ``_finished_run``."""
     import torch
     from safetensors.torch import save_file
 
@@ -142,7 +146,7 @@ def _save_state(work: Path, net, opt, step: int, history: list) -> None:
     save_file(state, str(tmp))
     tmp.replace(work / "state.safetensors")
     tmp = work / "state.json.tmp"
-    tmp.write_text(json.dumps({"step": step, "history": history}))
+    tmp.write_text(json.dumps({"step": step, "history": history, **run}))
     tmp.replace(work / "state.json")
 
 
@@ -167,10 +171,32 @@ def _load_state(work: Path, net, opt) -> tuple[int, list]:
     return int(info["step"]), list(info["history"])
 
 
+def _run_info(args: argparse.Namespace, per_epoch: int) -> dict:
+    """What a run in ``--work`` trains on and for how long (kept in its state.json)."""
+    return {"data": str(args.data.resolve()), "batch_size": args.batch_size, "per_epoch": per_epoch,
+            "epochs": args.epochs}
+
+
+def _finished_run(args: argparse.Namespace) -> list | None:
+    """The epoch history of a run in ``--work`` that finished on the same data, batch size and epochs (its
+    best epoch's weights saved), or None: the same command then writes them without reading the training
+    split again (build-loupe-smol.sh trains before the model folder exists, and writes into it later)."""
+    work = args.work
+    if not (work / "state.json").is_file() or not (work / "best.safetensors").is_file():
+        return None
+    info = json.loads((work / "state.json").read_text())
+    same = (info.get("data") == str(args.data.resolve()) and info.get("batch_size") == args.batch_size
+            and info.get("epochs") == args.epochs)
+    return list(info["history"]) if same and info["step"] >= info["per_epoch"] * args.epochs and info["history"] else None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loupe train forensic", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, required=True, help="the model folder to write forensic.safetensors into")
+    p.add_argument("--checkpoint", type=Path,
+                   help="the model folder to write forensic.safetensors into; without it the chosen epoch's weights "
+                        "stay in --work, and the same command with --checkpoint writes them later without training "
+                        "again")
     p.add_argument("--data", type=Path, required=True, help="a forgery training JSONL (loupe build-data forgery)")
     p.add_argument("--val", type=Path, required=True, help="a forgery validation JSONL: chooses the epoch")
     p.add_argument("--work", type=Path, required=True, help="a folder for the resumable state (kept out of git)")
@@ -188,28 +214,57 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        import torch
-
-        from loupe_vlm.assistant.forensic import FORENSIC_FILE, ForensicNet, save_forensic
-
-        if not (args.checkpoint / "loupe_config.json").is_file():
+        if args.checkpoint is not None and not (args.checkpoint / "loupe_config.json").is_file():
             raise ForensicTrainError(f"{args.checkpoint}: not a Loupe checkpoint (no loupe_config.json)")
         _refuse_test_split(str(args.data), "--data", args.allow_test)
         _refuse_test_split(str(args.val), "--val", args.allow_test)
         if args.epochs < 1 or args.batch_size < 2:
             raise ForensicTrainError("--epochs must be at least 1 and --batch-size at least 2")
-        progress = not args.no_progress
-        train = read_forgery(args.data, progress)
-        val = read_forgery(args.val, progress)
-        if val[2].all() or not val[2].any():
-            raise ForensicTrainError(f"{args.val}: the validation split needs tampered and authentic records "
-                                     f"to choose the epoch; it has {int(val[2].sum())} tampered of {len(val[2])}")
+        history = _finished_run(args)
+        if history is None:
+            history = train(args)
+        else:
+            print(f"{args.work}: this run finished its {args.epochs} epochs on {args.data}; not trained again")
     except (ForensicTrainError, CalibrationError, FileNotFoundError, ImportError) as exc:
         print(f"loupe train forensic: {exc}", file=sys.stderr)
         return 2
+    if not history:
+        print("loupe train forensic: no epoch finished", file=sys.stderr)
+        return 2
+    best = max(history, key=lambda h: h["pixel_f1"] + h["balanced_image"])
+    print(f"best epoch {best['epoch']}: pixel-F1 {best['pixel_f1']:.3f}, "
+          f"balanced accuracy {best['balanced_image']:.3f}, AUC {best['auc_image']:.3f}")
+    if args.dry_run:
+        print("dry run: nothing written")
+        return 0
+    if args.checkpoint is None:
+        print(f"no --checkpoint: the weights stay in {args.work / 'best.safetensors'}; the same command with "
+              "--checkpoint MODEL writes them into a model")
+        return 0
+    from loupe_vlm.assistant.forensic import FORENSIC_FILE
+
+    out = args.checkpoint / FORENSIC_FILE
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_bytes((args.work / "best.safetensors").read_bytes())
+    tmp.replace(out)
+    print(f"wrote {out}")
+    return 0
+
+
+def train(args: argparse.Namespace) -> list:
+    """Train (or carry on training) in ``--work``; the history of the epochs' validation figures."""
+    import torch
     from tqdm import tqdm
 
-    images, masks, tampered, _ = train
+    from loupe_vlm.assistant.forensic import ForensicNet, save_forensic
+
+    progress = not args.no_progress
+    train_split = read_forgery(args.data, progress)
+    val = read_forgery(args.val, progress)
+    if val[2].all() or not val[2].any():
+        raise ForensicTrainError(f"{args.val}: the validation split needs tampered and authentic records "
+                                 f"to choose the epoch; it has {int(val[2].sum())} tampered of {len(val[2])}")
+    images, masks, tampered, _ = train_split
     targets = _targets(masks)
     torch.manual_seed(args.seed)
     # channels-last weights and inputs: the same float32 arithmetic in the layout oneDNN's convolutions
@@ -256,21 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             if fig["pixel_f1"] + fig["balanced_image"] >= max(h["pixel_f1"] + h["balanced_image"] for h in history):
                 save_forensic(net, args.work / "best.safetensors", {"epoch": fig["epoch"], "val": fig})
         if step % args.save_every == 0 or step == total:
-            _save_state(args.work, net, opt, step, history)
+            _save_state(args.work, net, opt, step, history, _run_info(args, per_epoch))
     bar.close()
-    if not history:
-        print("loupe train forensic: no epoch finished", file=sys.stderr)
-        return 2
-    best = max(history, key=lambda h: h["pixel_f1"] + h["balanced_image"])
-    print(f"best epoch {best['epoch']}: pixel-F1 {best['pixel_f1']:.3f}, "
-          f"balanced accuracy {best['balanced_image']:.3f}, AUC {best['auc_image']:.3f} "
-          f"({time.time() - t0:.0f} s this run)")
-    if args.dry_run:
-        print("dry run: nothing written")
-        return 0
-    out = args.checkpoint / FORENSIC_FILE
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes((args.work / "best.safetensors").read_bytes())
-    tmp.replace(out)
-    print(f"wrote {out}")
-    return 0
+    print(f"{time.time() - t0:.0f} s this run")
+    return history

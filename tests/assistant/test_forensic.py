@@ -236,3 +236,34 @@ def test_export_copies_the_forensic_network_and_writes_the_same_tokenizer_compac
     for text in ("The image is tampered: a pasted region <|mask|> in the top left.",
                  "Image A is better; the quality is poor (JPEG q=8), 12% of the image, déjà vu."):
         assert a.encode(text) == b.encode(text)
+
+
+def test_train_forensic_trains_without_a_model_and_writes_into_one_later_without_training(tmp_path, capsys,
+                                                                                       tiny_checkpoint, monkeypatch):
+    import shutil
+
+    from loupe_vlm.finetune import forensic
+    from loupe_vlm.finetune.forensic import main
+
+    data = tmp_path / "data"
+    train, val = _forgery_split(data, "train", 6, 0), _forgery_split(data, "val", 4, 1)
+    work = tmp_path / "work"
+    common = ["--data", str(train), "--val", str(val), "--work", str(work), "--batch-size", "4", "--no-progress",
+              "--epochs", "2"]
+    assert main(common) == 0
+    out = capsys.readouterr().out
+    assert "epoch 2: auc" in out and "no --checkpoint" in out and str(work / "best.safetensors") in out
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+
+    def no_reading(*a, **k):
+        raise AssertionError("a finished run read its data again")
+
+    monkeypatch.setattr(forensic, "read_forgery", no_reading)
+    assert main(common + ["--checkpoint", str(ckpt)]) == 0
+    assert "not trained again" in capsys.readouterr().out
+    assert (ckpt / FORENSIC_FILE).read_bytes() == (work / "best.safetensors").read_bytes()
+    assert load_forensic_model(ckpt) is not None
+    # more epochs than the finished run's: it trains on (and so reads the data)
+    with pytest.raises(AssertionError, match="read its data again"):
+        main(common[:-1] + ["3", "--checkpoint", str(ckpt)])
