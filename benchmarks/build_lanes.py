@@ -65,6 +65,13 @@ def env(threads: int, policy: str | None) -> dict:
 def run_arm(jobs: list[tuple[str, list[str], dict]], together: bool, logs: Path) -> dict[str, float]:
     """Wall seconds of each job and of the arm; the jobs run at once when ``together``."""
     t0, times, procs = time.perf_counter(), {}, []
+
+    def finish(name: str, p: subprocess.Popen, start: float, log) -> None:
+        times[name] = time.perf_counter() - start
+        log.close()
+        if p.returncode != 0:
+            raise SystemExit(f"{name} failed (exit {p.returncode}); its log: {logs / (name + '.log')}")
+
     for name, cmd, e in jobs:
         log = open(logs / f"{name}.log", "w")
         start = time.perf_counter()
@@ -72,12 +79,12 @@ def run_arm(jobs: list[tuple[str, list[str], dict]], together: bool, logs: Path)
         procs.append((name, p, start, log))
         if not together:
             p.wait()
-            times[name] = time.perf_counter() - start
-    for name, p, start, log in procs:
-        if p.wait() != 0:
-            raise SystemExit(f"{name} failed (exit {p.returncode}); its log: {logs / (name + '.log')}")
-        times.setdefault(name, time.perf_counter() - start)
-        log.close()
+            finish(name, p, start, log)
+    while len(times) < len(procs):  # each process's own end, whichever ends first
+        for name, p, start, log in procs:
+            if name not in times and p.poll() is not None:
+                finish(name, p, start, log)
+        time.sleep(0.2)
     times["arm"] = time.perf_counter() - t0
     return times
 
