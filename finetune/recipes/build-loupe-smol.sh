@@ -19,9 +19,9 @@
 # data and network, the readings' fits, half the evals) run in a second lane in the background, one torch
 # thread, its output in $RUN-lane2.log. On 2 cores two processes at once did more work per minute than one
 # after the other: 30 steps of stage 2 (2 threads) beside 100 steps of the forensic network (1 thread) took
-# 231 s for both, against 164 + 103 s one after the other (benchmarks/README.md, "The build's two lanes"). Two
-# torch processes share the cores only if idle threads sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE,
-# below): with spinning threads the same pair took 306 s.
+# 248 s for both, against 292 s one after the other, and 236 s on one thread each (benchmarks/build_lanes.py).
+# Two torch processes share the cores only if idle threads sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE,
+# below): with spinning threads the same pair took 292 s, no gain.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 LOUPE=${LOUPE:-.venv/bin/loupe}
