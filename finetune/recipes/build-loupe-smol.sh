@@ -66,6 +66,7 @@ lane2() {  # lane2 FUNCTION: runs the function's steps in the background, in the
     "$1" ) >> "$LANE2_LOG" 2>&1 &
   LANE2_PID=$!
 }
+lane2_busy() { [ -n "$(jobs -rp)" ]; }  # the second lane is its only background job
 join_lane2() {  # waits for the second lane; its failure stops the build
   [ -n "$LANE2_PID" ] || return 0
   if ! wait "$LANE2_PID"; then
@@ -135,7 +136,11 @@ if [ -d "$OUT" ]; then find "$OUT" -mindepth 1 -maxdepth 1 ! -name MODEL_CARD.md
 # 0.653, 0.650, 0.642)
 step export $LOUPE export --checkpoint "$RUN" --out "$OUT" --evidence-guidance 2 --ab-verdict both_orders --rating-width 0.5
 rm -f "$OUT/adapter/README.md"   # peft's generic card; MODEL_CARD.md is the model's
-join_lane2   # the forensic network, long done by now
+# the verdict temperature (finetune/calibrate.py), fitted on the forgery validation split (~4 min): it moves
+# the LM's P(tampered) towards what the verdicts' accuracy says, and no verdict or text (it is the reading
+# used when verdict_map, next, is cleared)
+step eval-forgery-val $LOUPE eval --model "$OUT" --data "$DATA/forgery/val.jsonl" --batch-size "$EVAL_BATCH" --out "$REPORTS"/eval-loupe-smol-forgery-val --restart
+step calibrate $LOUPE train calibrate --checkpoint "$OUT" --report "$REPORTS"/eval-loupe-smol-forgery-val
 # full-reference readings (assistant/reference.py): what a judged image changed against its reference image,
 # fitted on the quality training split's pairs with a reference (~4 min); they guide the answers wherever a
 # question gives one. On the validation split's pairs: category 0.975 at severity >= 2, clean 1.000, quality
@@ -144,20 +149,25 @@ join_lane2   # the forensic network, long done by now
 # heads' logits, fitted on every labelled image of the quality training split (~6 min); they guide the answers
 # to quality questions without a reference. On the validation split, against the heads alone: category at
 # severity >= 2 0.658 -> 0.804, clean 0.755 -> 0.906, quality SRCC 0.686 -> 0.827, comparisons 0.844 -> 0.968.
-# Both read the exported heads only. They are fitted in the second lane, on a copy of the exported model,
-# while the verdict's fits run here, and move into $OUT after them: a file written into $OUT during the
-# validation eval would change the model's id, and the temperature's fit refuses a report of another model.
+# Both read the exported heads only. They are fitted on a copy of the exported model and move into $OUT after
+# the verdict's fits: a file written into $OUT during the validation eval would change the model's id, and
+# the temperature's fit refuses a report of another model. If the forensic network is still training, they
+# are fitted here meanwhile; if not, the full-reference one in the second lane, beside the verdict's fits.
 rm -rf "$RUN-readings" && cp -r "$OUT" "$RUN-readings"
-readings() {
+reference() {
   step reference $LOUPE train reference --checkpoint "$RUN-readings" --data "$DATA/quality/train.jsonl" --val "$DATA/quality/val.jsonl" --no-progress
+}
+noreference() {
   step noreference $LOUPE train noreference --checkpoint "$RUN-readings" --data "$DATA/quality/train.jsonl" --val "$DATA/quality/val.jsonl" --no-progress
 }
-lane2 readings
-# the verdict temperature (finetune/calibrate.py), fitted on the forgery validation split (~4 min): it moves
-# the LM's P(tampered) towards what the verdicts' accuracy says, and no verdict or text (it is the reading
-# used when verdict_map, next, is cleared)
-step eval-forgery-val $LOUPE eval --model "$OUT" --data "$DATA/forgery/val.jsonl" --batch-size "$EVAL_BATCH" --out "$REPORTS"/eval-loupe-smol-forgery-val --restart
-step calibrate $LOUPE train calibrate --checkpoint "$OUT" --report "$REPORTS"/eval-loupe-smol-forgery-val
+if lane2_busy; then
+  reference
+  noreference
+  join_lane2
+else
+  join_lane2
+  lane2 reference
+fi
 # the forensic network's chosen epoch into the model (trained above; not trained again)
 step forensic-write $LOUPE train forensic --checkpoint "$OUT" --data "$DATA/forgery-forensic/train.jsonl" \
   --val "$DATA/forgery/val.jsonl" --epochs "$FORENSIC_EPOCHS" --work "$RUN-forensic" --no-progress
@@ -167,6 +177,7 @@ step forensic-write $LOUPE train forensic --checkpoint "$OUT" --data "$DATA/forg
 # so it comes after the temperature fit. With the heads' map, for the seventh build: balanced accuracy 0.699
 # (the LM's verdict) -> 0.773 (map) -> 0.849 (map and copy-move evidence).
 step calibrate-map $LOUPE train calibrate --checkpoint "$OUT" --map --data "$DATA/forgery/val.jsonl" --no-progress
+if [ ! -f "$RUN-readings/noreference.safetensors" ]; then noreference; fi  # not fitted above
 join_lane2
 cp "$RUN-readings/reference.safetensors" "$RUN-readings/noreference.safetensors" "$OUT/"
 # the test evals, two at a time: forgery, the external corruptions and the probe in the second lane
