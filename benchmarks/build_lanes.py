@@ -5,7 +5,7 @@ of ``finetune/recipes/build-loupe-smol.sh``.
     .venv/bin/python benchmarks/build_lanes.py ... --steps 30 --forensic-records 1600 --spinning
 
 The two steps are the build's longest: stage 2 (the build script's command, ``--steps`` steps over the
-shipped model's heads, as ``benchmarks/train_precision.py`` runs it) and the forensic network (``loupe train
+shipped model's heads, ``benchmarks/train_precision.py``'s command in the recipe's precision) and the forensic network (``loupe train
 forensic``, one epoch over the first ``--forensic-records`` training records, scored on 64 validation records,
 ``--dry-run``). Each runs as a whole process, as in the build. The arms:
 
@@ -16,7 +16,7 @@ forensic``, one epoch over the first ``--forensic-records`` training records, sc
   forensic network;
 - with ``--spinning``, also ``two lanes, spinning``: the second arm with OpenMP's default waiting.
 
-It prints each process's wall time (loading and the closing validation included) and the arm's, and the
+It prints each process's wall time (loading included) and the arm's, and the
 arm's wall time over the first arm's: below 1, running the two at once saved time. Two processes share the
 machine's cores, so run it on an otherwise idle machine.
 """
@@ -35,9 +35,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.train_logits import parse_stage2, stage2_parser  # noqa: E402
+from train_logits import parse_stage2, stage2_parser  # noqa: E402  (this folder, first on sys.path)
+from train_precision import stage2  # noqa: E402
 
-LOUPE = [sys.executable, "-m", "loupe_vlm.cli"]
+LOUPE = [sys.executable, "-m", "loupe_vlm.cli"]  # the forensic command
 
 
 def subset(src: Path, dst: Path, n: int, pick=None) -> int:
@@ -115,13 +116,6 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
 
-            def stage2(tag: str) -> list[str]:
-                return LOUPE + ["train", "--config", str(ROOT / "finetune/recipes/loupe-smol.yaml"), "--data",
-                                *map(str, args.data), "--data_weights", "3", "2", "--scratch.lowlevel_init",
-                                str(args.heads), "--scratch.lowlevel_pretrain_steps", "0", "--max_steps",
-                                str(args.steps), "--warmup_steps", str(min(5, args.steps - 1)),
-                                "--output", str(tmp / f"stage2-{tag}")]
-
             def forensic(tag: str) -> list[str]:
                 return LOUPE + ["train", "forensic", "--data", str(train), "--val", str(val), "--epochs", "1",
                                 "--work", str(tmp / f"forensic-{tag}"), "--dry-run", "--no-progress"]
@@ -133,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
                 arms.append(("two lanes, spinning", True, [(2, None), (1, None)]))
             rows = []
             for i, (name, together, ((t2, p2), (tf, pf))) in enumerate(arms):
-                jobs = [(f"stage2-{i}", stage2(str(i)), env(t2, p2)), (f"forensic-{i}", forensic(str(i)), env(tf, pf))]
+                jobs = [(f"stage2-{i}", stage2(args.data, args.heads, tmp / f"stage2-{i}", args.steps, "auto"),
+                         env(t2, p2)),
+                        (f"forensic-{i}", forensic(str(i)), env(tf, pf))]
                 print(f"{name} ...", flush=True)
                 times = run_arm(jobs, together, tmp)
                 rows.append((name, f"{t2} + {tf}", times[f"stage2-{i}"], times[f"forensic-{i}"], times["arm"]))

@@ -173,21 +173,20 @@ def _load_state(work: Path, net, opt) -> tuple[int, list]:
 
 def _run_info(args: argparse.Namespace, per_epoch: int) -> dict:
     """What a run in ``--work`` trains on and for how long (kept in its state.json)."""
-    return {"data": str(args.data.resolve()), "batch_size": args.batch_size, "per_epoch": per_epoch,
-            "epochs": args.epochs}
+    return {"data": str(args.data.resolve()), "batch_size": args.batch_size, "per_epoch": per_epoch}
 
 
 def _finished_run(args: argparse.Namespace) -> list | None:
-    """The epoch history of a run in ``--work`` that finished on the same data, batch size and epochs (its
-    best epoch's weights saved), or None: the same command then writes them without reading the training
-    split again (build-loupe-smol.sh trains before the model folder exists, and writes into it later)."""
+    """The epoch history of a run in ``--work`` that trained ``--epochs`` epochs on the same data and batch
+    size (its best epoch's weights saved), or None: the same command then writes them without reading the
+    training split again (build-loupe-smol.sh trains before the model folder exists, and writes into it later)."""
     work = args.work
     if not (work / "state.json").is_file() or not (work / "best.safetensors").is_file():
         return None
     info = json.loads((work / "state.json").read_text())
-    same = (info.get("data") == str(args.data.resolve()) and info.get("batch_size") == args.batch_size
-            and info.get("epochs") == args.epochs)
-    return list(info["history"]) if same and info["step"] >= info["per_epoch"] * args.epochs and info["history"] else None
+    same = info.get("data") == str(args.data.resolve()) and info.get("batch_size") == args.batch_size
+    done = same and info["step"] >= info["per_epoch"] * args.epochs
+    return list(info["history"]) if done and info["history"] else None
 
 
 def build_parser() -> argparse.ArgumentParser:
