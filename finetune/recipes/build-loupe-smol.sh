@@ -94,7 +94,7 @@ join_lane2
 # localisation alone; forgery questions read their verdict logit and, averaged with the decoder's, their masks
 # from it. It trains on twice the forgery samples the LM sees: the same seed and the same training photos (an
 # index's sample and split do not depend on --n, so the first N_FORGERY are the LM's: test_forgery_build.py
-# checks it), with other tampering of them (8 epochs of 6,400 images, ~45 min in channels-last layout; resumable from
+# checks it), with other tampering of them (8 epochs of 6,400 images, ~45 min alone in channels-last layout, 88 min on one thread in the second lane; resumable from
 # $RUN-forensic). The epoch is chosen on the LM's validation split. Against 3,200 images for 10 epochs, on
 # that split: image AUC 0.886 -> 0.925, pixel-F1 0.619 -> 0.672; whole pipeline, balanced accuracy 0.897 ->
 # 0.911 (first 200 test records: 0.863 -> 0.891, pixel-F1 0.601 -> 0.663).
@@ -137,17 +137,17 @@ if [ -d "$OUT" ]; then find "$OUT" -mindepth 1 -maxdepth 1 ! -name MODEL_CARD.md
 # 0.653, 0.650, 0.642)
 step export $LOUPE export --checkpoint "$RUN" --out "$OUT" --evidence-guidance 2 --ab-verdict both_orders --rating-width 0.5
 rm -f "$OUT/adapter/README.md"   # peft's generic card; MODEL_CARD.md is the model's
-# the verdict temperature (finetune/calibrate.py), fitted on the forgery validation split (~4 min): it moves
+# the verdict temperature (finetune/calibrate.py), fitted on the forgery validation split (its eval 6.2 min, the fit seconds, in af01fe6's full run): it moves
 # the LM's P(tampered) towards what the verdicts' accuracy says, and no verdict or text (it is the reading
 # used when verdict_map, next, is cleared)
 step eval-forgery-val $LOUPE eval --model "$OUT" --data "$DATA/forgery/val.jsonl" --batch-size "$EVAL_BATCH" --out "$REPORTS"/eval-loupe-smol-forgery-val --restart
 step calibrate $LOUPE train calibrate --checkpoint "$OUT" --report "$REPORTS"/eval-loupe-smol-forgery-val
 # full-reference readings (assistant/reference.py): what a judged image changed against its reference image,
-# fitted on the quality training split's pairs with a reference (~4 min); they guide the answers wherever a
+# fitted on the quality training split's pairs with a reference (0.6 min in af01fe6's full run); they guide the answers wherever a
 # question gives one. On the validation split's pairs: category 0.975 at severity >= 2, clean 1.000, quality
 # SRCC 0.919, comparisons 0.971.
 # no-reference readings (assistant/noreference.py): the judged image's own statistics read together with the
-# heads' logits, fitted on every labelled image of the quality training split (~6 min); they guide the answers
+# heads' logits, fitted on every labelled image of the quality training split (4.7 min in af01fe6's full run); they guide the answers
 # to quality questions without a reference. On the validation split, against the heads alone: category at
 # severity >= 2 0.658 -> 0.804, clean 0.755 -> 0.906, quality SRCC 0.686 -> 0.827, comparisons 0.844 -> 0.968.
 # Both read the exported heads only. They are fitted on a copy of the exported model and move into $OUT after
