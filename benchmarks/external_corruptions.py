@@ -83,11 +83,12 @@ CORRUPTIONS = {
 assert set(CORRUPTIONS) == set(CATEGORIES.ids), "one corruption per taxonomy category"
 
 
-def build(data: Path, out: Path, sources: list[str], seed: int, split: str = "test") -> dict:
-    test = data / f"{split}.jsonl"
+def reference_views(test: Path, sources: list[str]) -> dict[str, str]:
+    """The clean reference views of a split's records from ``sources`` (all where empty): view -> source photo,
+    in first-seen order."""
     if not test.is_file():
         raise SystemExit(f"{test}: not found; --data must be a quality dataset built by `loupe build-data quality`")
-    refs: dict[str, str] = {}  # reference view -> source photo, first seen order
+    refs: dict[str, str] = {}
     for s in load_jsonl(test):
         photo = (s.meta or {}).get("source_photo", "")
         if sources and photo.split(":")[0] not in sources:
@@ -95,6 +96,12 @@ def build(data: Path, out: Path, sources: list[str], seed: int, split: str = "te
         for rel, role in zip(s.images, s.image_roles):
             if role == "reference":
                 refs.setdefault(rel, photo)
+    return refs
+
+
+def build(data: Path, out: Path, sources: list[str], seed: int, split: str = "test") -> dict:
+    test = data / f"{split}.jsonl"
+    refs = reference_views(test, sources)
     if not refs:
         raise SystemExit(f"{test}: no reference views from sources {sources}; pick others with --sources")
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -136,10 +143,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", choices=("test", "val"), default="test",
                    help="which split's photos to corrupt: test (held out: report) or val (to choose settings "
                         "on, without looking at test); the output is SPLIT.jsonl")
-    p.add_argument("--out", type=Path, required=True, help="output dataset folder")
+    p.add_argument("--out", type=Path, help="output dataset folder (required unless --check)")
     p.add_argument("--sources", nargs="*", default=[], help="photo sources to keep (default: all)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--check", action="store_true",
+                   help="write nothing; exit 0 if the split has reference views from --sources, else 1 "
+                        "(make loupe-smol skips the set when a small test split has none)")
     args = p.parse_args(argv)
+    if args.check:
+        refs = reference_views(args.data / f"{args.split}.jsonl", args.sources)
+        print(f"{len(refs)} reference views from sources {args.sources or 'all'}")
+        return 0 if refs else 1
+    if args.out is None:
+        p.error("--out is required (or give --check)")
     print(json.dumps(build(args.data, args.out, args.sources, args.seed, args.split)))
     return 0
 

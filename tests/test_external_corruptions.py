@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from tests.helpers import load_benchmark
@@ -46,3 +47,23 @@ def test_the_validation_split_gets_its_own_files_beside_the_test_set(tmp_path):
     # the validation run wrote beside the test set, not over it
     assert all((out / "images" / name).read_bytes() == blob for name, blob in test_images.items())
     assert "test.jsonl" in (out / "card.md").read_text() and "val.jsonl" in (out / "card-val.md").read_text()
+
+
+def test_check_says_whether_the_split_has_reference_views_from_the_sources_and_writes_nothing(tmp_path, capsys):
+    mod = _module()
+    data = tmp_path / "quality"
+    data.mkdir()
+    _split(data, "test", "opencv-doc:leuvenA", 0)
+    assert mod.main(["--data", str(data), "--sources", "opencv-doc", "palapeli-data", "--check"]) == 0
+    assert "1 reference views" in capsys.readouterr().out
+    assert mod.main(["--data", str(data), "--sources", "gcompris-qt-data", "--check"]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["quality"]
+
+
+def test_without_check_out_is_required(tmp_path):
+    data = tmp_path / "quality"
+    data.mkdir()
+    _split(data, "test", "pool:a", 0)
+    with pytest.raises(SystemExit) as exc:
+        _module().main(["--data", str(data)])
+    assert exc.value.code == 2
